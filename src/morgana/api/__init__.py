@@ -1,0 +1,1 @@
+"""The Morgana API: auth, sessions, streaming chat, history and LiveKit tokens."""

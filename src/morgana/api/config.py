@@ -1,0 +1,183 @@
+"""API settings: every variable the API reads, validated once at start-up."""
+
+from functools import lru_cache
+from typing import Annotated
+
+from pydantic import Field, SecretStr, computed_field, field_validator, model_validator
+from pydantic_settings import NoDecode
+from sqlalchemy.engine import URL, make_url
+
+from morgana.core.settings import CoreSettings
+
+# Values copied from examples or docs that must never guard a real deployment.
+PLACEHOLDER_SECRETS = {
+    "",
+    "secret",
+    "changeme",
+    "change-me",
+    "changethis",
+    "change-this",
+    "your-secret-key",
+    "your_secret_key",
+    "supersecret",
+    "jwt-secret",
+    "replace-me",
+}
+MIN_SECRET_LENGTH = 32
+
+
+class ConfigurationError(ValueError):
+    """Raised at start-up for missing or unsafe configuration."""
+
+
+class ApiSettings(CoreSettings):
+    host: str = "0.0.0.0"
+    port: int = Field(default=8000, ge=1, le=65535)
+    service_name: str = "morgana-api"
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # Postgres: DATABASE_URL wins; otherwise the POSTGRES_* parts.
+    database_url: str | None = None
+    postgres_host: str = "localhost"
+    postgres_port: int = 5432
+    postgres_user: str = "morgana"
+    postgres_password: SecretStr = SecretStr("")
+    postgres_db: str = "morgana"
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
+    db_pool_timeout_seconds: float = Field(default=5.0, gt=0)
+
+    # Redis backs rate limits shared by every replica; unset means an in-process store.
+    redis_url: str | None = None
+
+    jwt_secret_key: SecretStr = SecretStr("")
+    jwt_algorithm: str = Field(default="HS256", pattern="^HS(256|384|512)$")
+    user_token_expire_minutes: int = Field(default=7 * 24 * 60, ge=1)
+    session_token_expire_minutes: int = Field(default=24 * 60, ge=1)
+
+    # Any OpenAI-compatible server works: OPENAI_BASE_URL is the SDK's own variable.
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+    llm_model: str = "gpt-4o-mini"
+    llm_temperature: float = Field(default=0.7, ge=0, le=2)
+    llm_max_tokens: int | None = Field(default=None, ge=1)
+    llm_timeout_seconds: float = Field(default=60.0, gt=0)
+    llm_max_retries: int = Field(default=2, ge=0)
+    system_prompt: str = (
+        "You are Morgana, a helpful voice and chat assistant. Answer clearly and concisely; "
+        "your replies may be read aloud, so avoid markdown and long lists."
+    )
+
+    livekit_url: str = "ws://localhost:7880"
+    livekit_public_url: str | None = Field(
+        default=None, description="URL handed to clients; defaults to LIVEKIT_URL."
+    )
+    livekit_api_key: str | None = None
+    livekit_api_secret: SecretStr | None = None
+    livekit_agent_name: str = "morgana-agent"
+    livekit_token_ttl_minutes: int = Field(default=60, ge=1, le=24 * 60)
+
+    # The voice agent's service account, created or updated by `morgana-api migrate`.
+    api_user_email: str | None = None
+    api_user_password: SecretStr | None = None
+
+    rate_limit_enabled: bool = True
+    rate_limit_register: str = "10/hour"
+    rate_limit_login: str = "20/minute"
+    rate_limit_session: str = "60/minute"
+    rate_limit_chat: str = "60/minute"
+    rate_limit_messages: str = "120/minute"
+    rate_limit_livekit: str = "30/minute"
+
+    max_message_chars: int = Field(default=8000, ge=1)
+    max_messages_per_request: int = Field(default=50, ge=1)
+    max_history_messages: int = Field(
+        default=200, ge=1, description="Most recent turns sent to the model as context."
+    )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("rate_limit_register", "rate_limit_login", "rate_limit_session",
+                     "rate_limit_chat", "rate_limit_messages", "rate_limit_livekit")
+    @classmethod
+    def _valid_rate_limit(cls, value: str) -> str:
+        from limits import parse_many
+
+        try:
+            parse_many(value)
+        except ValueError as exc:
+            raise ValueError(f"not a rate limit like '60/minute': {value!r}") from exc
+        return value
+
+    @field_validator("openai_base_url", "livekit_public_url", "redis_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_outside_development(self) -> "ApiSettings":
+        problems = self.unsafe_settings()
+        if problems and not self.is_development:
+            raise ConfigurationError(
+                "refusing to start with unsafe configuration "
+                f"(ENVIRONMENT={self.environment.value}): " + "; ".join(problems)
+            )
+        return self
+
+    def unsafe_settings(self) -> list[str]:
+        problems = []
+        secret = self.jwt_secret_key.get_secret_value()
+        if not secret:
+            problems.append("JWT_SECRET_KEY is not set")
+        elif secret.lower() in PLACEHOLDER_SECRETS or len(secret) < MIN_SECRET_LENGTH:
+            problems.append(
+                f"JWT_SECRET_KEY is a placeholder or shorter than {MIN_SECRET_LENGTH} characters "
+                "(generate one with: openssl rand -hex 32)"
+            )
+        if self.openai_api_key is None or not self.openai_api_key.get_secret_value():
+            problems.append(
+                "OPENAI_API_KEY is not set (for a keyless OpenAI-compatible server, any value)"
+            )
+        if self.livekit_api_secret is not None:
+            lk_secret = self.livekit_api_secret.get_secret_value()
+            if lk_secret.lower() in PLACEHOLDER_SECRETS or len(lk_secret) < MIN_SECRET_LENGTH:
+                problems.append(
+                    f"LIVEKIT_API_SECRET is a placeholder or shorter than {MIN_SECRET_LENGTH} characters"
+                )
+        if self.api_user_email and not self.api_user_password:
+            problems.append("API_USER_EMAIL is set without API_USER_PASSWORD")
+        return problems
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The async SQLAlchemy URL (psycopg 3 driver) for the configured database."""
+        if self.database_url:
+            url = make_url(self.database_url)
+            return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+        return URL.create(
+            "postgresql+psycopg",
+            username=self.postgres_user,
+            password=self.postgres_password.get_secret_value() or None,
+            host=self.postgres_host,
+            port=self.postgres_port,
+            database=self.postgres_db,
+        ).render_as_string(hide_password=False)
+
+    @property
+    def livekit_configured(self) -> bool:
+        return bool(self.livekit_api_key and self.livekit_api_secret)
+
+    @property
+    def livekit_client_url(self) -> str:
+        return self.livekit_public_url or self.livekit_url
+
+
+@lru_cache
+def get_settings() -> ApiSettings:
+    return ApiSettings()

@@ -1,0 +1,45 @@
+"""The async engine and session factory, with pool gauges for /metrics."""
+
+from collections.abc import AsyncIterator
+
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from morgana.api import metrics
+from morgana.api.config import ApiSettings
+
+
+def create_engine(settings: ApiSettings) -> AsyncEngine:
+    engine = create_async_engine(
+        settings.sqlalchemy_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout_seconds,
+        pool_pre_ping=True,
+        # A dead Postgres must answer with a 503 in seconds, not hang a request.
+        connect_args={"connect_timeout": 5},
+    )
+    _track_pool(engine)
+    return engine
+
+
+def _track_pool(engine: AsyncEngine) -> None:
+    pool = engine.sync_engine.pool
+    metrics.DB_POOL_SIZE.set(pool.size())  # type: ignore[attr-defined]
+
+    @event.listens_for(pool, "checkout")
+    def _on_checkout(*_: object) -> None:
+        metrics.DB_POOL_CHECKED_OUT.inc()
+
+    @event.listens_for(pool, "checkin")
+    def _on_checkin(*_: object) -> None:
+        metrics.DB_POOL_CHECKED_OUT.dec()
+
+
+def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+async def session_scope(factory: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    async with factory() as session:
+        yield session

@@ -1,0 +1,136 @@
+"""FastAPI dependencies: settings, database, the two kinds of bearer token, rate limits."""
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from morgana.api import metrics
+from morgana.api.config import ApiSettings
+from morgana.api.models import ChatSession, User
+from morgana.api.ratelimit import RateLimitBackendDown, RateLimiter
+from morgana.api.security import InvalidToken, TokenClaims, TokenType, decode_token
+from morgana.api.services.chat import ChatAgent
+
+
+def get_settings(request: Request) -> ApiSettings:
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
+
+
+async def get_db(request: Request) -> AsyncIterator[AsyncSession]:
+    async with request.app.state.session_factory() as session:
+        yield session
+
+
+DbDep = Annotated[AsyncSession, Depends(get_db)]
+
+
+def get_agent(request: Request) -> ChatAgent:
+    return request.app.state.agent
+
+
+AgentDep = Annotated[ChatAgent, Depends(get_agent)]
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="A user token (register/login) or a session token (POST /api/v1/auth/session).",
+)
+
+
+def _unauthorized(detail: str) -> HTTPException:
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _claims(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> TokenClaims:
+    if credentials is None:
+        raise _unauthorized("Missing bearer token")
+    try:
+        return decode_token(settings, credentials.credentials)
+    except InvalidToken:
+        raise _unauthorized("Invalid or expired token") from None
+
+
+ClaimsDep = Annotated[TokenClaims, Depends(_claims)]
+
+
+# Short-lived DB sessions here, so a long chat stream does not pin a pooled connection.
+async def current_user(request: Request, claims: ClaimsDep) -> User:
+    if claims.type is not TokenType.USER:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            "This endpoint needs a user token (from /api/v1/auth/register or /api/v1/auth/login)",
+        )
+    async with request.app.state.session_factory() as db:
+        user = await db.get(User, claims.user_id)
+    if user is None:
+        raise _unauthorized("The account behind this token no longer exists")
+    return user
+
+
+async def current_chat_session(request: Request, claims: ClaimsDep) -> ChatSession:
+    if claims.type is not TokenType.SESSION:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            "This endpoint needs a session token (from POST /api/v1/auth/session)",
+        )
+    async with request.app.state.session_factory() as db:
+        session = await db.get(ChatSession, claims.session_id)
+    if session is None or session.user_id != claims.user_id:
+        raise _unauthorized("The session behind this token no longer exists")
+    return session
+
+
+CurrentUser = Annotated[User, Depends(current_user)]
+CurrentChatSession = Annotated[ChatSession, Depends(current_chat_session)]
+
+
+async def _enforce(request: Request, name: str, key: str) -> None:
+    limiter: RateLimiter = request.app.state.rate_limiter
+    try:
+        decision = await limiter.hit(name, key)
+    except RateLimitBackendDown:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "Rate limiting store (Redis) is unavailable",
+            headers={"Retry-After": "5"},
+        ) from None
+    if not decision.allowed:
+        metrics.RATE_LIMITED.labels(limit=name).inc()
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"Too many requests; retry in {decision.retry_after_seconds} s",
+            headers={"Retry-After": str(decision.retry_after_seconds)},
+        )
+
+
+def limit_by_client(name: str):
+    """Limit unauthenticated calls per client address (see FORWARDED_ALLOW_IPS for proxies)."""
+
+    async def dependency(request: Request) -> None:
+        client = request.client.host if request.client else "unknown"
+        await _enforce(request, name, f"ip:{client}")
+
+    return Depends(dependency)
+
+
+def limit_by_user(name: str):
+    async def dependency(request: Request, user: CurrentUser) -> None:
+        await _enforce(request, name, f"user:{user.id}")
+
+    return Depends(dependency)
+
+
+def limit_by_session(name: str):
+    # Per session, not per user: the voice agent runs every call under one account.
+    async def dependency(request: Request, session: CurrentChatSession) -> None:
+        await _enforce(request, name, f"session:{session.id}")
+
+    return Depends(dependency)

@@ -1,0 +1,40 @@
+"""JSON error bodies for failures the routes do not handle themselves."""
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from morgana.api.services.conversation import HistoryUnavailable
+
+log = logging.getLogger(__name__)
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.error("database unavailable", extra={"error": type(exc).__name__})
+    return JSONResponse(
+        {"detail": "Database unavailable", "component": "postgres"},
+        status_code=503,
+        headers={"Retry-After": "5"},
+    )
+
+
+async def _dbapi_error(request: Request, exc: DBAPIError) -> JSONResponse:
+    if exc.connection_invalidated or isinstance(exc, (OperationalError, InterfaceError)):
+        return await _database_unavailable(request, exc)
+    return await _unexpected(request, exc)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error", exc_info=exc)
+    return JSONResponse({"detail": "Internal server error"}, status_code=500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(PoolTimeoutError, _database_unavailable)
+    app.add_exception_handler(HistoryUnavailable, _database_unavailable)
+    app.add_exception_handler(ConnectionError, _database_unavailable)
+    app.add_exception_handler(DBAPIError, _dbapi_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,101 @@
+"""The FastAPI application factory."""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from asgi_correlation_id import CorrelationIdMiddleware, correlation_id
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from prometheus_fastapi_instrumentator import Instrumentator
+
+from morgana import __version__
+from morgana.api.config import ApiSettings, get_settings
+from morgana.api.db import create_engine, create_session_factory
+from morgana.api.errors import install_error_handlers
+from morgana.api.middleware import AccessLogMiddleware, BodySizeLimitMiddleware
+from morgana.api.ratelimit import RateLimiter
+from morgana.api.routes import auth, chatbot, health, livekit
+from morgana.api.services.chat import ChatAgent
+from morgana.core.logging import configure_logging
+from morgana.core.telemetry import configure_tracing
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+MAX_BODY_BYTES = 1024 * 1024
+
+DESCRIPTION = """
+Morgana's API: register or log in for a **user token**, create a chat session for a
+**session token**, then chat (streamed over Server-Sent Events), read or clear the
+session's history, and get a LiveKit token to talk to the voice agent.
+"""
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level, settings.log_format, request_id=correlation_id.get)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(settings)
+        app.state.engine = engine
+        app.state.session_factory = create_session_factory(engine)
+        app.state.rate_limiter = RateLimiter(settings)
+        app.state.agent = ChatAgent(settings)
+        if tracer_provider is not None:
+            from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+
+            SQLAlchemyInstrumentor().instrument(engine=engine.sync_engine)
+        log.info("api started", extra={"environment": settings.environment.value,
+                                       "rate_limit_store": "redis" if settings.redis_url else "memory"})
+        yield
+        await engine.dispose()
+        if tracer_provider is not None:
+            tracer_provider.shutdown()
+
+    app = FastAPI(
+        title="Morgana API",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+
+    app.include_router(health.router)
+    for router in (auth.router, chatbot.router, livekit.router):
+        app.include_router(router, prefix=API_PREFIX)
+
+    Instrumentator(
+        should_group_status_codes=False,
+        excluded_handlers=["/metrics"],
+    ).instrument(app, metric_namespace="morgana", metric_subsystem="api").expose(
+        app, endpoint="/metrics", include_in_schema=False
+    )
+
+    tracer_provider = configure_tracing(
+        settings.otel_service_name or settings.service_name, settings.otel_exporter_otlp_endpoint
+    )
+    if tracer_provider is not None:
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+        from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=tracer_provider,
+                                           excluded_urls="health,ready,metrics")
+        HTTPXClientInstrumentor().instrument(tracer_provider=tracer_provider)
+
+    # Added last = outermost: ids exist before anything logs, oversize bodies stop first.
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials=True,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(AccessLogMiddleware)
+    app.add_middleware(CorrelationIdMiddleware, header_name="X-Request-ID")
+    return app

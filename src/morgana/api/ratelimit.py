@@ -1,0 +1,70 @@
+"""Rate limits shared by every replica through Redis (in-process when no Redis is set)."""
+
+import math
+import time
+from dataclasses import dataclass
+
+from limits import RateLimitItem, parse_many
+from limits.aio.storage import MemoryStorage, Storage
+from limits.storage import storage_from_string
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from limits.errors import StorageError
+
+from morgana.api.config import ApiSettings
+
+LIMIT_NAMES = ("register", "login", "session", "chat", "messages", "livekit")
+
+
+class RateLimitBackendDown(Exception):
+    """The shared store could not be reached: the request is refused with a 503."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    retry_after_seconds: int = 0
+
+
+class RateLimiter:
+    def __init__(self, settings: ApiSettings) -> None:
+        self.enabled = settings.rate_limit_enabled
+        self.shared = settings.redis_url is not None
+        self._storage: Storage
+        if settings.redis_url:
+            self._storage = storage_from_string(
+                f"async+{settings.redis_url}",
+                implementation="redispy",
+                wrap_exceptions=True,
+                key_prefix="morgana-ratelimit",
+                socket_timeout=2,
+                socket_connect_timeout=2,
+            )
+        else:
+            self._storage = MemoryStorage()
+        self._strategy = SlidingWindowCounterRateLimiter(self._storage)
+        self._limits: dict[str, list[RateLimitItem]] = {
+            name: parse_many(getattr(settings, f"rate_limit_{name}")) for name in LIMIT_NAMES
+        }
+
+    async def hit(self, name: str, key: str) -> Decision:
+        """Count one request by `key` against the named limits."""
+        if not self.enabled:
+            return Decision(allowed=True)
+        retry_after = 0
+        try:
+            for item in self._limits[name]:
+                if not await self._strategy.hit(item, name, key):
+                    stats = await self._strategy.get_window_stats(item, name, key)
+                    retry_after = max(retry_after, math.ceil(stats.reset_time - time.time()), 1)
+        except StorageError as exc:
+            raise RateLimitBackendDown(str(exc)) from exc
+        return Decision(allowed=retry_after == 0, retry_after_seconds=retry_after)
+
+    async def healthy(self) -> bool:
+        try:
+            return await self._storage.check()
+        except Exception:
+            return False
+
+    async def reset(self) -> None:
+        await self._storage.reset()

@@ -1,0 +1,126 @@
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Form, HTTPException, status
+
+from morgana.api.deps import CurrentUser, DbDep, SettingsDep, limit_by_client, limit_by_user
+from morgana.api.schemas import (
+    ErrorResponse,
+    RegisterRequest,
+    SessionInfo,
+    SessionRename,
+    SessionResponse,
+    TokenResponse,
+    UserResponse,
+)
+from morgana.api.security import issue_session_token, issue_user_token
+from morgana.api.services import sessions, users
+
+router = APIRouter(prefix="/auth", tags=["auth"])
+
+_UNAUTHORIZED = {401: {"model": ErrorResponse, "description": "Missing, invalid or expired token"}}
+_WRONG_TOKEN = {403: {"model": ErrorResponse, "description": "A session token where a user token belongs"}}
+_LIMITED = {429: {"model": ErrorResponse, "description": "Rate limited; see Retry-After"}}
+
+
+@router.post(
+    "/register",
+    response_model=UserResponse,
+    summary="Register a new user and get a user token",
+    responses={409: {"model": ErrorResponse, "description": "Email already registered"}, **_LIMITED},
+    dependencies=[limit_by_client("register")],
+)
+async def register(body: RegisterRequest, db: DbDep, settings: SettingsDep) -> UserResponse:
+    try:
+        user = await users.register(db, body.email, body.password)
+    except users.EmailAlreadyRegistered:
+        raise HTTPException(status.HTTP_409_CONFLICT, "Email already registered") from None
+    token = issue_user_token(settings, user.id)
+    return UserResponse(
+        id=user.id,
+        email=user.email,
+        token=TokenResponse(access_token=token.access_token, expires_at=token.expires_at),
+    )
+
+
+@router.post(
+    "/login",
+    response_model=TokenResponse,
+    summary="Log in with email and password (form-encoded) and get a user token",
+    responses={401: {"model": ErrorResponse, "description": "Incorrect email or password"}, **_LIMITED},
+    dependencies=[limit_by_client("login")],
+)
+async def login(
+    username: Annotated[str, Form(description="The user's email", examples=["user@example.com"])],
+    password: Annotated[str, Form(examples=["A_Strong_Password123!"])],
+    db: DbDep,
+    settings: SettingsDep,
+) -> TokenResponse:
+    user = await users.authenticate(db, username, password)
+    if user is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "Incorrect email or password",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    token = issue_user_token(settings, user.id)
+    return TokenResponse(access_token=token.access_token, expires_at=token.expires_at)
+
+
+@router.post(
+    "/session",
+    response_model=SessionResponse,
+    summary="Create a chat session and get its session token (needs a user token)",
+    responses={**_UNAUTHORIZED, **_WRONG_TOKEN, **_LIMITED},
+    dependencies=[limit_by_user("session")],
+)
+async def create_session(user: CurrentUser, db: DbDep, settings: SettingsDep) -> SessionResponse:
+    session = await sessions.create(db, user.id)
+    token = issue_session_token(settings, user.id, session.id)
+    return SessionResponse(
+        session_id=session.id,
+        name=session.name,
+        token=TokenResponse(access_token=token.access_token, expires_at=token.expires_at),
+    )
+
+
+@router.get(
+    "/sessions",
+    response_model=list[SessionInfo],
+    summary="List the user's chat sessions, newest first",
+    responses={**_UNAUTHORIZED, **_WRONG_TOKEN},
+)
+async def list_sessions(user: CurrentUser, db: DbDep) -> list[SessionInfo]:
+    return [
+        SessionInfo(session_id=s.id, name=s.name, created_at=s.created_at)
+        for s in await sessions.list_for_user(db, user.id)
+    ]
+
+
+_NOT_FOUND = {404: {"model": ErrorResponse, "description": "No such session for this user"}}
+
+
+@router.patch(
+    "/sessions/{session_id}",
+    response_model=SessionInfo,
+    summary="Rename one of the user's sessions",
+    responses={**_UNAUTHORIZED, **_WRONG_TOKEN, **_NOT_FOUND},
+)
+async def rename_session(
+    session_id: uuid.UUID, body: SessionRename, user: CurrentUser, db: DbDep
+) -> SessionInfo:
+    session = await sessions.rename(db, user.id, session_id, body.name)
+    if session is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "Session not found")
+    return SessionInfo(session_id=session.id, name=session.name, created_at=session.created_at)
+
+
+@router.delete(
+    "/sessions/{session_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete one of the user's sessions, its history and its tokens' validity",
+    responses={**_UNAUTHORIZED, **_WRONG_TOKEN, **_NOT_FOUND},
+)
+async def delete_session(session_id: uuid.UUID, user: CurrentUser, db: DbDep) -> None:
+    if not await sessions.delete_owned(db, user.id, session_id):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "Session not found")

@@ -1,0 +1,241 @@
+"""Request and response bodies: the JSON contract of the spec, with OpenAPI examples."""
+
+import uuid
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator
+
+MIN_PASSWORD_LENGTH = 8
+MAX_PASSWORD_LENGTH = 128
+_TOKEN_EXAMPLE = {
+    "access_token": "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9...",
+    "token_type": "bearer",
+    "expires_at": "2025-09-27T15:00:00Z",
+}
+
+
+def password_problems(password: str) -> list[str]:
+    """What a password lacks to be accepted; empty when it is strong enough."""
+    problems = []
+    if len(password) < MIN_PASSWORD_LENGTH:
+        problems.append(f"at least {MIN_PASSWORD_LENGTH} characters")
+    if not any(c.islower() for c in password):
+        problems.append("a lowercase letter")
+    if not any(c.isupper() for c in password):
+        problems.append("an uppercase letter")
+    if not any(c.isdigit() for c in password):
+        problems.append("a digit")
+    if all(c.isalnum() for c in password):
+        problems.append("a symbol")
+    return problems
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(examples=["Incorrect email or password"])
+
+
+class TokenResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [_TOKEN_EXAMPLE]})
+
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"
+    expires_at: datetime
+
+
+class RegisterRequest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"email": "user@example.com", "password": "A_Strong_Password123!"}]
+        }
+    )
+
+    email: EmailStr
+    password: str = Field(min_length=1, max_length=MAX_PASSWORD_LENGTH)
+
+    @field_validator("email")
+    @classmethod
+    def _lowercase(cls, email: str) -> str:
+        return email.lower()
+
+    @field_validator("password")
+    @classmethod
+    def _strong(cls, password: str) -> str:
+        problems = password_problems(password)
+        if problems:
+            raise ValueError("password needs " + ", ".join(problems))
+        return password
+
+
+class UserResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"id": 1, "email": "user@example.com", "token": _TOKEN_EXAMPLE}]}
+    )
+
+    id: int
+    email: str
+    token: TokenResponse
+
+
+class SessionResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "session_id": "a1b2c3d4-e5f6-7890-1234-567890abcdef",
+                    "name": "Friendly-Chat-123",
+                    "token": _TOKEN_EXAMPLE,
+                }
+            ]
+        }
+    )
+
+    session_id: uuid.UUID
+    name: str
+    token: TokenResponse
+
+
+class SessionInfo(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "session_id": "a1b2c3d4-e5f6-7890-1234-567890abcdef",
+                    "name": "Friendly-Chat-123",
+                    "created_at": "2025-09-27T14:00:00Z",
+                }
+            ]
+        }
+    )
+
+    session_id: uuid.UUID
+    name: str
+    created_at: datetime
+
+
+class SessionRename(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "Trip planning"}]})
+
+    name: str = Field(min_length=1, max_length=100)
+
+    @field_validator("name")
+    @classmethod
+    def _not_blank(cls, name: str) -> str:
+        name = name.strip()
+        if not name:
+            raise ValueError("name must not be blank")
+        return name
+
+
+class Message(BaseModel):
+    """One chat message. The system prompt is the server's, so clients send user or assistant."""
+
+    role: Literal["user", "assistant"]
+    content: str = Field(min_length=1)
+
+    @field_validator("content")
+    @classmethod
+    def _not_blank(cls, content: str) -> str:
+        if not content.strip():
+            raise ValueError("content must not be blank")
+        return content
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"messages": [{"role": "user", "content": "Hello, who are you?"}]}]}
+    )
+
+    messages: list[Message] = Field(min_length=1)
+
+    @field_validator("messages")
+    @classmethod
+    def _ends_with_user(cls, messages: list[Message]) -> list[Message]:
+        if messages[-1].role != "user":
+            raise ValueError("the last message must have role 'user'")
+        return messages
+
+
+class ChatResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"messages": [{"role": "assistant", "content": "I'm Morgana, how can I help?"}]}]
+        }
+    )
+
+    messages: list[Message]
+
+
+class StoredMessage(BaseModel):
+    role: Literal["user", "assistant"]
+    content: str
+    created_at: datetime
+
+
+class HistoryResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "messages": [
+                        {"role": "user", "content": "Hello", "created_at": "2025-09-27T14:00:00Z"},
+                        {"role": "assistant", "content": "Hi! How can I help?",
+                         "created_at": "2025-09-27T14:00:01Z"},
+                    ]
+                }
+            ]
+        }
+    )
+
+    messages: list[StoredMessage]
+
+
+class DeletedResponse(BaseModel):
+    deleted: int = Field(description="How many messages were removed.", examples=[4])
+
+
+class StreamEvent(BaseModel):
+    """The JSON carried by each Server-Sent Event of the chat stream."""
+
+    content: str
+    done: bool
+    error: dict | None = Field(
+        default=None,
+        description="Only on a failed stream's last event: {code, message}.",
+    )
+
+
+class LiveKitTokenResponse(BaseModel):
+    model_config = ConfigDict(
+        populate_by_name=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "serverUrl": "wss://your-livekit-server-url.com",
+                    "participantToken": "livekit_participant_jwt_token",
+                    "roomName": "morgana-a1b2c3d4-e5f6-7890-1234-567890abcdef",
+                    "participantIdentity": "user-1",
+                }
+            ]
+        },
+    )
+
+    server_url: str = Field(alias="serverUrl")
+    participant_token: str = Field(alias="participantToken")
+    room_name: str = Field(alias="roomName")
+    participant_identity: str = Field(alias="participantIdentity")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadinessResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"status": "ready", "components": {"postgres": "ok", "redis": "ok"}}]
+        }
+    )
+
+    status: Literal["ready", "unavailable"]
+    components: dict[str, str]

@@ -1,0 +1,92 @@
+"""Password hashing (argon2 through the passlib API) and the two kinds of JWT."""
+
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+
+from jose import JWTError, jwt
+from passlib.context import CryptContext
+
+from morgana.api.config import ApiSettings
+
+_passwords = CryptContext(schemes=["argon2"], deprecated="auto")
+# Verified against when the email is unknown, so both paths cost one argon2 check.
+_DUMMY_HASH = _passwords.hash(secrets.token_urlsafe(16))
+
+
+def hash_password(password: str) -> str:
+    return _passwords.hash(password)
+
+
+def verify_password(password: str, hashed: str | None) -> bool:
+    """Check a password; with `hashed=None` spend the same time and return False."""
+    if hashed is None:
+        _passwords.verify(password, _DUMMY_HASH)
+        return False
+    return _passwords.verify(password, hashed)
+
+
+class TokenType(StrEnum):
+    USER = "user"
+    SESSION = "session"
+
+
+class InvalidToken(Exception):
+    """The bearer token is malformed, expired, forged or of an unknown kind."""
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    access_token: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class TokenClaims:
+    type: TokenType
+    user_id: int
+    session_id: uuid.UUID | None
+
+
+def issue_user_token(settings: ApiSettings, user_id: int) -> IssuedToken:
+    return _issue(settings, {"sub": str(user_id), "typ": TokenType.USER.value},
+                  timedelta(minutes=settings.user_token_expire_minutes))
+
+
+def issue_session_token(settings: ApiSettings, user_id: int, session_id: uuid.UUID) -> IssuedToken:
+    return _issue(
+        settings,
+        {"sub": str(session_id), "uid": user_id, "typ": TokenType.SESSION.value},
+        timedelta(minutes=settings.session_token_expire_minutes),
+    )
+
+
+def _issue(settings: ApiSettings, claims: dict, ttl: timedelta) -> IssuedToken:
+    now = datetime.now(UTC).replace(microsecond=0)
+    expires_at = now + ttl
+    payload = {**claims, "iat": now, "exp": expires_at, "jti": secrets.token_hex(8)}
+    token = jwt.encode(
+        payload, settings.jwt_secret_key.get_secret_value(), algorithm=settings.jwt_algorithm
+    )
+    return IssuedToken(access_token=token, expires_at=expires_at)
+
+
+def decode_token(settings: ApiSettings, token: str) -> TokenClaims:
+    try:
+        # An explicit one-algorithm list closes algorithm-confusion attacks.
+        payload = jwt.decode(
+            token,
+            settings.jwt_secret_key.get_secret_value(),
+            algorithms=[settings.jwt_algorithm],
+            options={"require_exp": True, "require_sub": True},
+        )
+        token_type = TokenType(payload["typ"])
+        if token_type is TokenType.USER:
+            return TokenClaims(type=token_type, user_id=int(payload["sub"]), session_id=None)
+        return TokenClaims(
+            type=token_type, user_id=int(payload["uid"]), session_id=uuid.UUID(payload["sub"])
+        )
+    except (JWTError, KeyError, ValueError, TypeError) as exc:
+        raise InvalidToken(str(exc)) from exc

@@ -1,0 +1,1 @@
+"""Business logic behind the routes, testable without HTTP."""

@@ -1,0 +1,130 @@
+"""The LangGraph agent behind chat, and how its failures are reported.
+
+The graph is one node today (system prompt + history -> model) so that tools, memory or
+routing can be added as graph nodes without touching the HTTP layer.
+"""
+
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import httpx
+import openai
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
+from langchain_openai import ChatOpenAI
+from langgraph.graph import END, START, MessagesState, StateGraph
+from opentelemetry import trace
+
+from morgana.api import metrics
+from morgana.api.config import ApiSettings
+from morgana.api.schemas import Message
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+
+class ChatFailure(Exception):
+    """A model call that failed; `code` is stable for clients, `message` is for people."""
+
+    def __init__(self, code: str, message: str, status_code: int) -> None:
+        super().__init__(code)
+        self.code, self.message, self.status_code = code, message, status_code
+
+    def as_event_error(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+def classify_failure(exc: BaseException) -> ChatFailure:
+    """Map a provider/client exception to what the caller is told (never the raw error)."""
+    if isinstance(exc, (openai.APITimeoutError, httpx.TimeoutException)):
+        reason, status, text = "timeout", 504, "The language model did not respond in time."
+    elif isinstance(exc, openai.RateLimitError):
+        reason, status, text = "rate_limited", 503, "The language model is rate limited; retry shortly."
+    elif isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
+        reason, status, text = "auth", 503, "The language model rejected the server's credentials."
+    elif isinstance(exc, openai.BadRequestError):
+        reason, status, text = "bad_request", 502, "The language model rejected the request."
+    elif isinstance(exc, (openai.APIError, httpx.TransportError)):
+        reason, status, text = "unavailable", 503, "The language model is unavailable."
+    else:
+        reason, status, text = "other", 500, "The reply failed unexpectedly."
+    metrics.LLM_ERRORS.labels(reason=reason).inc()
+    return ChatFailure(code=f"llm_{reason}", message=text, status_code=status)
+
+
+def to_langchain(messages: Sequence[Message]) -> list[BaseMessage]:
+    return [
+        HumanMessage(m.content) if m.role == "user" else AIMessage(m.content) for m in messages
+    ]
+
+
+class ChatAgent:
+    """Streams a reply to a conversation through a compiled LangGraph graph."""
+
+    def __init__(self, settings: ApiSettings) -> None:
+        self._system_prompt = SystemMessage(settings.system_prompt)
+        self._model_name = settings.llm_model
+        self._llm = ChatOpenAI(
+            model=settings.llm_model,
+            api_key=settings.openai_api_key,
+            base_url=settings.openai_base_url,
+            temperature=settings.llm_temperature,
+            max_tokens=settings.llm_max_tokens,
+            timeout=settings.llm_timeout_seconds,
+            max_retries=settings.llm_max_retries,
+            streaming=True,
+            stream_usage=True,
+        )
+        graph = StateGraph(MessagesState)
+        graph.add_node("respond", self._respond)
+        graph.add_edge(START, "respond")
+        graph.add_edge("respond", END)
+        self._graph = graph.compile()
+
+    async def _respond(self, state: MessagesState) -> dict:
+        reply = await self._llm.ainvoke([self._system_prompt, *state["messages"]])
+        return {"messages": [reply]}
+
+    async def stream(self, conversation: Sequence[Message]) -> AsyncIterator[str]:
+        """Yield the reply's text as it arrives; raise ChatFailure if the model fails.
+
+        Cancelling the consumer (a client that went away) cancels the model call.
+        """
+        started = time.perf_counter()
+        first_token_at: float | None = None
+        chunks = 0
+        usage_tokens: int | None = None
+        with tracer.start_as_current_span(
+            "llm.chat", attributes={"gen_ai.request.model": self._model_name}
+        ) as span:
+            try:
+                async for chunk, _meta in self._graph.astream(
+                    {"messages": to_langchain(conversation)}, stream_mode="messages"
+                ):
+                    if not isinstance(chunk, AIMessageChunk):
+                        continue
+                    if chunk.usage_metadata:
+                        usage_tokens = chunk.usage_metadata.get("output_tokens")
+                    text = chunk.content if isinstance(chunk.content, str) else chunk.text
+                    if not text:
+                        continue
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter()
+                        metrics.LLM_TIME_TO_FIRST_TOKEN.observe(first_token_at - started)
+                    chunks += 1
+                    yield text
+            except ChatFailure:
+                raise
+            except Exception as exc:
+                failure = classify_failure(exc)
+                span.record_exception(exc)
+                span.set_status(trace.StatusCode.ERROR, failure.code)
+                log.warning("model call failed", extra={"code": failure.code, "error": type(exc).__name__})
+                raise failure from exc
+            finally:
+                tokens = usage_tokens if usage_tokens is not None else chunks
+                metrics.LLM_TOKENS_STREAMED.inc(tokens)
+                span.set_attribute("gen_ai.usage.output_tokens", tokens)
+                if first_token_at is not None:
+                    span.set_attribute("morgana.llm.ttft_s", first_token_at - started)
+            metrics.LLM_DURATION.observe(time.perf_counter() - started)

@@ -1,0 +1,47 @@
+"""Chat sessions: one conversation each, owned by one user."""
+
+import uuid
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from morgana.api.models import ChatSession
+from morgana.api.names import friendly_name
+
+
+async def create(db: AsyncSession, user_id: int, name: str | None = None) -> ChatSession:
+    session = ChatSession(id=uuid.uuid4(), user_id=user_id, name=name or friendly_name())
+    db.add(session)
+    await db.commit()
+    return session
+
+
+async def get(db: AsyncSession, session_id: uuid.UUID) -> ChatSession | None:
+    return await db.get(ChatSession, session_id)
+
+
+async def list_for_user(db: AsyncSession, user_id: int) -> list[ChatSession]:
+    rows = await db.scalars(
+        select(ChatSession)
+        .where(ChatSession.user_id == user_id)
+        .order_by(ChatSession.created_at.desc(), ChatSession.id)
+    )
+    return list(rows)
+
+
+async def rename(db: AsyncSession, user_id: int, session_id: uuid.UUID, name: str) -> ChatSession | None:
+    session = await db.get(ChatSession, session_id)
+    if session is None or session.user_id != user_id:
+        return None
+    session.name = name
+    await db.commit()
+    return session
+
+
+async def delete_owned(db: AsyncSession, user_id: int, session_id: uuid.UUID) -> bool:
+    """Delete a session and (by cascade) its history; False if the user has no such session."""
+    result = await db.execute(
+        delete(ChatSession).where(ChatSession.id == session_id, ChatSession.user_id == user_id)
+    )
+    await db.commit()
+    return result.rowcount > 0

@@ -1,0 +1,1 @@
+"""Shared core of every Morgana deployable: settings, logging, telemetry."""

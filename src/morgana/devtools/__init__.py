@@ -1,0 +1,1 @@
+"""Developer tooling: local stand-ins for external services (tests, ``make run``, benchmarks)."""

@@ -1,0 +1,72 @@
+"""Run the real API as a child process (tests, benchmarks): real sockets, real workers."""
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import httpx
+
+from morgana.devtools.services import free_port
+
+
+class ApiProcess:
+    """`morgana-api serve` on a free loopback port, with its log kept in a file."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path, workers: int = 1) -> None:
+        self.env = dict(env)
+        self.log_path = log_path
+        self.workers = workers
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> "ApiProcess":
+        env = {**os.environ, **self.env, "HOST": "127.0.0.1", "PORT": str(self.port)}
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "morgana.api.cli", "serve", "--workers", str(self.workers)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"API exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"API did not become healthy in {timeout} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def __enter__(self) -> "ApiProcess":
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

