@@ -4,9 +4,11 @@ The graph is one node today (system prompt + history -> model) so that tools, me
 routing can be added as graph nodes without touching the HTTP layer.
 """
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 
 import httpx
 import openai
@@ -88,33 +90,20 @@ class ChatAgent:
     async def stream(self, conversation: Sequence[Message]) -> AsyncIterator[str]:
         """Yield the reply's text as it arrives; raise ChatFailure if the model fails.
 
-        Cancelling the consumer (a client that went away) cancels the model call.
+        Closing or cancelling this generator (a client that went away) cancels the model call.
         """
         started = time.perf_counter()
         first_token_at: float | None = None
-        chunks = 0
-        usage_tokens: int | None = None
+        usage = _Usage()
         with tracer.start_as_current_span(
             "llm.chat", attributes={"gen_ai.request.model": self._model_name}
         ) as span:
             try:
-                async for chunk, _meta in self._graph.astream(
-                    {"messages": to_langchain(conversation)}, stream_mode="messages"
-                ):
-                    if not isinstance(chunk, AIMessageChunk):
-                        continue
-                    if chunk.usage_metadata:
-                        usage_tokens = chunk.usage_metadata.get("output_tokens")
-                    text = chunk.content if isinstance(chunk.content, str) else chunk.text
-                    if not text:
-                        continue
+                async for text in _in_own_task(self._text_chunks(conversation, usage)):
                     if first_token_at is None:
                         first_token_at = time.perf_counter()
                         metrics.LLM_TIME_TO_FIRST_TOKEN.observe(first_token_at - started)
-                    chunks += 1
                     yield text
-            except ChatFailure:
-                raise
             except Exception as exc:
                 failure = classify_failure(exc)
                 span.record_exception(exc)
@@ -122,9 +111,66 @@ class ChatAgent:
                 log.warning("model call failed", extra={"code": failure.code, "error": type(exc).__name__})
                 raise failure from exc
             finally:
-                tokens = usage_tokens if usage_tokens is not None else chunks
-                metrics.LLM_TOKENS_STREAMED.inc(tokens)
-                span.set_attribute("gen_ai.usage.output_tokens", tokens)
+                metrics.LLM_TOKENS_STREAMED.inc(usage.tokens)
+                span.set_attribute("gen_ai.usage.output_tokens", usage.tokens)
                 if first_token_at is not None:
-                    span.set_attribute("morgana.llm.ttft_s", first_token_at - started)
+                    span.set_attribute("morgana.llm.time_to_first_token_s", first_token_at - started)
             metrics.LLM_DURATION.observe(time.perf_counter() - started)
+
+    async def _text_chunks(self, conversation: Sequence[Message], usage: "_Usage") -> AsyncIterator[str]:
+        graph_stream = self._graph.astream(
+            {"messages": to_langchain(conversation)}, stream_mode="messages"
+        )
+        async with aclosing(graph_stream):
+            async for chunk, _metadata in graph_stream:
+                if not isinstance(chunk, AIMessageChunk):
+                    continue
+                if chunk.usage_metadata:
+                    usage.reported = chunk.usage_metadata.get("output_tokens")
+                text = chunk.content if isinstance(chunk.content, str) else chunk.text
+                if text:
+                    usage.chunks += 1
+                    yield text
+
+
+class _Usage:
+    """Completion tokens of one call: the provider's count when it reports one, else chunks."""
+
+    def __init__(self) -> None:
+        self.chunks = 0
+        self.reported: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.reported if self.reported is not None else self.chunks
+
+
+_END = object()
+
+
+async def _in_own_task(source: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Iterate `source` in a task of its own, cancelled as soon as this generator stops.
+
+    Starlette streams run under anyio cancel scopes, whose repeated cancellation can cut
+    LangGraph's own clean-up short and leave the model call running. A plain asyncio
+    task, cancelled once, shuts the HTTP stream to the model down promptly.
+    """
+    queue: asyncio.Queue[object] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async with aclosing(source):
+                async for item in source:
+                    queue.put_nowait(item)
+        except Exception as exc:
+            queue.put_nowait(exc)
+        queue.put_nowait(_END)
+
+    task = asyncio.create_task(pump())
+    try:
+        while (item := await queue.get()) is not _END:
+            if isinstance(item, Exception):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        task.cancel()

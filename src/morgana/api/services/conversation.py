@@ -9,6 +9,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sse_starlette import ServerSentEvent
@@ -47,7 +48,8 @@ class Conversation:
     async def reply(self, new_messages: Sequence[Message]) -> Message:
         """Run a turn to completion and store it (the non-streaming endpoint)."""
         context = await self.context_for(new_messages)
-        parts = [part async for part in self._agent.stream(context)]
+        async with aclosing(self._agent.stream(context)) as reply_parts:
+            parts = [part async for part in reply_parts]
         answer = Message.model_construct(role="assistant", content="".join(parts))
         await self._store(new_messages, answer)
         metrics.CHAT_TURNS.labels(outcome="completed", transport="json").inc()
@@ -61,9 +63,11 @@ class Conversation:
         parts: list[str] = []
         outcome = "error"
         try:
-            async for part in self._agent.stream(context):
-                parts.append(part)
-                yield _event(part, done=False)
+            # aclosing: a client that goes away closes the model stream now, not at GC.
+            async with aclosing(self._agent.stream(context)) as reply_parts:
+                async for part in reply_parts:
+                    parts.append(part)
+                    yield _event(part, done=False)
             await self._store(
                 new_messages, Message.model_construct(role="assistant", content="".join(parts))
             )
