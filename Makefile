@@ -1,0 +1,43 @@
+# Morgana: `make run` starts the backend on embedded defaults; `make test` runs the suite.
+# Everything a target needs is installed by the target itself (pinned, cached in .cache/).
+
+SHELL := /bin/bash
+UV_VERSION := 0.13.8
+UV := $(shell command -v uv 2>/dev/null || echo .cache/uv/bin/uv)
+SYNC := $(UV) sync --frozen --extra api
+RUN := $(UV) run --frozen --extra api
+PYTEST_ARGS ?=
+
+.PHONY: help install run test bench migrate check-config lint clean
+
+help:
+	@echo "make run          start the API on http://localhost:$${PORT:-8000} (embedded Postgres, local model)"
+	@echo "make test         install test dependencies and run the whole suite"
+	@echo "make bench        run the benchmarks (figures beside a raw Starlette baseline)"
+	@echo "make migrate      apply database migrations to the configured database"
+	@echo "make check-config validate the configuration from the environment and .env"
+
+.cache/uv/bin/uv:
+	python3 -m venv .cache/uv
+	.cache/uv/bin/pip install --quiet "uv==$(UV_VERSION)"
+
+install: $(if $(filter .cache/uv/bin/uv,$(UV)),.cache/uv/bin/uv)
+	$(SYNC)
+
+run: install
+	.venv/bin/python -m morgana.devtools.run
+
+test: install
+	$(RUN) pytest $(PYTEST_ARGS)
+
+bench: install
+	$(RUN) python -m bench.api_bench $(BENCH_ARGS)
+
+migrate: install
+	$(RUN) morgana-api migrate
+
+check-config: install
+	$(RUN) morgana-api check-config
+
+clean:
+	rm -rf .venv .cache .pytest_cache bench-results
