@@ -285,7 +285,8 @@ async def one_session(http: aiohttp.ClientSession, target: Target) -> tuple[bool
 
 async def one_stream(http: aiohttp.ClientSession, target: Target, expected_events: int | None,
                      on_open: Callable[[], None] | None = None,
-                     on_close: Callable[[], None] | None = None) -> StreamResult:
+                     on_close: Callable[[], None] | None = None,
+                     on_first: Callable[[], None] | None = None) -> StreamResult:
     """POST a chat stream; time the first content event; check it ends with done:true, no error."""
     started = time.perf_counter()
     result = StreamResult(ok=False)
@@ -314,6 +315,8 @@ async def one_stream(http: aiohttp.ClientSession, target: Target, expected_event
                         line = line.rstrip(b"\r")
                         if line.startswith(b"data:") and json.loads(line[5:]).get("content"):
                             result.ttfe = time.perf_counter() - started
+                            if on_first is not None:
+                                on_first()
                             break
                     pending = pending[pending.rfind(b"\n") + 1:]
             result.total = time.perf_counter() - started
@@ -510,6 +513,7 @@ class OpenRun:
     peak_open: int
     peak_gauge: float | None
     peak_db_checked_out: float | None
+    steady_db_checked_out: float | None
     rss_before: int
     rss_peak: int
     rss_after: int
@@ -519,8 +523,8 @@ class OpenRun:
 
 async def open_many(target: Target, count: int, expected_events: int) -> OpenRun:
     """Open `count` streams at once; sample server RSS and (Morgana) /metrics while they run."""
-    open_now = 0
-    peak = {"open": 0, "gauge": None, "db": None, "rss": 0}
+    open_now = closed_count = rejected = 0
+    peak = {"open": 0, "gauge": None, "db": None, "db_steady": None, "rss": 0}
     first_event_times: list[float] = []
     all_done = asyncio.Event()
 
@@ -530,8 +534,13 @@ async def open_many(target: Target, count: int, expected_events: int) -> OpenRun
         peak["open"] = max(peak["open"], open_now)
 
     def closed() -> None:
-        nonlocal open_now
+        nonlocal open_now, closed_count
         open_now -= 1
+        closed_count += 1
+
+    def steady() -> bool:
+        """Every stream has had content and none has ended: all are mid-stream."""
+        return closed_count == 0 and len(first_event_times) + rejected == count
 
     await asyncio.sleep(1.0)
     rss_before = rss_kib(target.pid)
@@ -543,6 +552,7 @@ async def open_many(target: Target, count: int, expected_events: int) -> OpenRun
                 peak["rss"] = max(peak["rss"], rss_kib(target.pid))
                 if target.name == "morgana":
                     with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                        was_steady = steady()
                         async with probe.get(target.url + "/metrics") as resp:
                             text = await resp.text()
                         gauge = metric_value(text, "morgana_api_chat_streams_open")
@@ -551,6 +561,8 @@ async def open_many(target: Target, count: int, expected_events: int) -> OpenRun
                             peak["gauge"] = max(peak["gauge"] or 0.0, gauge)
                         if db is not None:
                             peak["db"] = max(peak["db"] or 0.0, db)
+                            if was_steady and steady():
+                                peak["db_steady"] = max(peak["db_steady"] or 0.0, db)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(all_done.wait(), 0.25)
 
@@ -559,9 +571,13 @@ async def open_many(target: Target, count: int, expected_events: int) -> OpenRun
         sampling = asyncio.create_task(sampler())
 
         async def run_one() -> StreamResult:
-            r = await one_stream(http, target, expected_events, opened, closed)
-            if math.isfinite(r.ttfe):
+            def opened_with_content() -> None:
                 first_event_times.append(time.perf_counter() - started)
+
+            nonlocal rejected
+            r = await one_stream(http, target, expected_events, opened, closed, opened_with_content)
+            if r.status != 200:  # refused (or failed) before it opened
+                rejected += 1
             return r
 
         try:
@@ -576,10 +592,11 @@ async def open_many(target: Target, count: int, expected_events: int) -> OpenRun
         peak_open=peak["open"],
         peak_gauge=peak["gauge"],
         peak_db_checked_out=peak["db"],
+        steady_db_checked_out=peak["db_steady"],
         rss_before=rss_before,
         rss_peak=peak["rss"],
         rss_after=rss_kib(target.pid),
-        all_open_after=max(first_event_times) if len(first_event_times) == count else math.nan,
+        all_open_after=max(first_event_times, default=math.nan),
         wall=wall,
     )
 
@@ -615,9 +632,12 @@ async def bench_open_streams(res: Results, plan: Plan, targets: list[Target],
     res.add("open_streams", "peak_open_server_gauge", m.peak_gauge, None, "streams",
             note="morgana_api_chat_streams_open from /metrics; the baseline has no such gauge")
     res.add("open_streams", "peak_db_pool_checked_out", m.peak_db_checked_out, None, "connections",
-            note="morgana_api_db_pool_checked_out while the streams were open (pool is 10+10)")
+            note="max morgana_api_db_pool_checked_out during the run, incl. ramp-up and the "
+                 "end-of-stream history writes (pool is 10+10)")
+    res.add("open_streams", "mid_stream_db_pool_checked_out", m.steady_db_checked_out, None,
+            "connections", note="max while every stream was open and mid-reply (should be 0)")
     res.add("open_streams", "all_open_after", 1000 * m.all_open_after, 1000 * b.all_open_after, "ms",
-            note="time until every stream had its first content event")
+            note="time until every stream that opened had its first content event")
     for q in (50, 95):
         mt = [r.ttfe for r in m.results if r.ok]
         bt = [r.ttfe for r in b.results if r.ok]

@@ -1,0 +1,147 @@
+"""/metrics, request ids, secret-free JSON logs, OTLP traces, and the gunicorn entry point."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from morgana.devtools.processes import ApiProcess
+from tests.api.sse import stream_chat
+from tests.conftest import STRONG_PASSWORD, bearer, new_session, register, unique_email
+
+
+def metric_value(text: str, name: str, labels: str = "") -> float:
+    prefix = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(prefix + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{prefix} not in /metrics")
+
+
+def test_metrics_cover_routes_streams_model_and_pool(client: httpx.Client, chat_session: dict) -> None:
+    token = chat_session["token"]["access_token"]
+    before = client.get("/metrics").text
+    ttft_before = metric_value(before, "morgana_api_llm_time_to_first_token_seconds_count")
+    tokens_before = metric_value(before, "morgana_api_llm_tokens_streamed_total")
+    stream_chat(client, token, "count my tokens please")
+    client.get("/api/v1/chatbot/messages", headers=bearer(token))
+
+    after = client.get("/metrics").text
+    assert metric_value(after, "morgana_api_llm_time_to_first_token_seconds_count") == ttft_before + 1
+    # The stand-in reports usage like OpenAI: "You said: count my tokens please" is 6 tokens.
+    assert metric_value(after, "morgana_api_llm_tokens_streamed_total") == tokens_before + 6
+    assert metric_value(after, "morgana_api_chat_streams_open") == 0
+    assert metric_value(after, "morgana_api_db_pool_size") == 10
+    assert metric_value(after, "morgana_api_db_pool_checked_out") == 0
+    # Route templates, not raw paths, label the HTTP metrics.
+    assert 'handler="/api/v1/chatbot/messages"' in after
+    assert 'handler="/api/v1/chatbot/chat/stream"' in after
+    assert "morgana_api_http_request_duration_seconds_bucket" in after
+    assert chat_session["session_id"] not in after
+
+
+def test_every_response_carries_a_request_id(client: httpx.Client) -> None:
+    response = client.get("/health")
+    assert len(response.headers["x-request-id"]) >= 16
+    echoed = client.get("/health", headers={"X-Request-ID": "0123456789abcdef0123456789abcdef"})
+    assert echoed.headers["x-request-id"] == "0123456789abcdef0123456789abcdef"
+
+
+def test_logs_are_json_with_request_ids_and_never_hold_secrets(api: ApiProcess, client: httpx.Client) -> None:
+    email, password = unique_email(), "Log_Secret_Pass_99!"
+    user = register(client, email, password)
+    login = client.post("/api/v1/auth/login", data={"username": email, "password": password}).json()
+    session = new_session(client, login["access_token"])
+    stream_chat(client, session["token"]["access_token"], "hello logs")
+    client.post("/api/v1/auth/login", data={"username": email, "password": "Wrong_" + password})
+    time.sleep(0.3)
+
+    text = api.log_path.read_text()
+    for secret in (password, user["token"]["access_token"], login["access_token"],
+                   session["token"]["access_token"]):
+        assert secret not in text
+    records = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    requests = [r for r in records if r.get("logger") == "morgana.api.access"]
+    assert requests, "no access log records"
+    login_lines = [r for r in requests if r["route"] == "/api/v1/auth/login"]
+    assert {r["status"] for r in login_lines} >= {200, 401}
+    assert all(r["request_id"] for r in requests)
+
+
+def test_redaction_filter_masks_tokens_and_passwords() -> None:
+    from morgana.core.logging import redact
+
+    jwt_like = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl"
+    assert jwt_like not in redact(f"got {jwt_like}")
+    assert "hunter2" not in redact("password=hunter2&user=x")
+    assert "abc123" not in redact('Authorization: Bearer abc123')
+    assert redact("nothing secret here") == "nothing secret here"
+
+
+class _Collector(BaseHTTPRequestHandler):
+    spans: list = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        body = self.rfile.read(int(self.headers["content-length"]))
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        for resource_spans in request.resource_spans:
+            service = next(a.value.string_value for a in resource_spans.resource.attributes
+                           if a.key == "service.name")
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    _Collector.spans.append((service, span.name))
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def otlp_collector():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _Collector.spans = []
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_traces_of_requests_db_and_model_calls_are_exported_over_otlp(
+    api_env: dict, otlp_collector: str, tmp_path
+) -> None:
+    env = {**api_env, "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_collector, "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    with ApiProcess(env, tmp_path / "api.log") as process, httpx.Client(base_url=process.url, timeout=20) as http:
+        user = register(http)
+        session = new_session(http, user["token"]["access_token"])
+        stream_chat(http, session["token"]["access_token"], "trace me")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not {"llm.chat"} <= {n for _, n in _Collector.spans}:
+            time.sleep(0.2)
+    names = {name for _, name in _Collector.spans}
+    assert {service for service, _ in _Collector.spans} == {"morgana-api"}
+    assert "llm.chat" in names
+    assert "POST /api/v1/chatbot/chat/stream" in names
+    assert any(name.startswith(("INSERT", "SELECT")) for name in names), "\n".join(sorted(names))
+
+
+def test_gunicorn_with_uvicorn_workers_serves_and_sums_metrics(api_env: dict, tmp_path) -> None:
+    env = {**api_env, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")}
+    with ApiProcess(env, tmp_path / "api.log", workers=2) as process, \
+            httpx.Client(base_url=process.url, timeout=20) as http:
+        labels = 'handler="/health",method="GET",status="200"'
+        before = metric_value(http.get("/metrics").text, "morgana_api_http_requests_total", labels)
+        for _ in range(20):
+            assert http.get("/health").status_code == 200
+        # Two workers, one /metrics: counts from both are summed, whichever answers.
+        text = http.get("/metrics").text
+        assert metric_value(text, "morgana_api_http_requests_total", labels) == before + 20
+        assert metric_value(text, "morgana_api_db_pool_size") == 20
+        workers = {line for line in process.log_path.read_text().splitlines() if "Booting worker" in line}
+        assert len(workers) == 2
