@@ -48,7 +48,7 @@ from morgana.devtools.services import EmbeddedPostgres, EmbeddedValkey, free_por
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench-results" / "api.jsonl"
-COMMAND = "make bench  # = uv run python -m bench.api_bench"
+COMMAND = "uv run python -m bench.api_bench"  # what `make bench` runs
 PASSWORD = "A_Strong_Password123!"
 MODEL = "morgana-bench-model"
 RATE = "1000000/minute"
@@ -120,6 +120,22 @@ def raise_fd_limit(wanted: int = 8192) -> None:
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def mem_total_mib() -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    return None
 
 
 def ratio(x: float | None, y: float | None) -> float | None:
@@ -792,8 +808,12 @@ def main(argv: list[str] | None = None) -> int:
     res.emit({
         "bench": "meta",
         "command": COMMAND + (" --quick" if args.quick else ""),
+        "make": "make bench",
         "quick": args.quick,
         "cores": os.cpu_count(),
+        "cpu": cpu_model(),
+        "mem_total_mib": mem_total_mib(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
@@ -843,6 +863,7 @@ def main(argv: list[str] | None = None) -> int:
             problems = api_log_problems(api.log_path)
             res.emit({"bench": "meta", "api_log_error_lines": len(problems),
                       "api_log_sample": problems[:5], "fake_model_stats": fake.stats(),
+                      "loadavg": [round(x, 2) for x in os.getloadavg()],
                       "seconds": round(time.monotonic() - began, 1)})
             if problems:
                 log(f"the API logged {len(problems)} error lines, e.g.:\n" + "\n".join(problems[:5]))
@@ -862,6 +883,12 @@ def main(argv: list[str] | None = None) -> int:
             res.write(RESULTS)
     print("", flush=True)
     print(res.table(), flush=True)
+    for line in res.lines:
+        if line.get("problems"):
+            print(f"  {line['bench']}/{line['metric']}: {json.dumps(line['problems'])}", flush=True)
+        if line.get("api_log_error_lines"):
+            print(f"  API log: {line['api_log_error_lines']} error lines, first: "
+                  f"{line['api_log_sample'][0][:200]}", flush=True)
     print(f"\n(results in {RESULTS.relative_to(REPO)}; total {time.monotonic() - began:.0f} s; "
           "ratio = morgana / baseline)", flush=True)
     return 1 if failed else 0

@@ -59,7 +59,7 @@ async def _ensure_service_account(settings: ApiSettings) -> None:
 def serve(settings: ApiSettings, workers: int, reload: bool) -> None:
     if workers > 1:
         # gunicorn manages uvicorn workers; its config reads PORT and WEB_CONCURRENCY.
-        os.environ.setdefault("WEB_CONCURRENCY", str(workers))
+        os.environ["WEB_CONCURRENCY"] = str(workers)
         os.execvp("gunicorn", ["gunicorn", "-c", "python:morgana.api.gunicorn_conf",
                                "morgana.api.asgi:app"])
     import uvicorn
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="apply database migrations and ensure the service account")
     serve_parser = sub.add_parser("serve", help="run the API")
-    serve_parser.add_argument("--workers", type=int, default=1,
-                              help="more than 1 runs gunicorn with uvicorn workers")
+    serve_parser.add_argument("--workers", type=int, default=int(os.environ.get("WEB_CONCURRENCY", "1")),
+                              help="more than 1 runs gunicorn with uvicorn workers (default: WEB_CONCURRENCY or 1)")
     serve_parser.add_argument("--reload", action="store_true", help="reload on code changes (dev)")
     sub.add_parser("check-config", help="validate the configuration and exit")
     args = parser.parse_args(argv)

@@ -33,7 +33,7 @@ class ConfigurationError(ValueError):
 class ApiSettings(CoreSettings):
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=1, le=65535)
-    service_name: str = "morgana-api"
+    otel_service_name: str = "morgana-api"
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Postgres: DATABASE_URL wins; otherwise the POSTGRES_* parts.

@@ -12,6 +12,8 @@ workers = int(os.environ.get("WEB_CONCURRENCY", min(4, multiprocessing.cpu_count
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
 keepalive = 5
+# Heartbeat files in memory: works with a read-only root filesystem.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 accesslog = None
 logconfig_dict = {"version": 1, "disable_existing_loggers": False}
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")

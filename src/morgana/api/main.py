@@ -76,7 +76,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     )
 
     tracer_provider = configure_tracing(
-        settings.otel_service_name or settings.service_name, settings.otel_exporter_otlp_endpoint
+        settings.otel_service_name, settings.otel_exporter_otlp_endpoint
     )
     if tracer_provider is not None:
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor

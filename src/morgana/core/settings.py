@@ -24,10 +24,9 @@ class CoreSettings(BaseSettings):
     )
     log_level: str = "INFO"
     log_format: str = Field(default="json", pattern="^(json|console)$")
-    service_name: str = "morgana"
     # OTLP export is on when an endpoint is set (standard OTel variable names).
     otel_exporter_otlp_endpoint: str | None = None
-    otel_service_name: str | None = None
+    otel_service_name: str = "morgana"
 
     @property
     def is_development(self) -> bool:

@@ -21,6 +21,7 @@ class ApiProcess:
         self.workers = workers
         self.port = free_port()
         self.process: subprocess.Popen | None = None
+        self.command = [sys.executable, "-m", "morgana.api.cli", "serve", "--workers", str(workers)]
 
     @property
     def url(self) -> str:
@@ -30,7 +31,7 @@ class ApiProcess:
         env = {**os.environ, **self.env, "HOST": "127.0.0.1", "PORT": str(self.port)}
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "morgana.api.cli", "serve", "--workers", str(self.workers)],
+            self.command,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -1,0 +1,65 @@
+"""Password hashing and token rules, below the HTTP layer."""
+
+import asyncio
+import uuid
+
+import pytest
+from jose import jwt
+
+from morgana.api import security
+from morgana.api.config import ApiSettings
+from morgana.api.security import (
+    InvalidToken,
+    TokenType,
+    decode_token,
+    hash_password,
+    issue_session_token,
+    issue_user_token,
+    verify_password,
+)
+
+SETTINGS = ApiSettings(_env_file=None, environment="production", jwt_secret_key="s" * 40, openai_api_key="k")
+
+
+def test_passwords_are_hashed_with_argon2id_and_verified() -> None:
+    hashed = hash_password("A_Strong_Password123!")
+    assert hashed.startswith("$argon2id$")
+    assert verify_password("A_Strong_Password123!", hashed)
+    assert not verify_password("A_Strong_Password123?", hashed)
+
+
+def test_unknown_accounts_cost_one_password_check_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    checks: list[str] = []
+    real_verify = security._passwords.verify
+    monkeypatch.setattr(security._passwords, "verify",
+                        lambda secret, hashed: checks.append(hashed) or real_verify(secret, hashed))
+    assert verify_password("whatever-Pass1!", None) is False
+    assert checks == [security._DUMMY_HASH]
+
+
+def test_user_and_session_tokens_carry_their_kind() -> None:
+    session_id = uuid.uuid4()
+    user = decode_token(SETTINGS, issue_user_token(SETTINGS, 7).access_token)
+    session = decode_token(SETTINGS, issue_session_token(SETTINGS, 7, session_id).access_token)
+    assert (user.type, user.user_id, user.session_id) == (TokenType.USER, 7, None)
+    assert (session.type, session.user_id, session.session_id) == (TokenType.SESSION, 7, session_id)
+
+
+def test_tokens_signed_with_another_algorithm_are_refused() -> None:
+    token = jwt.encode({"sub": "7", "typ": "user", "exp": 4102444800}, "s" * 40, algorithm="HS512")
+    with pytest.raises(InvalidToken):
+        decode_token(SETTINGS, token)
+
+
+def test_login_path_checks_a_password_even_for_unknown_emails(monkeypatch: pytest.MonkeyPatch) -> None:
+    from morgana.api.services import users
+
+    calls: list[object] = []
+    monkeypatch.setattr(users, "verify_password", lambda password, hashed: calls.append(hashed) or False)
+
+    class NoUsers:
+        async def scalar(self, _statement: object) -> None:
+            return None
+
+    assert asyncio.run(users.authenticate(NoUsers(), "nobody@example.com", "Pass_word1")) is None  # type: ignore[arg-type]
+    assert calls == [None]  # verify_password(…, None) burns one argon2 check
