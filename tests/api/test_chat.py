@@ -104,6 +104,11 @@ def test_oversized_and_malformed_bodies_are_rejected(client: httpx.Client, chat_
                        json={"messages": [{"role": "user", "content": "x" * (2 * 1024 * 1024)}]})
     assert huge.status_code == 413
     assert "larger than" in huge.json()["detail"]
+    # Without a Content-Length (chunked upload) the cap still holds.
+    chunked = client.post(CHAT, headers={**bearer(token), "content-type": "application/json"},
+                          content=(b"x" * 65536 for _ in range(40)))
+    assert chunked.status_code == 413
+    assert "larger than" in chunked.json()["detail"]
     broken = client.post(CHAT, headers={**bearer(token), "content-type": "application/json"}, content=b"{not json")
     assert broken.status_code == 422
 

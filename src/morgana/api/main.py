@@ -13,7 +13,7 @@ from morgana import __version__
 from morgana.api.config import ApiSettings, get_settings
 from morgana.api.db import create_engine, create_session_factory
 from morgana.api.errors import install_error_handlers
-from morgana.api.middleware import AccessLogMiddleware
+from morgana.api.middleware import AccessLogMiddleware, BodySizeLimitMiddleware
 from morgana.api.ratelimit import RateLimiter
 from morgana.api.routes import auth, chatbot, health, livekit
 from morgana.api.services.chat import ChatAgent
@@ -59,7 +59,6 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
-        max_body_size=MAX_BODY_BYTES,
     )
     app.state.settings = settings
     install_error_handlers(app)
@@ -85,7 +84,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         FastAPIInstrumentor.instrument_app(app, tracer_provider=tracer_provider,
                                            excluded_urls="health,ready,metrics")
 
-    # Added last = outermost: the request id exists before anything logs.
+    # Added last = outermost: ids exist before anything logs, oversize bodies stop first.
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -95,6 +94,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             allow_headers=["*"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(AccessLogMiddleware)
     app.add_middleware(CorrelationIdMiddleware, header_name="X-Request-ID")
     return app

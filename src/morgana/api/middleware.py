@@ -1,9 +1,15 @@
-"""Pure ASGI access-log middleware (safe for streaming responses)."""
+"""Pure ASGI middleware (safe for streaming responses): access log and body-size cap.
 
+The body cap is ours rather than FastAPI's `max_body_size` so that a 413 is JSON like every
+other error.
+"""
+
+import json
 import logging
 import time
 
 from prometheus_fastapi_instrumentator.routing import get_route_name
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -42,3 +48,47 @@ class AccessLogMiddleware:
                     "duration_ms": round((time.perf_counter() - started) * 1000, 2),
                 },
             )
+
+
+class BodySizeLimitMiddleware:
+    """Refuse request bodies over `max_bytes` with a 413 before they are buffered."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # FastAPI turns an HTTPException raised while reading the body into its response.
+                    raise HTTPException(413, self._detail)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    @property
+    def _detail(self) -> str:
+        return f"Request body larger than {self.max_bytes} bytes"
+
+    async def _reject(self, send: Send) -> None:
+        body = json.dumps({"detail": self._detail}).encode()
+        await send({
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode())],
+        })
+        await send({"type": "http.response.body", "body": body})
