@@ -4,8 +4,8 @@
 SHELL := /bin/bash
 UV_VERSION := 0.13.8
 UV := $(shell command -v uv 2>/dev/null || echo .cache/uv/bin/uv)
-SYNC := $(UV) sync --frozen --extra api
-RUN := $(UV) run --frozen --extra api
+SYNC := $(UV) sync --frozen --extra api --extra agent
+RUN := $(UV) run --frozen --extra api --extra agent
 PYTEST_ARGS ?=
 
 .PHONY: help install run test bench migrate check-config lint clean

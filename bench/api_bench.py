@@ -1,6 +1,6 @@
 """Morgana API vs a raw Starlette baseline, measured in one run on this machine.
 
-    uv run python -m bench.api_bench [--quick]      (`make bench` where the Makefile has it)
+    uv run python -m bench.api_bench [--quick]      (or: make bench [BENCH_ARGS=--quick])
 
 Starts real Postgres and Valkey (from wheels), the fake OpenAI-protocol model server, the
 Morgana API (one uvicorn worker) and the baseline (`bench/baseline_app.py`, a plain Starlette
@@ -43,7 +43,7 @@ import aiohttp
 import httpx
 
 from morgana.devtools.openai_server import FakeOpenAIProcess
-from morgana.devtools.processes import ApiProcess
+from morgana.devtools.processes import ApiProcess, migrate
 from morgana.devtools.services import EmbeddedPostgres, EmbeddedValkey, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,7 +144,7 @@ def ratio(x: float | None, y: float | None) -> float | None:
     return x / y
 
 
-def rounded(value: float | int | None, digits: int = 3) -> float | int | None:
+def rounded(value: float | None, digits: int = 3) -> float | int | None:
     if value is None or isinstance(value, int):
         return value
     return None if not math.isfinite(value) else round(value, digits)
@@ -160,8 +160,15 @@ class Results:
         self.lines.append(record)
         print(json.dumps(record), flush=True)
 
-    def add(self, bench: str, metric: str, morgana: float | None, baseline: float | None,
-            unit: str, **extra: object) -> None:
+    def add(
+        self,
+        bench: str,
+        metric: str,
+        morgana: float | None,
+        baseline: float | None,
+        unit: str,
+        **extra: object,
+    ) -> None:
         record = {
             "bench": bench,
             "metric": metric,
@@ -182,17 +189,25 @@ class Results:
         for line in self.lines:
             if "metric" not in line:
                 continue
-            rows.append((
-                line["bench"], line["metric"], _cell(line["morgana"]), _cell(line["baseline"]),
-                _cell(line["ratio"]), line["unit"],
-            ))
+            rows.append(
+                (
+                    line["bench"],
+                    line["metric"],
+                    _cell(line["morgana"]),
+                    _cell(line["baseline"]),
+                    _cell(line["ratio"]),
+                    line["unit"],
+                )
+            )
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         out = []
         for index, row in enumerate(rows):
-            out.append("  ".join(
-                cell.ljust(w) if i in (0, 1, 5) else cell.rjust(w)
-                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-            ).rstrip())
+            out.append(
+                "  ".join(
+                    cell.ljust(w) if i in (0, 1, 5) else cell.rjust(w)
+                    for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+                ).rstrip()
+            )
             if index == 0:
                 out.append("  ".join("-" * w for w in widths))
         return "\n".join(out)
@@ -218,7 +233,7 @@ class Target:
     stream_path: str
     session_headers: dict[str, str] = field(default_factory=dict)
     # Yields the Authorization headers for the next chat request (Morgana rotates sessions).
-    stream_headers: Callable[[], dict[str, str]] = lambda: {}
+    stream_headers: Callable[[], dict[str, str]] = dict
 
 
 class SessionPool:
@@ -255,8 +270,9 @@ def client_session(limit: int, timeout: float = 30.0) -> aiohttp.ClientSession:
     )
 
 
-async def create_sessions(http: aiohttp.ClientSession, api_url: str, user_token: str,
-                          count: int, concurrency: int = 16) -> list[str]:
+async def create_sessions(
+    http: aiohttp.ClientSession, api_url: str, user_token: str, count: int, concurrency: int = 16
+) -> list[str]:
     tokens: list[str] = []
     remaining = count
     headers = {"Authorization": f"Bearer {user_token}"}
@@ -294,22 +310,27 @@ async def one_session(http: aiohttp.ClientSession, target: Target) -> tuple[bool
         async with http.post(target.url + target.session_path, headers=target.session_headers) as resp:
             body = await resp.read()
             ok = resp.status == 200 and b"session_id" in body
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientError):
         ok = False
     return ok, time.perf_counter() - started
 
 
-async def one_stream(http: aiohttp.ClientSession, target: Target, expected_events: int | None,
-                     on_open: Callable[[], None] | None = None,
-                     on_close: Callable[[], None] | None = None,
-                     on_first: Callable[[], None] | None = None) -> StreamResult:
+async def one_stream(
+    http: aiohttp.ClientSession,
+    target: Target,
+    expected_events: int | None,
+    on_open: Callable[[], None] | None = None,
+    on_close: Callable[[], None] | None = None,
+    on_first: Callable[[], None] | None = None,
+) -> StreamResult:
     """POST a chat stream; time the first content event; check it ends with done:true, no error."""
     started = time.perf_counter()
     result = StreamResult(ok=False)
     opened = False
     try:
-        async with http.post(target.url + target.stream_path, json=CHAT_BODY,
-                             headers=target.stream_headers()) as resp:
+        async with http.post(
+            target.url + target.stream_path, json=CHAT_BODY, headers=target.stream_headers()
+        ) as resp:
             result.status = resp.status
             if resp.status != 200:
                 result.problem = f"http {resp.status}"
@@ -334,9 +355,9 @@ async def one_stream(http: aiohttp.ClientSession, target: Target, expected_event
                             if on_first is not None:
                                 on_first()
                             break
-                    pending = pending[pending.rfind(b"\n") + 1:]
+                    pending = pending[pending.rfind(b"\n") + 1 :]
             result.total = time.perf_counter() - started
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
         result.problem = f"{type(exc).__name__}: {exc}"[:200]
         return result
     finally:
@@ -390,9 +411,14 @@ class Tally:
         self.problems[key] = self.problems.get(key, 0) + 1
 
 
-async def closed_loop(count: int, concurrency: int, deadline: float,
-                      call: Callable[[], Awaitable[tuple[bool, float, float, str]]], tally: Tally,
-                      pid: int) -> None:
+async def closed_loop(
+    count: int,
+    concurrency: int,
+    deadline: float,
+    call: Callable[[], Awaitable[tuple[bool, float, float, str]]],
+    tally: Tally,
+    pid: int,
+) -> None:
     """`count` calls from `concurrency` workers (stopping early at `deadline`), into `tally`."""
     remaining = count
     finished = 0
@@ -431,8 +457,10 @@ def abba(targets: list[Target], rounds: int) -> list[Target]:
 
 
 async def bench_sessions(res: Results, plan: Plan, targets: list[Target]) -> None:
-    log(f"session_create: {plan.session_requests} requests per target, "
-        f"concurrency {plan.session_concurrency}, {plan.rounds} alternating rounds")
+    log(
+        f"session_create: {plan.session_requests} requests per target, "
+        f"concurrency {plan.session_concurrency}, {plan.rounds} alternating rounds"
+    )
     tallies = {t.name: Tally() for t in targets}
     per_round = math.ceil(plan.session_requests / plan.rounds)
     deadline = time.monotonic() + 90
@@ -445,20 +473,38 @@ async def bench_sessions(res: Results, plan: Plan, targets: list[Target]) -> Non
                 ok, latency = await one_session(http, t)
                 return ok, latency, math.nan, "" if ok else "non-200 or bad body"
 
-            await closed_loop(per_round, plan.session_concurrency, deadline, call,
-                              tallies[t.name], t.pid)
+            await closed_loop(per_round, plan.session_concurrency, deadline, call, tallies[t.name], t.pid)
     m, b = tallies["morgana"], tallies["baseline"]
-    res.add("session_create", "throughput", m.rate, b.rate, "req/s", n=m.done,
-            concurrency=plan.session_concurrency,
-            round_spread={"morgana": [rounded(min(m.round_rates), 1), rounded(max(m.round_rates), 1)],
-                          "baseline": [rounded(min(b.round_rates), 1), rounded(max(b.round_rates), 1)]})
+    res.add(
+        "session_create",
+        "throughput",
+        m.rate,
+        b.rate,
+        "req/s",
+        n=m.done,
+        concurrency=plan.session_concurrency,
+        round_spread={
+            "morgana": [rounded(min(m.round_rates), 1), rounded(max(m.round_rates), 1)],
+            "baseline": [rounded(min(b.round_rates), 1), rounded(max(b.round_rates), 1)],
+        },
+    )
     for q in (50, 95):
-        res.add("session_create", f"latency_p{q}", 1000 * percentile(m.latencies, q),
-                1000 * percentile(b.latencies, q), "ms")
-    res.add("session_create", "server_cpu_per_request", m.cpu_ms_per_request, b.cpu_ms_per_request,
-            "ms")
-    res.add("session_create", "errors", m.errors, b.errors, "count",
-            problems={"morgana": m.problems, "baseline": b.problems} if m.errors or b.errors else None)
+        res.add(
+            "session_create",
+            f"latency_p{q}",
+            1000 * percentile(m.latencies, q),
+            1000 * percentile(b.latencies, q),
+            "ms",
+        )
+    res.add("session_create", "server_cpu_per_request", m.cpu_ms_per_request, b.cpu_ms_per_request, "ms")
+    res.add(
+        "session_create",
+        "errors",
+        m.errors,
+        b.errors,
+        "count",
+        problems={"morgana": m.problems, "baseline": b.problems} if m.errors or b.errors else None,
+    )
 
 
 async def bench_chat(res: Results, plan: Plan, targets: list[Target], fake: FakeOpenAIProcess) -> None:
@@ -478,7 +524,7 @@ async def bench_chat(res: Results, plan: Plan, targets: list[Target], fake: Fake
         for i in range(plan.ttfe_pairs):
             if time.monotonic() > deadline:
                 break
-            for t in (targets if i % 2 == 0 else targets[::-1]):
+            for t in targets if i % 2 == 0 else targets[::-1]:
                 r = await one_stream(http, t, expected)
                 if r.ok:
                     seq[t.name].ttfes.append(r.ttfe)
@@ -491,36 +537,65 @@ async def bench_chat(res: Results, plan: Plan, targets: list[Target], fake: Fake
             mv, bv = 1000 * percentile(m.ttfes, q), 1000 * percentile(b.ttfes, q)
             res.add("chat_stream", f"ttfe_p{q}", mv, bv, "ms", overhead_ms=rounded(mv - bv), n=m.done)
         mv, bv = 1000 * percentile(m.latencies, 50), 1000 * percentile(b.latencies, 50)
-        res.add("chat_stream", "stream_time_p50", mv, bv, "ms", overhead_ms=rounded(mv - bv),
-                tokens=REPLY_TOKENS)
-        res.add("chat_stream", "sequential_errors", m.errors, b.errors, "count",
-                problems={"morgana": m.problems, "baseline": b.problems} if m.errors or b.errors else None)
+        res.add(
+            "chat_stream", "stream_time_p50", mv, bv, "ms", overhead_ms=rounded(mv - bv), tokens=REPLY_TOKENS
+        )
+        res.add(
+            "chat_stream",
+            "sequential_errors",
+            m.errors,
+            b.errors,
+            "count",
+            problems={"morgana": m.problems, "baseline": b.problems} if m.errors or b.errors else None,
+        )
 
         # Concurrent: streams per second.
-        log(f"chat_stream: {plan.stream_requests} streams per target at concurrency "
-            f"{plan.stream_concurrency}, {plan.rounds} alternating rounds")
+        log(
+            f"chat_stream: {plan.stream_requests} streams per target at concurrency "
+            f"{plan.stream_concurrency}, {plan.rounds} alternating rounds"
+        )
         conc = {t.name: Tally() for t in targets}
         per_round = math.ceil(plan.stream_requests / plan.rounds)
         deadline = time.monotonic() + 120
         for t in abba(targets, plan.rounds):
+
             async def call(t: Target = t) -> tuple[bool, float, float, str]:
                 r = await one_stream(http, t, expected)
                 return r.ok, r.total, r.ttfe, r.problem
 
             await closed_loop(per_round, plan.stream_concurrency, deadline, call, conc[t.name], t.pid)
         m, b = conc["morgana"], conc["baseline"]
-        res.add("chat_stream", "throughput", m.rate, b.rate, "streams/s", n=m.done,
-                concurrency=plan.stream_concurrency,
-                round_spread={"morgana": [rounded(min(m.round_rates), 2), rounded(max(m.round_rates), 2)],
-                              "baseline": [rounded(min(b.round_rates), 2), rounded(max(b.round_rates), 2)]})
-        res.add("chat_stream", "tokens_per_second", m.rate * REPLY_TOKENS, b.rate * REPLY_TOKENS,
-                "tokens/s")
+        res.add(
+            "chat_stream",
+            "throughput",
+            m.rate,
+            b.rate,
+            "streams/s",
+            n=m.done,
+            concurrency=plan.stream_concurrency,
+            round_spread={
+                "morgana": [rounded(min(m.round_rates), 2), rounded(max(m.round_rates), 2)],
+                "baseline": [rounded(min(b.round_rates), 2), rounded(max(b.round_rates), 2)],
+            },
+        )
+        res.add("chat_stream", "tokens_per_second", m.rate * REPLY_TOKENS, b.rate * REPLY_TOKENS, "tokens/s")
         for q in (50, 95):
-            res.add("chat_stream", f"loaded_ttfe_p{q}", 1000 * percentile(m.ttfes, q),
-                    1000 * percentile(b.ttfes, q), "ms")
+            res.add(
+                "chat_stream",
+                f"loaded_ttfe_p{q}",
+                1000 * percentile(m.ttfes, q),
+                1000 * percentile(b.ttfes, q),
+                "ms",
+            )
         res.add("chat_stream", "server_cpu_per_stream", m.cpu_ms_per_request, b.cpu_ms_per_request, "ms")
-        res.add("chat_stream", "errors", m.errors, b.errors, "count",
-                problems={"morgana": m.problems, "baseline": b.problems} if m.errors or b.errors else None)
+        res.add(
+            "chat_stream",
+            "errors",
+            m.errors,
+            b.errors,
+            "count",
+            problems={"morgana": m.problems, "baseline": b.problems} if m.errors or b.errors else None,
+        )
 
 
 @dataclass
@@ -567,7 +642,7 @@ async def open_many(target: Target, count: int, expected_events: int) -> OpenRun
             while not all_done.is_set():
                 peak["rss"] = max(peak["rss"], rss_kib(target.pid))
                 if target.name == "morgana":
-                    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                         was_steady = steady()
                         async with probe.get(target.url + "/metrics") as resp:
                             text = await resp.text()
@@ -579,7 +654,7 @@ async def open_many(target: Target, count: int, expected_events: int) -> OpenRun
                             peak["db"] = max(peak["db"] or 0.0, db)
                             if was_steady and steady():
                                 peak["db_steady"] = max(peak["db_steady"] or 0.0, db)
-                with contextlib.suppress(asyncio.TimeoutError):
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(all_done.wait(), 0.25)
 
     started = time.perf_counter()
@@ -617,15 +692,18 @@ async def open_many(target: Target, count: int, expected_events: int) -> OpenRun
     )
 
 
-async def bench_open_streams(res: Results, plan: Plan, targets: list[Target],
-                             fake: FakeOpenAIProcess, morgana_tokens: SessionPool) -> None:
+async def bench_open_streams(
+    res: Results, plan: Plan, targets: list[Target], fake: FakeOpenAIProcess, morgana_tokens: SessionPool
+) -> None:
     n = plan.open_streams
     fake.set_scenario(tokens=plan.open_tokens, delay_ms=plan.open_delay_ms)
     expected = plan.open_tokens + 1
     runs: dict[str, OpenRun] = {}
     for t in targets:
-        log(f"open_streams: {n} concurrent streams to {t.name} "
-            f"({plan.open_tokens} tokens x {plan.open_delay_ms} ms)")
+        log(
+            f"open_streams: {n} concurrent streams to {t.name} "
+            f"({plan.open_tokens} tokens x {plan.open_delay_ms} ms)"
+        )
         if t.name == "morgana":  # one fresh session per stream, created beforehand
             tokens = [morgana_tokens.take() for _ in range(n)]
             t.stream_headers = lambda tokens=tokens: {"Authorization": f"Bearer {tokens.pop()}"}
@@ -642,34 +720,79 @@ async def bench_open_streams(res: Results, plan: Plan, targets: list[Target],
         return sum(problems.values()), problems
 
     (me, mp), (be, bp) = errors(m), errors(b)
-    res.add("open_streams", "errors", me, be, "count", streams=n,
-            problems={"morgana": mp, "baseline": bp} if me or be else None)
+    res.add(
+        "open_streams",
+        "errors",
+        me,
+        be,
+        "count",
+        streams=n,
+        problems={"morgana": mp, "baseline": bp} if me or be else None,
+    )
     res.add("open_streams", "peak_open_client_side", m.peak_open, b.peak_open, "streams", streams=n)
-    res.add("open_streams", "peak_open_server_gauge", m.peak_gauge, None, "streams",
-            note="morgana_api_chat_streams_open from /metrics; the baseline has no such gauge")
-    res.add("open_streams", "peak_db_pool_checked_out", m.peak_db_checked_out, None, "connections",
-            note="max morgana_api_db_pool_checked_out during the run, incl. ramp-up and the "
-                 "end-of-stream history writes (pool is 10+10)")
-    res.add("open_streams", "mid_stream_db_pool_checked_out", m.steady_db_checked_out, None,
-            "connections", note="max while every stream was open and mid-reply (should be 0)")
-    res.add("open_streams", "all_open_after", 1000 * m.all_open_after, 1000 * b.all_open_after, "ms",
-            note="time until every stream that opened had its first content event")
+    res.add(
+        "open_streams",
+        "peak_open_server_gauge",
+        m.peak_gauge,
+        None,
+        "streams",
+        note="morgana_api_chat_streams_open from /metrics; the baseline has no such gauge",
+    )
+    res.add(
+        "open_streams",
+        "peak_db_pool_checked_out",
+        m.peak_db_checked_out,
+        None,
+        "connections",
+        note="max morgana_api_db_pool_checked_out during the run, incl. ramp-up and the "
+        "end-of-stream history writes (pool is 10+10)",
+    )
+    res.add(
+        "open_streams",
+        "mid_stream_db_pool_checked_out",
+        m.steady_db_checked_out,
+        None,
+        "connections",
+        note="max while every stream was open and mid-reply (should be 0)",
+    )
+    res.add(
+        "open_streams",
+        "all_open_after",
+        1000 * m.all_open_after,
+        1000 * b.all_open_after,
+        "ms",
+        note="time until every stream that opened had its first content event",
+    )
     for q in (50, 95):
         mt = [r.ttfe for r in m.results if r.ok]
         bt = [r.ttfe for r in b.results if r.ok]
         res.add("open_streams", f"ttfe_p{q}", 1000 * percentile(mt, q), 1000 * percentile(bt, q), "ms")
     ideal = (plan.open_tokens - 1) * plan.open_delay_ms
-    res.add("open_streams", "stream_time_p95",
-            1000 * percentile([r.total for r in m.results if r.ok], 95),
-            1000 * percentile([r.total for r in b.results if r.ok], 95), "ms",
-            note=f"ideal is ~{ideal} ms (model pacing)")
+    res.add(
+        "open_streams",
+        "stream_time_p95",
+        1000 * percentile([r.total for r in m.results if r.ok], 95),
+        1000 * percentile([r.total for r in b.results if r.ok], 95),
+        "ms",
+        note=f"ideal is ~{ideal} ms (model pacing)",
+    )
     res.add("open_streams", "rss_before", m.rss_before, b.rss_before, "KiB")
     res.add("open_streams", "rss_peak", m.rss_peak, b.rss_peak, "KiB")
-    res.add("open_streams", "rss_per_open_stream",
-            (m.rss_peak - m.rss_before) / m.peak_open if m.peak_open else None,
-            (b.rss_peak - b.rss_before) / b.peak_open if b.peak_open else None, "KiB/stream")
-    res.add("open_streams", "rss_after_close_growth", m.rss_after - m.rss_before,
-            b.rss_after - b.rss_before, "KiB", note="RSS 1 s after all streams closed minus before")
+    res.add(
+        "open_streams",
+        "rss_per_open_stream",
+        (m.rss_peak - m.rss_before) / m.peak_open if m.peak_open else None,
+        (b.rss_peak - b.rss_before) / b.peak_open if b.peak_open else None,
+        "KiB/stream",
+    )
+    res.add(
+        "open_streams",
+        "rss_after_close_growth",
+        m.rss_after - m.rss_before,
+        b.rss_after - b.rss_before,
+        "KiB",
+        note="RSS 1 s after all streams closed minus before",
+    )
 
 
 # --------------------------------------------------------------------------- setup & main
@@ -688,13 +811,31 @@ class Baseline:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> Baseline:
-        env = {**os.environ, **self.env,
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        env = {
+            **os.environ,
+            **self.env,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        }
         with self.log_path.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "bench.baseline_app:app", "--host", "127.0.0.1",
-                 "--port", str(self.port), "--log-level", "warning", "--no-access-log"],
-                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "bench.baseline_app:app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--log-level",
+                    "warning",
+                    "--no-access-log",
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -722,8 +863,9 @@ class Baseline:
         return ""
 
 
-def morgana_env(pg: EmbeddedPostgres, valkey: EmbeddedValkey, fake: FakeOpenAIProcess,
-                model_key: str) -> dict[str, str]:
+def morgana_env(
+    pg: EmbeddedPostgres, valkey: EmbeddedValkey, fake: FakeOpenAIProcess, model_key: str
+) -> dict[str, str]:
     env = {
         "ENVIRONMENT": "test",
         "LOG_LEVEL": "WARNING",
@@ -743,30 +885,28 @@ def morgana_env(pg: EmbeddedPostgres, valkey: EmbeddedValkey, fake: FakeOpenAIPr
     return env
 
 
-def migrate(env: dict[str, str]) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "morgana.api.cli", "migrate"],
-        env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"migration failed:\n{result.stderr[-3000:]}")
-
-
 def api_log_problems(path: Path) -> list[str]:
     with contextlib.suppress(FileNotFoundError):
-        return [line for line in path.read_text(errors="replace").splitlines()
-                if '"level": "ERROR"' in line or '"level": "CRITICAL"' in line
-                or "Traceback" in line or "TimeoutError" in line]
+        return [
+            line
+            for line in path.read_text(errors="replace").splitlines()
+            if '"level": "ERROR"' in line
+            or '"level": "CRITICAL"' in line
+            or "Traceback" in line
+            or "TimeoutError" in line
+        ]
     return []
 
 
-async def run_benchmarks(res: Results, plan: Plan, api: ApiProcess, baseline: Baseline,
-                         fake: FakeOpenAIProcess) -> None:
+async def run_benchmarks(
+    res: Results, plan: Plan, api: ApiProcess, baseline: Baseline, fake: FakeOpenAIProcess
+) -> None:
     assert api.process is not None and baseline.process is not None
     async with client_session(16) as http:
         email = f"bench-{uuid.uuid4().hex[:12]}@example.com"
-        async with http.post(f"{api.url}/api/v1/auth/register",
-                             json={"email": email, "password": PASSWORD}) as resp:
+        async with http.post(
+            f"{api.url}/api/v1/auth/register", json={"email": email, "password": PASSWORD}
+        ) as resp:
             body = await resp.json()
             if resp.status != 200:
                 raise RuntimeError(f"register failed: {resp.status} {body}")
@@ -777,9 +917,14 @@ async def run_benchmarks(res: Results, plan: Plan, api: ApiProcess, baseline: Ba
         log(f"creating {needed} Morgana chat sessions for the stream benchmarks")
         pool = SessionPool(await create_sessions(http, api.url, user_token, needed))
 
-    morgana = Target("morgana", api.url, api.process.pid, "/api/v1/auth/session",
-                     "/api/v1/chatbot/chat/stream",
-                     session_headers={"Authorization": f"Bearer {user_token}"})
+    morgana = Target(
+        "morgana",
+        api.url,
+        api.process.pid,
+        "/api/v1/auth/session",
+        "/api/v1/chatbot/chat/stream",
+        session_headers={"Authorization": f"Bearer {user_token}"},
+    )
     base = Target("baseline", baseline.url, baseline.process.pid, "/session", "/chat/stream")
     targets = [morgana, base]
 
@@ -805,20 +950,22 @@ def main(argv: list[str] | None = None) -> int:
     raise_fd_limit()
 
     res = Results()
-    res.emit({
-        "bench": "meta",
-        "command": COMMAND + (" --quick" if args.quick else ""),
-        "make": "make bench",
-        "quick": args.quick,
-        "cores": os.cpu_count(),
-        "cpu": cpu_model(),
-        "mem_total_mib": mem_total_mib(),
-        "loadavg": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    })
+    res.emit(
+        {
+            "bench": "meta",
+            "command": COMMAND + (" --quick" if args.quick else ""),
+            "make": "make bench" + (" BENCH_ARGS=--quick" if args.quick else ""),
+            "quick": args.quick,
+            "cores": os.cpu_count(),
+            "cpu": cpu_model(),
+            "mem_total_mib": mem_total_mib(),
+            "loadavg": [round(x, 2) for x in os.getloadavg()],
+            "python": platform.python_version(),
+            "implementation": platform.python_implementation(),
+            "platform": platform.platform(),
+            "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+    )
 
     began = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="morgana-bench-"))
@@ -845,32 +992,43 @@ def main(argv: list[str] | None = None) -> int:
             api = ApiProcess(env, workdir / "api.log", workers=1)
             stack.callback(api.stop)
             api.start()
-            baseline = Baseline({
-                "BASELINE_DATABASE_URL": "postgresql+psycopg" + pg.url()[len("postgresql"):],
-                "BASELINE_MODEL_URL": fake.base_url,
-                "BASELINE_MODEL_KEY": model_key,
-                "BASELINE_MODEL_NAME": MODEL,
-                "NO_PROXY": "127.0.0.1,localhost",
-            }, workdir / "baseline.log")
+            baseline = Baseline(
+                {
+                    "BASELINE_DATABASE_URL": "postgresql+psycopg" + pg.url()[len("postgresql") :],
+                    "BASELINE_MODEL_URL": fake.base_url,
+                    "BASELINE_MODEL_KEY": model_key,
+                    "BASELINE_MODEL_NAME": MODEL,
+                    "NO_PROXY": "127.0.0.1,localhost",
+                },
+                workdir / "baseline.log",
+            )
             stack.callback(baseline.stop)
             baseline.start()
-            log(f"morgana {api.url} (pid {api.process.pid}), baseline {baseline.url} "
-                f"(pid {baseline.process.pid}), setup {time.monotonic() - began:.1f} s")
+            log(
+                f"morgana {api.url} (pid {api.process.pid}), baseline {baseline.url} "
+                f"(pid {baseline.process.pid}), setup {time.monotonic() - began:.1f} s"
+            )
 
             runner = _uvloop_run()
             runner(run_benchmarks(res, plan, api, baseline, fake))
 
             problems = api_log_problems(api.log_path)
-            res.emit({"bench": "meta", "api_log_error_lines": len(problems),
-                      "api_log_sample": problems[:5], "fake_model_stats": fake.stats(),
-                      "loadavg": [round(x, 2) for x in os.getloadavg()],
-                      "seconds": round(time.monotonic() - began, 1)})
+            res.emit(
+                {
+                    "bench": "meta",
+                    "api_log_error_lines": len(problems),
+                    "api_log_sample": problems[:5],
+                    "fake_model_stats": fake.stats(),
+                    "loadavg": [round(x, 2) for x in os.getloadavg()],
+                    "seconds": round(time.monotonic() - began, 1),
+                }
+            )
             if problems:
                 log(f"the API logged {len(problems)} error lines, e.g.:\n" + "\n".join(problems[:5]))
         except KeyboardInterrupt:
             failed = True
             log("interrupted; stopping everything")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - report any failure, then clean up
             failed = True
             log(f"FAILED: {type(exc).__name__}: {exc}")
             for name, proc in (("api", api), ("baseline", baseline)):
@@ -881,16 +1039,22 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"fake model server alive={alive}; stderr:\n{fake._stderr_text()[-3000:]}")
         finally:
             res.write(RESULTS)
-    print("", flush=True)
+    print(flush=True)
     print(res.table(), flush=True)
     for line in res.lines:
         if line.get("problems"):
             print(f"  {line['bench']}/{line['metric']}: {json.dumps(line['problems'])}", flush=True)
         if line.get("api_log_error_lines"):
-            print(f"  API log: {line['api_log_error_lines']} error lines, first: "
-                  f"{line['api_log_sample'][0][:200]}", flush=True)
-    print(f"\n(results in {RESULTS.relative_to(REPO)}; total {time.monotonic() - began:.0f} s; "
-          "ratio = morgana / baseline)", flush=True)
+            print(
+                f"  API log: {line['api_log_error_lines']} error lines, first: "
+                f"{line['api_log_sample'][0][:200]}",
+                flush=True,
+            )
+    print(
+        f"\n(results in {RESULTS.relative_to(REPO)}; total {time.monotonic() - began:.0f} s; "
+        "ratio = morgana / baseline)",
+        flush=True,
+    )
     return 1 if failed else 0
 
 

@@ -109,9 +109,7 @@ async def chat_stream(request: Request) -> Response:
                         yield _event(content, False)
         yield _event("", True)
 
-    return StreamingResponse(
-        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-    )
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 app = Starlette(

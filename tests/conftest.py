@@ -4,10 +4,7 @@ Every dependency is started by the harness itself; if one cannot start, the test
 (they never skip), so a green run always means the real components were exercised.
 """
 
-import os
 import secrets
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +13,7 @@ import httpx
 import pytest
 
 from morgana.devtools.openai_server import FakeOpenAIProcess
-from morgana.devtools.processes import ApiProcess
+from morgana.devtools.processes import ApiProcess, migrate
 from morgana.devtools.services import EmbeddedPostgres, EmbeddedValkey
 
 STRONG_PASSWORD = "A_Strong_Password123!"
@@ -80,21 +77,10 @@ def base_env(database_url: str, redis_url: str | None, model_url: str) -> dict[s
     return env
 
 
-def run_migrations(env: dict[str, str]) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "morgana.api.cli", "migrate"],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-
-
 @pytest.fixture(scope="session")
 def api_env(postgres: EmbeddedPostgres, valkey: EmbeddedValkey, fake_openai: FakeOpenAIProcess) -> dict[str, str]:
     env = base_env(postgres.url(), valkey.url, fake_openai.base_url)
-    run_migrations(env)
+    migrate(env)
     return env
 
 

@@ -21,6 +21,16 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
     )
 
 
+async def _pool_exhausted(request: Request, exc: Exception) -> JSONResponse:
+    # Every pooled connection is busy: overload, not an outage. Say so.
+    log.warning("database pool exhausted")
+    return JSONResponse(
+        {"detail": "Server busy: no free database connection; retry shortly", "component": "postgres"},
+        status_code=503,
+        headers={"Retry-After": "2"},
+    )
+
+
 async def _dbapi_error(request: Request, exc: DBAPIError) -> JSONResponse:
     if exc.connection_invalidated or isinstance(exc, (OperationalError, InterfaceError)):
         return await _database_unavailable(request, exc)
@@ -33,7 +43,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(PoolTimeoutError, _database_unavailable)
+    app.add_exception_handler(PoolTimeoutError, _pool_exhausted)
     app.add_exception_handler(HistoryUnavailable, _database_unavailable)
     app.add_exception_handler(ConnectionError, _database_unavailable)
     app.add_exception_handler(DBAPIError, _dbapi_error)  # type: ignore[arg-type]

@@ -12,6 +12,19 @@ import httpx
 from morgana.devtools.services import free_port
 
 
+def migrate(env: Mapping[str, str]) -> None:
+    """`morgana-api migrate` with `env`, as the chart's migration Job runs it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "morgana.api.cli", "migrate"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"migration failed:\n{result.stderr}")
+
+
 class ApiProcess:
     """`morgana-api serve` on a free loopback port, with its log kept in a file."""
 
