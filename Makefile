@@ -8,7 +8,7 @@ SYNC := $(UV) sync --frozen --extra api --extra agent
 RUN := $(UV) run --frozen --extra api --extra agent
 PYTEST_ARGS ?=
 
-.PHONY: help install run test bench migrate check-config lint clean
+.PHONY: help install test-tools run test bench migrate check-config lint clean
 
 help:
 	@echo "make run          start the API on http://localhost:$${PORT:-8000} (embedded Postgres, local model)"
@@ -27,7 +27,13 @@ install: $(if $(filter .cache/uv/bin/uv,$(UV)),.cache/uv/bin/uv)
 run: install
 	.venv/bin/python -m morgana.devtools.run
 
-test: install
+# Debian packages (espeak-ng for the speech stand-in) and a LiveKit server built from its
+# Go module at a pinned release, cached in ~/.cache/morgana/tools (reused by CI).
+test-tools:
+	bash scripts/install-test-deps.sh
+	bash scripts/build-livekit-server.sh
+
+test: install test-tools
 	$(RUN) pytest $(PYTEST_ARGS)
 
 bench: install

@@ -30,7 +30,16 @@ def test_metrics_cover_routes_streams_model_and_pool(client: httpx.Client, chat_
     stream_chat(client, token, "count my tokens please")
     client.get("/api/v1/chatbot/messages", headers=bearer(token))
 
+    # Metrics of a request are recorded just after its response is sent: poll briefly.
+    def settled(text: str) -> bool:
+        return ('handler="/api/v1/chatbot/messages"' in text
+                and metric_value(text, "morgana_api_db_pool_checked_out") == 0)
+
+    deadline = time.monotonic() + 3
     after = client.get("/metrics").text
+    while not settled(after) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = client.get("/metrics").text
     assert metric_value(after, "morgana_api_llm_time_to_first_token_seconds_count") == ttft_before + 1
     # The stand-in reports usage like OpenAI: "You said: count my tokens please" is 6 tokens.
     assert metric_value(after, "morgana_api_llm_tokens_streamed_total") == tokens_before + 6

@@ -1,0 +1,1 @@
+"""The Morgana voice agent worker: LiveKit rooms in, the Morgana API's chat out, speech back."""

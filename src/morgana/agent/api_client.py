@@ -1,0 +1,112 @@
+"""The Morgana API as the agent uses it: log in, open a session per caller, stream replies."""
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+from httpx_sse import aconnect_sse
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """The API could not serve a request; `retryable` says whether trying again may help."""
+
+    def __init__(self, message: str, *, status: int | None = None, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class ChatSession:
+    session_id: str
+    token: str
+
+
+class MorganaApi:
+    """One HTTP client per job process; the user token is renewed on expiry (401)."""
+
+    def __init__(self, base_url: str, email: str, password: str, timeout: float = 30.0) -> None:
+        self._email = email
+        self._password = password
+        self._user_token: str | None = None
+        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def login(self) -> None:
+        response = await self._request(
+            "POST", "/api/v1/auth/login", data={"username": self._email, "password": self._password}
+        )
+        self._user_token = response.json()["access_token"]
+
+    async def create_session(self) -> ChatSession:
+        """A new chat session for one caller (logs in first, and again if the token expired)."""
+        for attempt in range(2):
+            if self._user_token is None:
+                await self.login()
+            try:
+                response = await self._request(
+                    "POST", "/api/v1/auth/session", headers=_bearer(self._user_token or "")
+                )
+            except ApiError as exc:
+                if exc.status == 401 and attempt == 0:
+                    self._user_token = None
+                    continue
+                raise
+            body = response.json()
+            return ChatSession(session_id=body["session_id"], token=body["token"]["access_token"])
+        raise ApiError("could not create a session", retryable=False)
+
+    async def stream_reply(self, session: ChatSession, text: str) -> AsyncIterator[str]:
+        """Send one user turn and yield the reply's text as the API streams it.
+
+        Closing the generator closes the HTTP stream, which cancels the model call upstream.
+        """
+        body = {"messages": [{"role": "user", "content": text}]}
+        try:
+            async with aconnect_sse(
+                self._http, "POST", "/api/v1/chatbot/chat/stream", json=body,
+                headers=_bearer(session.token),
+            ) as source:
+                if source.response.status_code != 200:
+                    await source.response.aread()
+                    raise _status_error(source.response)
+                async for event in source.aiter_sse():
+                    data = json.loads(event.data)
+                    if error := data.get("error"):
+                        raise ApiError(f"{error.get('code')}: {error.get('message')}")
+                    if data.get("content"):
+                        yield data["content"]
+                    if data.get("done"):
+                        return
+            raise ApiError("the reply stream ended without done")
+        except httpx.HTTPError as exc:
+            raise ApiError(f"API unreachable: {type(exc).__name__}") from exc
+
+    async def _request(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+        try:
+            response = await self._http.request(method, path, **kwargs)  # type: ignore[arg-type]
+        except httpx.HTTPError as exc:
+            raise ApiError(f"API unreachable: {type(exc).__name__}") from exc
+        if response.status_code >= 400:
+            raise _status_error(response)
+        return response
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _status_error(response: httpx.Response) -> ApiError:
+    try:
+        detail = response.json().get("detail")
+    except ValueError:
+        detail = response.text[:200]
+    status = response.status_code
+    return ApiError(f"API answered {status}: {detail}", status=status,
+                    retryable=status in (408, 429) or status >= 500)

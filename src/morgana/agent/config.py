@@ -1,0 +1,54 @@
+"""Settings of the voice agent worker, from the environment and `.env`."""
+
+from functools import lru_cache
+
+from pydantic import Field, SecretStr
+
+from morgana.core.settings import CoreSettings
+
+
+class AgentSettings(CoreSettings):
+    otel_service_name: str = "morgana-agent"
+
+    # The API, reached over HTTP only, with the service account `morgana-api migrate` creates.
+    morgana_backend_url: str = "http://localhost:8000"
+    api_user_email: str = "agent@example.com"
+    api_user_password: SecretStr = SecretStr("")
+    api_timeout_seconds: float = Field(default=30.0, gt=0)
+    api_retries: int = Field(default=2, ge=0, description="Retries of a failed turn before apologising.")
+    api_retry_backoff_seconds: float = Field(default=0.5, ge=0)
+    apology: str = "Sorry, I'm having trouble thinking right now. Please say that again in a moment."
+
+    livekit_url: str = "ws://localhost:7880"
+    livekit_api_key: str | None = None
+    livekit_api_secret: SecretStr | None = None
+    livekit_agent_name: str = "morgana-agent"
+
+    # Speech through any OpenAI-compatible server (OPENAI_BASE_URL unless set per direction).
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+    stt_base_url: str | None = None
+    stt_model: str = "gpt-4o-mini-transcribe"
+    stt_language: str = "en"
+    tts_base_url: str | None = None
+    tts_model: str = "gpt-4o-mini-tts"
+    tts_voice: str = "ash"
+    tts_response_format: str = Field(default="pcm", pattern="^(pcm|wav|mp3|opus|aac|flac)$")
+
+    # Capacity: LiveKit marks the worker full at this many concurrent calls.
+    max_concurrent_calls: int = Field(default=4, ge=1)
+    # Below the chart's terminationGracePeriodSeconds (600), so a call can finish on SIGTERM.
+    drain_timeout_seconds: int = Field(default=540, ge=0)
+    health_port: int = Field(default=8081, ge=0, le=65535)
+    metrics_port: int = Field(default=9100, ge=0, le=65535)
+    min_endpointing_delay: float = Field(default=0.5, ge=0)
+    max_endpointing_delay: float = Field(default=3.0, ge=0)
+
+    @property
+    def speech_api_key(self) -> str:
+        return self.openai_api_key.get_secret_value() if self.openai_api_key else "not-needed"
+
+
+@lru_cache
+def get_settings() -> AgentSettings:
+    return AgentSettings()

@@ -1,0 +1,130 @@
+"""The LiveKit agent worker: one job per room, one Morgana chat session per caller.
+
+Run with `morgana-agent start` (production: drains on SIGTERM) or `morgana-agent dev`.
+"""
+
+import logging
+
+from livekit.agents import Agent, AgentServer, AgentSession, JobContext, JobProcess, cli, room_io
+from livekit.agents.llm import ChatMessage
+from livekit.agents.types import NOT_GIVEN
+from livekit.agents.voice import ConversationItemAddedEvent
+from livekit.plugins import openai, silero
+
+from morgana.agent import metrics
+from morgana.agent.api_client import ApiError, ChatSession, MorganaApi
+from morgana.agent.config import AgentSettings, get_settings
+from morgana.agent.llm import MorganaLLM
+
+log = logging.getLogger("morgana.agent")
+
+
+def prewarm(proc: JobProcess) -> None:
+    # Loaded once per process, before a job arrives: the model ships in the wheel.
+    proc.userdata["vad"] = silero.VAD.load()
+
+
+def load_of(max_calls: int):
+    """LiveKit sends no more jobs to a worker whose load reaches the threshold."""
+
+    def load(server: AgentServer) -> float:
+        return min(len(server.active_jobs) / max_calls, 1.0)
+
+    return load
+
+
+def full_at(max_calls: int) -> float:
+    # Strictly between (max-1)/max and 1: full exactly when `max_calls` calls are active.
+    return (max_calls - 0.5) / max_calls
+
+
+def build_server(settings: AgentSettings) -> AgentServer:
+    server = AgentServer(
+        ws_url=settings.livekit_url,
+        api_key=settings.livekit_api_key,
+        api_secret=settings.livekit_api_secret.get_secret_value() if settings.livekit_api_secret else None,
+        setup_fnc=prewarm,
+        load_fnc=load_of(settings.max_concurrent_calls),
+        load_threshold=full_at(settings.max_concurrent_calls),
+        drain_timeout=settings.drain_timeout_seconds,
+        port=settings.health_port,
+        prometheus_port=settings.metrics_port or None,
+    )
+    server.rtc_session(entrypoint, agent_name=settings.livekit_agent_name)
+    return server
+
+
+async def open_chat_session(api: MorganaApi) -> ChatSession | None:
+    """The caller's dedicated API session; None if the API is down (retried at the first turn)."""
+    try:
+        return await api.create_session()
+    except ApiError as exc:
+        metrics.API_ERRORS.labels(kind="session").inc()
+        log.warning("could not create a chat session yet", extra={"error": str(exc)})
+        return None
+
+
+async def entrypoint(ctx: JobContext) -> None:
+    settings = get_settings()
+    api = MorganaApi(settings.morgana_backend_url, settings.api_user_email,
+                     settings.api_user_password.get_secret_value(), settings.api_timeout_seconds)
+    ctx.add_shutdown_callback(api.aclose)
+    await ctx.connect()
+    participant = await ctx.wait_for_participant()
+    metrics.ACTIVE_CALLS.inc()
+    ctx.add_shutdown_callback(_call_ended)
+
+    chat = await open_chat_session(api)
+    speech = dict(api_key=settings.speech_api_key)
+    session = AgentSession(
+        stt=openai.STT(model=settings.stt_model, language=settings.stt_language,
+                       base_url=settings.stt_base_url or settings.openai_base_url or NOT_GIVEN,
+                       **speech),
+        tts=openai.TTS(model=settings.tts_model, voice=settings.tts_voice,
+                       response_format=settings.tts_response_format,
+                       base_url=settings.tts_base_url or settings.openai_base_url or NOT_GIVEN,
+                       **speech),
+        vad=ctx.proc.userdata["vad"],
+        llm=MorganaLLM(api, chat, retries=settings.api_retries,
+                       backoff=settings.api_retry_backoff_seconds, apology=settings.apology),
+        turn_handling={
+            "turn_detection": "vad",
+            "endpointing": {"min_delay": settings.min_endpointing_delay,
+                            "max_delay": settings.max_endpointing_delay},
+        },
+    )
+    session.on("conversation_item_added", _record_turn_metrics)
+    log.info("call started", extra={"room": ctx.room.name, "participant": participant.identity,
+                                     "session_id": chat.session_id if chat else None})
+    await session.start(
+        agent=Agent(instructions="Answers come from the Morgana API."),
+        room=ctx.room,
+        room_options=room_io.RoomOptions(participant_identity=participant.identity),
+        record=False,
+    )
+
+
+async def _call_ended(*_: object) -> None:
+    metrics.ACTIVE_CALLS.dec()
+
+
+def _record_turn_metrics(event: ConversationItemAddedEvent) -> None:
+    item = event.item
+    if not isinstance(item, ChatMessage):
+        return
+    report = item.metrics or {}
+    if item.role == "user" and "end_of_turn_delay" in report:
+        metrics.END_OF_TURN_DELAY.observe(report["end_of_turn_delay"])
+    if item.role == "assistant":
+        if "tts_node_ttfb" in report:
+            metrics.TTS_TIME_TO_FIRST_BYTE.observe(report["tts_node_ttfb"])
+        if "e2e_latency" in report:
+            metrics.TURN_LATENCY.observe(report["e2e_latency"])
+
+
+def main() -> None:
+    cli.run_app(build_server(get_settings()))
+
+
+if __name__ == "__main__":
+    main()
