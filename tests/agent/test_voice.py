@@ -6,7 +6,7 @@ import psycopg
 import pytest
 
 from morgana.devtools.openai_server import FakeOpenAIProcess
-from tests.agent.voice_client import Caller, speech_pcm, wait_for
+from morgana.devtools.voice_client import Caller, speech_pcm, wait_for
 from tests.conftest import OPENAI_KEY
 
 pytestmark = pytest.mark.timeout(180)
@@ -60,3 +60,101 @@ def test_a_caller_is_heard_answered_aloud_and_transcribed(
     sessions = agent_history(voice_env["DATABASE_URL"], voice_env["API_USER_EMAIL"])
     assert sessions[-1] == [("user", "What is the weather like"),
                             ("assistant", "You said: What is the weather like")]
+
+
+def test_two_rooms_at_once_get_two_independent_sessions(
+    voice_api, agent_worker, fake_openai: FakeOpenAIProcess, voice_env: dict
+) -> None:
+    before = len(agent_history(voice_env["DATABASE_URL"], voice_env["API_USER_EMAIL"]))
+    fake_openai.queue_transcripts("Caller one here", "Caller two here")
+    utterance = speech_pcm(fake_openai.root_url, OPENAI_KEY, "Hello, is anybody there?")
+
+    async def one_call(caller: Caller, delay: float) -> None:
+        await caller.join()
+        try:
+            assert await wait_for(lambda: len(caller.room.remote_participants) > 0, 30)
+            await caller.silence(1.0 + delay)
+            spoke_until = await caller.say(utterance)
+            assert await wait_for(lambda: caller.first_audio_after(spoke_until) is not None, 30)
+            await wait_for(lambda: caller.agent_texts() and caller.user_texts(), 15)
+        finally:
+            await caller.leave()
+
+    async def both() -> tuple[Caller, Caller]:
+        first, second = Caller(voice_api.url), Caller(voice_api.url)
+        await asyncio.gather(one_call(first, 0.0), one_call(second, 0.7))
+        return first, second
+
+    callers = asyncio.run(both())
+    heard = {caller.user_texts()[0] for caller in callers}
+    assert heard == {"Caller one here", "Caller two here"}
+    for caller in callers:
+        assert caller.agent_texts() == [f"You said: {caller.user_texts()[0]}"]
+    sessions = agent_history(voice_env["DATABASE_URL"], voice_env["API_USER_EMAIL"])[before:]
+    assert sorted(sessions) == sorted([[("user", text), ("assistant", f"You said: {text}")] for text in heard])
+
+
+def test_barge_in_stops_the_reply_and_closes_the_api_stream(
+    voice_api, agent_worker, fake_openai: FakeOpenAIProcess
+) -> None:
+    long_reply = " ".join(f"This is sentence number {n} of a very long answer." for n in range(40))
+    fake_openai.queue_scenario(reply=long_reply, delay_ms=120)
+    fake_openai.queue_transcripts("Tell me everything", "Stop please")
+    question = speech_pcm(fake_openai.root_url, OPENAI_KEY, "Tell me everything you know.")
+    interruption = speech_pcm(fake_openai.root_url, OPENAI_KEY, "Stop, please stop talking now.")
+
+    async def call() -> tuple[Caller, float]:
+        caller = Caller(voice_api.url)
+        await caller.join()
+        try:
+            assert await wait_for(lambda: len(caller.room.remote_participants) > 0, 30)
+            await caller.silence(1.0)
+            spoke_until = await caller.say(question, trailing_silence_s=0.2)
+            assert await wait_for(lambda: caller.first_audio_after(spoke_until) is not None, 30)
+            await caller.silence(1.5)  # let the long answer play for a moment
+            interrupted_at = await caller.say(interruption, trailing_silence_s=0.2)
+            await caller.silence(12.0)
+        finally:
+            await caller.leave()
+        return caller, interrupted_at
+
+    caller, interrupted_at = asyncio.run(call())
+    chats = [r for r in fake_openai.requests() if r["messages"][-1]["content"] in ("Tell me everything", "Stop please")]
+    first = next(r for r in chats if r["messages"][-1]["content"] == "Tell me everything")
+    # The agent closed its API stream, and the API cancelled the model call in turn.
+    assert first["outcome"] == "client_disconnected", first
+    assert first["tokens_sent"] < len(long_reply.split())
+    assert any(r["messages"][-1]["content"] == "Stop please" for r in chats)
+    assert "You said: Stop please" in caller.agent_texts()
+    # Playback of the long answer stopped: a few seconds after the interruption all is quiet.
+    loud = [t for t, level in caller.heard if level > 300 and t > interrupted_at + 8.0]
+    assert loud == []
+
+
+def test_a_failing_api_gets_an_apology_and_the_call_goes_on(
+    voice_api, agent_worker, fake_openai: FakeOpenAIProcess, agent_env: dict
+) -> None:
+    # Both the first try and the one retry fail upstream.
+    fake_openai.queue_scenario(status=503)
+    fake_openai.queue_scenario(status=503)
+    fake_openai.queue_transcripts("First try", "Second try")
+    utterance = speech_pcm(fake_openai.root_url, OPENAI_KEY, "Can you hear me?")
+
+    async def call() -> Caller:
+        caller = Caller(voice_api.url)
+        await caller.join()
+        try:
+            assert await wait_for(lambda: len(caller.room.remote_participants) > 0, 30)
+            await caller.silence(1.0)
+            spoke_until = await caller.say(utterance)
+            assert await wait_for(lambda: caller.first_audio_after(spoke_until) is not None, 30)
+            assert await wait_for(lambda: len(caller.agent_texts()) >= 1, 15)
+            spoke_until = await caller.say(utterance)
+            assert await wait_for(lambda: len(caller.agent_texts()) >= 2, 30)
+        finally:
+            await caller.leave()
+        return caller
+
+    caller = asyncio.run(call())
+    apology = "Sorry, I'm having trouble thinking right now. Please say that again in a moment."
+    assert caller.agent_texts() == [apology, "You said: Second try"]

@@ -41,6 +41,8 @@ class AgentSettings(CoreSettings):
     drain_timeout_seconds: int = Field(default=540, ge=0)
     health_port: int = Field(default=8081, ge=0, le=65535)
     metrics_port: int = Field(default=9100, ge=0, le=65535)
+    # Job processes write their metrics here; the worker's /metrics sums them.
+    prometheus_multiproc_dir: str | None = None
     min_endpointing_delay: float = Field(default=0.5, ge=0)
     max_endpointing_delay: float = Field(default=3.0, ge=0)
 

@@ -4,6 +4,7 @@ Run with `morgana-agent start` (production: drains on SIGTERM) or `morgana-agent
 """
 
 import logging
+import tempfile
 
 from livekit.agents import Agent, AgentServer, AgentSession, JobContext, JobProcess, cli, room_io
 from livekit.agents.llm import ChatMessage
@@ -49,6 +50,8 @@ def build_server(settings: AgentSettings) -> AgentServer:
         drain_timeout=settings.drain_timeout_seconds,
         port=settings.health_port,
         prometheus_port=settings.metrics_port or None,
+        prometheus_multiproc_dir=settings.prometheus_multiproc_dir
+        or tempfile.mkdtemp(prefix="morgana-agent-metrics-"),
     )
     server.rtc_session(entrypoint, agent_name=settings.livekit_agent_name)
     return server
@@ -94,6 +97,9 @@ async def entrypoint(ctx: JobContext) -> None:
         },
     )
     session.on("conversation_item_added", _record_turn_metrics)
+    # The caller hung up (or the session failed): free this worker's slot now rather than
+    # when LiveKit closes the empty room.
+    session.on("close", lambda event: ctx.shutdown(reason=f"session closed: {event.reason}"))
     log.info("call started", extra={"room": ctx.room.name, "participant": participant.identity,
                                      "session_id": chat.session_id if chat else None})
     await session.start(

@@ -84,3 +84,48 @@ class ApiProcess:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+
+class AgentWorker:
+    """`morgana-agent start` as a child process; ready once registered with LiveKit."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.health_port, self.metrics_port = free_port(), free_port()
+        self.env = {**os.environ, **env, "HEALTH_PORT": str(self.health_port),
+                    "METRICS_PORT": str(self.metrics_port)}
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90) -> "AgentWorker":
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "morgana.agent.worker", "start"],
+                                        env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"agent worker exited:\n{self.log_tail()}")
+            try:
+                worker = httpx.get(f"http://127.0.0.1:{self.health_port}/worker", timeout=1).json()
+                if worker.get("worker_id") or worker.get("agent_name"):
+                    if self._registered():
+                        return self
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"agent worker did not register in {timeout} s:\n{self.log_tail()}")
+
+    def _registered(self) -> bool:
+        return "registered worker" in self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

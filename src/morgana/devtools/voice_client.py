@@ -1,8 +1,13 @@
-"""A LiveKit client as a frontend would be: the documented token flow, a microphone, ears."""
+"""A LiveKit caller as a frontend would be: the documented token flow, a microphone, ears.
+
+Used by the voice tests and the voice benchmark: it speaks real (espeak-ng) audio as its
+microphone and records what it hears and the transcripts the agent publishes.
+"""
 
 import asyncio
 import math
 import time
+import uuid
 import wave
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -11,10 +16,14 @@ import httpx
 import numpy as np
 from livekit import rtc
 
-from tests.conftest import bearer, new_session, register
 
 SAMPLE_RATE = 48000
 FRAME_MS = 10
+CALLER_PASSWORD = "Caller_Passw0rd!"
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 def speech_pcm(fake_root_url: str, api_key: str, text: str) -> np.ndarray:
@@ -34,6 +43,17 @@ def rms(samples: np.ndarray) -> float:
     return float(math.sqrt(np.mean(samples.astype(np.float64) ** 2))) if len(samples) else 0.0
 
 
+def direct_token(livekit, identity: str, agent_name: str) -> str:
+    """A participant token minted here, dispatching `agent_name` (for dedicated workers)."""
+    from livekit import api
+
+    return (api.AccessToken(livekit.api_key, livekit.api_secret)
+            .with_identity(identity)
+            .with_grants(api.VideoGrants(room_join=True, room=f"room-{identity}"))
+            .with_room_config(api.RoomConfiguration(agents=[api.RoomAgentDispatch(agent_name=agent_name)]))
+            .to_jwt())
+
+
 @dataclass
 class Caller:
     """One user in one room: joins through the API's token endpoint, talks, listens."""
@@ -48,15 +68,24 @@ class Caller:
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
     async def join(self) -> None:
+        """The documented frontend flow: register, session, LiveKit token, connect."""
         with httpx.Client(base_url=self.api_url, timeout=20) as http:
-            user = register(http)
-            session = new_session(http, user["token"]["access_token"])
-            self.session_id = session["session_id"]
-            grant = http.post("/api/v1/livekit/token", headers=bearer(session["token"]["access_token"])).json()
+            email = f"caller-{uuid.uuid4().hex[:12]}@example.com"
+            registered = http.post("/api/v1/auth/register", json={"email": email, "password": CALLER_PASSWORD})
+            registered.raise_for_status()
+            user_token = registered.json()["token"]["access_token"]
+            session = http.post("/api/v1/auth/session", headers=_bearer(user_token))
+            session.raise_for_status()
+            self.session_id = session.json()["session_id"]
+            grant = http.post("/api/v1/livekit/token", headers=_bearer(session.json()["token"]["access_token"]))
+            grant.raise_for_status()
+            grant = grant.json()
+        await self.connect(grant["serverUrl"], grant["participantToken"])
 
+    async def connect(self, server_url: str, token: str) -> None:
         self.room.on("track_subscribed", self._on_track)
         self.room.register_text_stream_handler("lk.transcription", self._on_transcription)
-        await self.room.connect(grant["serverUrl"], grant["participantToken"])
+        await self.room.connect(server_url, token)
         self._source = rtc.AudioSource(SAMPLE_RATE, 1)
         track = rtc.LocalAudioTrack.create_audio_track("microphone", self._source)
         publication = await self.room.local_participant.publish_track(
