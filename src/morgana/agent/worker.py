@@ -1,12 +1,13 @@
 """The LiveKit agent worker: one job per room, one Morgana chat session per caller.
 
-Run with `morgana-agent start` (production: drains on SIGTERM) or `morgana-agent dev`.
+Run with `morgana-agent start` (production: drains on SIGTERM) or `morgana-agent dev`
+(see morgana.agent.cli).
 """
 
 import logging
-import tempfile
+import os
 
-from livekit.agents import Agent, AgentServer, AgentSession, JobContext, JobProcess, cli, room_io
+from livekit.agents import Agent, AgentServer, AgentSession, JobContext, JobProcess, room_io
 from livekit.agents.llm import ChatMessage
 from livekit.agents.types import NOT_GIVEN
 from livekit.agents.voice import ConversationItemAddedEvent
@@ -50,8 +51,8 @@ def build_server(settings: AgentSettings) -> AgentServer:
         drain_timeout=settings.drain_timeout_seconds,
         port=settings.health_port,
         prometheus_port=settings.metrics_port or None,
-        prometheus_multiproc_dir=settings.prometheus_multiproc_dir
-        or tempfile.mkdtemp(prefix="morgana-agent-metrics-"),
+        # Set by morgana.agent.cli before any metric exists; job processes write there too.
+        prometheus_multiproc_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
     )
     server.rtc_session(entrypoint, agent_name=settings.livekit_agent_name)
     return server
@@ -127,10 +128,3 @@ def _record_turn_metrics(event: ConversationItemAddedEvent) -> None:
         if "e2e_latency" in report:
             metrics.TURN_LATENCY.observe(report["e2e_latency"])
 
-
-def main() -> None:
-    cli.run_app(build_server(get_settings()))
-
-
-if __name__ == "__main__":
-    main()

@@ -98,7 +98,7 @@ class AgentWorker:
 
     def start(self, timeout: float = 90) -> "AgentWorker":
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "morgana.agent.worker", "start"],
+        self.process = subprocess.Popen([sys.executable, "-m", "morgana.agent.cli", "start"],
                                         env=self.env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + timeout

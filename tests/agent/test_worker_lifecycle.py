@@ -1,0 +1,132 @@
+"""The worker as operations see it: health, metrics, capacity, drain, LiveKit restarts, a dead API."""
+
+import asyncio
+import signal
+import time
+
+import httpx
+import pytest
+
+from morgana.agent.worker import full_at, load_of
+from morgana.devtools.livekit_server import LiveKitServer
+from morgana.devtools.openai_server import FakeOpenAIProcess
+from morgana.devtools.processes import AgentWorker
+from morgana.devtools.services import free_port
+from morgana.devtools.voice_client import Caller, direct_token, speech_pcm, wait_for
+from tests.conftest import OPENAI_KEY
+
+pytestmark = pytest.mark.timeout(240)
+
+
+class _Server:
+    def __init__(self, jobs: int) -> None:
+        self.active_jobs = [object()] * jobs
+
+
+@pytest.mark.parametrize("max_calls", [1, 2, 4, 10])
+def test_a_worker_is_full_exactly_at_its_maximum_of_calls(max_calls: int) -> None:
+    load, threshold = load_of(max_calls), full_at(max_calls)
+    assert 0 < threshold < 1
+    for calls in range(max_calls):
+        assert load(_Server(calls)) < threshold
+    assert load(_Server(max_calls)) >= threshold
+    assert load(_Server(max_calls + 3)) == 1.0
+
+
+@pytest.fixture(scope="module")
+def own_livekit(tmp_path_factory: pytest.TempPathFactory):
+    with LiveKitServer("APIlifecycle", "lifecycle-secret-" + "7" * 32,
+                       log_path=tmp_path_factory.mktemp("lk-lifecycle") / "livekit.log") as server:
+        yield server
+
+
+def worker_env(agent_env: dict, livekit: LiveKitServer, agent_name: str, **extra: str) -> dict:
+    return {**agent_env, "LIVEKIT_URL": livekit.url, "LIVEKIT_API_KEY": livekit.api_key,
+            "LIVEKIT_API_SECRET": livekit.api_secret, "LIVEKIT_AGENT_NAME": agent_name, **extra}
+
+
+async def talk(caller: Caller, utterance, timeout: float = 30) -> bool:
+    spoke_until = await caller.say(utterance)
+    return await wait_for(lambda: caller.first_audio_after(spoke_until) is not None, timeout)
+
+
+def test_health_metrics_drain_and_reregistration(
+    own_livekit: LiveKitServer, agent_env: dict, fake_openai: FakeOpenAIProcess, tmp_path
+) -> None:
+    worker = AgentWorker(worker_env(agent_env, own_livekit, "lifecycle-agent", DRAIN_TIMEOUT_SECONDS="60"),
+                         tmp_path / "agent.log").start()
+    try:
+        health = httpx.get(f"http://127.0.0.1:{worker.health_port}/", timeout=5)
+        assert health.status_code == 200
+        info = httpx.get(f"http://127.0.0.1:{worker.health_port}/worker", timeout=5).json()
+        assert info["agent_name"] == "lifecycle-agent"
+
+        # LiveKit goes away and comes back: the worker registers again by itself.
+        registrations = worker.log_path.read_text().count("registered worker")
+        own_livekit.restart()
+        deadline = time.monotonic() + 60
+        while worker.log_path.read_text().count("registered worker") <= registrations:
+            assert time.monotonic() < deadline, worker.log_tail()
+            assert worker.process.poll() is None
+            time.sleep(0.5)
+
+        fake_openai.set_transcript("Are you still there")
+        utterance = speech_pcm(fake_openai.root_url, OPENAI_KEY, "Are you still there?")
+
+        async def call_through_a_drain() -> Caller:
+            caller = Caller("")
+            await caller.connect(own_livekit.url, direct_token(own_livekit, "drain-caller", "lifecycle-agent"))
+            try:
+                assert await wait_for(lambda: len(caller.room.remote_participants) > 0, 30)
+                await caller.silence(1.0)
+                assert await talk(caller, utterance), worker.log_tail()
+                metrics = httpx.get(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5).text
+                assert "lk_agents_worker_load" in metrics
+                assert "morgana_agent_active_calls 1.0" in metrics
+                # SIGTERM mid-call: the worker stops taking jobs but the call goes on.
+                worker.process.send_signal(signal.SIGTERM)
+                await asyncio.sleep(2)
+                assert worker.process.poll() is None, "the worker quit during a call"
+                assert await talk(caller, utterance), "the call did not survive the drain"
+            finally:
+                await caller.leave()
+            return caller
+
+        caller = asyncio.run(call_through_a_drain())
+        assert caller.agent_texts()[-1] == "You said: Are you still there"
+        # With the call over, the drained worker exits cleanly.
+        assert worker.process.wait(timeout=60) == 0
+    finally:
+        worker.stop()
+        fake_openai.set_transcript(None)
+
+
+def test_an_unreachable_api_gets_an_apology_not_a_dead_call(
+    own_livekit: LiveKitServer, agent_env: dict, fake_openai: FakeOpenAIProcess, tmp_path
+) -> None:
+    dead_api = f"http://127.0.0.1:{free_port()}"
+    env = worker_env(agent_env, own_livekit, "no-api-agent", MORGANA_BACKEND_URL=dead_api)
+    worker = AgentWorker(env, tmp_path / "agent.log").start()
+    utterance = speech_pcm(fake_openai.root_url, OPENAI_KEY, "Hello, anyone home?")
+
+    async def call() -> Caller:
+        caller = Caller("")
+        await caller.connect(own_livekit.url, direct_token(own_livekit, "lonely-caller", "no-api-agent"))
+        try:
+            assert await wait_for(lambda: len(caller.room.remote_participants) > 0, 30)
+            await caller.silence(1.0)
+            assert await talk(caller, utterance)
+            assert await wait_for(lambda: caller.agent_texts(), 15)
+            # Still connected, still answering (with the same apology) on the next turn.
+            assert await talk(caller, utterance)
+            assert await wait_for(lambda: len(caller.agent_texts()) >= 2, 15)
+        finally:
+            await caller.leave()
+        return caller
+
+    try:
+        caller = asyncio.run(call())
+    finally:
+        worker.stop()
+    apology = "Sorry, I'm having trouble thinking right now. Please say that again in a moment."
+    assert caller.agent_texts()[:2] == [apology, apology]
