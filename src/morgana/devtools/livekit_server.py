@@ -105,11 +105,13 @@ class LiveKitServer:
         config: dict[str, Any] | None = None,
         log_level: str = "info",
         binary: Path | None = None,
+        ports: tuple[int, int, int] | None = None,
     ) -> None:
         self.api_key = api_key
         self.api_secret = api_secret
         self.binary = binary
-        self.port, self.rtc_tcp_port, self.udp_port = _free_ports(3)
+        # (HTTP/WS, RTC TCP, RTC UDP); free ones unless given (make run uses LiveKit's 7880-7882).
+        self.port, self.rtc_tcp_port, self.udp_port = ports or _free_ports(3)
         self.log_path = log_path or Path(tempfile.mkdtemp(prefix="livekit-")) / "livekit-server.log"
         self.config = _merge(
             {

