@@ -130,3 +130,55 @@ def test_an_unreachable_api_gets_an_apology_not_a_dead_call(
         worker.stop()
     apology = "Sorry, I'm having trouble thinking right now. Please say that again in a moment."
     assert caller.agent_texts()[:2] == [apology, apology]
+
+
+def test_a_crashed_call_does_not_take_the_worker_down(
+    own_livekit: LiveKitServer, agent_env: dict, fake_openai: FakeOpenAIProcess, tmp_path
+) -> None:
+    import psutil
+
+    worker = AgentWorker(worker_env(agent_env, own_livekit, "crash-agent"), tmp_path / "agent.log").start()
+    fake_openai.set_transcript("Still here")
+    utterance = speech_pcm(fake_openai.root_url, OPENAI_KEY, "Are you still here?")
+
+    def serving_processes() -> list[psutil.Process]:
+        """Job processes in a call: the worker's children connected to the LiveKit server."""
+        found = []
+        for child in psutil.Process(worker.process.pid).children(recursive=True):
+            try:
+                if any(c.raddr and c.raddr.port == own_livekit.port for c in child.net_connections()):
+                    found.append(child)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    async def crash_then_call_again() -> Caller:
+        doomed = Caller("")
+        await doomed.connect(own_livekit.url, direct_token(own_livekit, "doomed-caller", "crash-agent"))
+        assert await wait_for(lambda: len(doomed.room.remote_participants) > 0, 30)
+        await doomed.silence(1.0)
+        assert await talk(doomed, utterance)
+        serving = serving_processes()
+        assert len(serving) == 1
+        serving[0].kill()  # the call's process dies as in a segfault or an OOM kill
+        await asyncio.sleep(3)
+        assert worker.process.poll() is None, "the worker died with its call"
+        await doomed.leave()
+
+        caller = Caller("")
+        await caller.connect(own_livekit.url, direct_token(own_livekit, "next-caller", "crash-agent"))
+        try:
+            assert await wait_for(lambda: len(caller.room.remote_participants) > 0, 30)
+            await caller.silence(1.0)
+            assert await talk(caller, utterance), worker.log_tail()
+            await wait_for(lambda: caller.agent_texts(), 15)
+        finally:
+            await caller.leave()
+        return caller
+
+    try:
+        caller = asyncio.run(crash_then_call_again())
+        assert "You said: Still here" in caller.agent_texts()
+    finally:
+        worker.stop()
+        fake_openai.set_transcript(None)
