@@ -7,7 +7,6 @@ Every dependency is started by the harness itself; if one cannot start, the test
 import secrets
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest

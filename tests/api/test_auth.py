@@ -165,5 +165,5 @@ def test_users_cannot_touch_each_others_sessions(client: httpx.Client, user: dic
     assert client.patch(path, headers=bearer(stranger), json={"name": "mine now"}).status_code == 404
     assert client.delete(path, headers=bearer(stranger)).status_code == 404
     assert client.get("/api/v1/auth/sessions", headers=bearer(stranger)).json() == []
-    assert client.patch(f"/api/v1/auth/sessions/not-a-uuid", headers=bearer(stranger),
+    assert client.patch("/api/v1/auth/sessions/not-a-uuid", headers=bearer(stranger),
                         json={"name": "x"}).status_code == 422

@@ -11,7 +11,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from morgana.devtools.processes import ApiProcess
 from tests.api.sse import stream_chat
-from tests.conftest import STRONG_PASSWORD, bearer, new_session, register, unique_email
+from tests.conftest import bearer, new_session, register, unique_email
 
 
 def metric_value(text: str, name: str, labels: str = "") -> float:
