@@ -12,9 +12,9 @@ def main() -> None:
     from morgana.agent.config import get_settings
 
     settings = get_settings()
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = settings.prometheus_multiproc_dir or tempfile.mkdtemp(
-        prefix="morgana-agent-metrics-"
-    )
+    metrics_dir = settings.prometheus_multiproc_dir or tempfile.mkdtemp(prefix="morgana-agent-metrics-")
+    os.makedirs(metrics_dir, exist_ok=True)  # an emptyDir starts empty
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     from livekit.agents import cli
 
     from morgana.agent.worker import build_server

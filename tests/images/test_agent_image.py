@@ -1,0 +1,172 @@
+"""The agent image's build and start commands, run on this machine (no Docker engine here).
+
+The `uv sync` lines, the entry point and the command are read from the Dockerfile itself,
+so the image and this test cannot drift apart; the result must register with a real
+LiveKit server, serve health and metrics, and exit cleanly on SIGTERM, as Kubernetes runs it.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from morgana.devtools.livekit_server import LiveKitServer
+from morgana.devtools.services import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "images" / "agent" / "Dockerfile"
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    lines = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")]
+    text = "\n".join(lines).replace("\\\n", " ")
+    instructions = []
+    for line in text.splitlines():
+        if match := re.match(r"([A-Z]+)\s+(.*)", line.strip()):
+            instructions.append((match[1], re.sub(r"\s+", " ", match[2]).strip()))
+    return instructions
+
+
+def uv_steps(path: Path) -> list[list[str]]:
+    runs = [re.sub(r"--mount=\S+", "", args).split()
+            for op, args in dockerfile_instructions(path) if op == "RUN"]
+    return [argv for argv in runs if argv[:1] == ["uv"]]
+
+
+def runtime_stage(path: Path) -> list[tuple[str, str]]:
+    instructions = dockerfile_instructions(path)
+    last_from = max(i for i, (op, _) in enumerate(instructions) if op == "FROM")
+    return instructions[last_from + 1:]
+
+
+def exec_form(path: Path, instruction: str) -> list[str]:
+    values = [json.loads(args) for op, args in runtime_stage(path) if op == instruction]
+    assert len(values) == 1, f"want one {instruction} in the runtime stage of {path}: {values}"
+    return values[0]
+
+
+def runtime_env(path: Path) -> dict[str, str]:
+    """The runtime stage's ENV (KEY=value form, no quoting), as the container sees it."""
+    env: dict[str, str] = {}
+    for op, args in runtime_stage(path):
+        if op == "ENV":
+            for pair in args.split():
+                key, _, value = pair.partition("=")
+                env[key] = value
+    return env
+
+
+def wait_for(condition, timeout: float, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log.read_text(errors="replace")[-6000:]
+            raise AssertionError(f"agent exited with {process.returncode}:\n{tail}")
+        try:
+            if condition():
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.25)
+    raise AssertionError(f"agent not ready in {timeout} s:\n{log.read_text(errors='replace')[-6000:]}")
+
+
+def test_image_installs_the_locked_agent_and_its_worker_registers_serves_and_drains(tmp_path: Path) -> None:
+    uv = os.environ.get("UV") or shutil.which("uv") or str(ROOT / ".cache/uv/bin/uv")
+    context = tmp_path / "src-copy"
+    context.mkdir()
+    for name in ("pyproject.toml", "uv.lock", "README.md"):
+        shutil.copy(ROOT / name, context / name)
+    venv = tmp_path / "venv"
+    env = {**os.environ, "UV_PROJECT_ENVIRONMENT": str(venv), "UV_PYTHON_DOWNLOADS": "never",
+           "UV_LINK_MODE": "copy", "VIRTUAL_ENV": ""}
+
+    steps = uv_steps(DOCKERFILE)
+    assert len(steps) == 2, steps
+    assert "--extra" in steps[1] and steps[1][steps[1].index("--extra") + 1] == "agent", steps
+    # Step 1 runs before `COPY src`: dependencies alone must install from the lock.
+    subprocess.run([uv, *steps[0][1:]], cwd=context, env=env, check=True, capture_output=True)
+    shutil.copytree(ROOT / "src", context / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([uv, *steps[1][1:]], cwd=context, env=env, check=True, capture_output=True)
+
+    # Not editable: the image's venv must work once /src is gone.
+    shutil.rmtree(context / "src")
+    python = venv / "bin" / "python"
+    for module, why in (("pytest", "test dependencies"), ("sqlalchemy", "the API's database stack"),
+                        ("fastapi", "the API's web framework")):
+        leaked = subprocess.run([python, "-c", f"import {module}"], capture_output=True)
+        assert leaked.returncode != 0, f"{why} ({module}) leaked into the agent image"
+    # Silero's VAD model must come with the wheel: the image runs no download step.
+    model = subprocess.run([python, "-c", "import importlib.resources as r; "
+                            "print(r.files('livekit.plugins.silero.resources') / 'silero_vad.onnx')"],
+                           capture_output=True, text=True, check=True)
+    assert Path(model.stdout.strip()).stat().st_size > 1_000_000
+
+    entrypoint, command = exec_form(DOCKERFILE, "ENTRYPOINT"), exec_form(DOCKERFILE, "CMD")
+    assert (entrypoint, command) == (["morgana-agent"], ["start"])
+    assert [args for op, args in runtime_stage(DOCKERFILE) if op == "USER"] == ["10001:10001"]
+    declared = runtime_env(DOCKERFILE)
+    assert declared["ENVIRONMENT"] == "production", declared
+    assert {declared["HEALTH_PORT"], declared["METRICS_PORT"]} == {"8081", "9100"}, declared
+    exposed = [args.split() for op, args in runtime_stage(DOCKERFILE) if op == "EXPOSE"]
+    assert exposed == [["8081", "9100"]], exposed
+
+    # The container's view, mapped onto this machine: /app/.venv is the venv built above and
+    # /tmp a fresh empty directory, as an emptyDir mounted there starts out.
+    container_tmp = tmp_path / "container-tmp"
+    container_tmp.mkdir()
+
+    def on_this_machine(value: str) -> str:
+        value = value.replace("$PATH", os.environ["PATH"]).replace("/app/.venv", str(venv))
+        return re.sub(r"(?<![\w/])/tmp(?=/|$|:)", str(container_tmp), value)
+
+    health_port, metrics_port = free_port(), free_port()
+    workdir = tmp_path / "run"  # no stray .env from the checkout
+    workdir.mkdir()
+    log = tmp_path / "agent.log"
+    with LiveKitServer("APIimagetest", "image-test-secret-" + "7" * 32,
+                       log_path=tmp_path / "livekit.log") as livekit:
+        image_env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("LIVEKIT_", "PROMETHEUS_"))},
+            **{key: on_this_machine(value) for key, value in declared.items()},
+            "TMPDIR": str(container_tmp),
+            "LIVEKIT_URL": livekit.url, "LIVEKIT_API_KEY": livekit.api_key,
+            "LIVEKIT_API_SECRET": livekit.api_secret,
+            "HEALTH_PORT": str(health_port), "METRICS_PORT": str(metrics_port),
+            "MORGANA_BACKEND_URL": "http://127.0.0.1:9", "API_USER_PASSWORD": "image-test-password",
+        }
+        with log.open("ab") as out:
+            process = subprocess.Popen([str(venv / "bin" / entrypoint[0]), *entrypoint[1:], *command],
+                                       cwd=workdir, env=image_env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: "registered worker" in log.read_text(errors="replace"), 90, process, log)
+            with httpx.Client(base_url=f"http://127.0.0.1:{health_port}", timeout=5) as http:
+                assert http.get("/").status_code == 200
+                worker = http.get("/worker").json()
+            assert worker["agent_name"] == "morgana-agent", worker
+            metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
+            assert metrics.status_code == 200
+            assert "lk_agents_worker_load" in metrics.text
+            assert "morgana_agent_active_calls" in metrics.text
+
+            # No calls in flight, so the drain is immediate and the exit clean.
+            process.send_signal(signal.SIGTERM)
+            try:
+                code = process.wait(30)
+            except subprocess.TimeoutExpired:
+                tail = log.read_text(errors="replace")[-6000:]
+                raise AssertionError(f"agent did not exit within 30 s of SIGTERM:\n{tail}") from None
+            assert code == 0, log.read_text(errors="replace")[-6000:]
+            # The job processes' metrics went under /tmp, the only writable place in the pod.
+            assert list(container_tmp.rglob("*.db")), sorted(container_tmp.rglob("*"))
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
