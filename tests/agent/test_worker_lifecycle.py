@@ -182,3 +182,43 @@ def test_a_crashed_call_does_not_take_the_worker_down(
     finally:
         worker.stop()
         fake_openai.set_transcript(None)
+
+
+def test_a_full_worker_takes_no_more_calls_until_one_ends(
+    own_livekit: LiveKitServer, agent_env: dict, tmp_path
+) -> None:
+    worker = AgentWorker(worker_env(agent_env, own_livekit, "small-agent", MAX_CONCURRENT_CALLS="2"),
+                         tmp_path / "agent.log").start()
+
+    async def join(name: str) -> Caller:
+        caller = Caller("")
+        await caller.connect(own_livekit.url, direct_token(own_livekit, name, "small-agent"))
+        return caller
+
+    def agent_in(caller: Caller) -> bool:
+        return len(caller.room.remote_participants) > 0
+
+    def worker_load() -> float:
+        return httpx.get(f"http://127.0.0.1:{worker.health_port}/worker", timeout=5).json()["worker_load"]
+
+    async def scenario() -> None:
+        first, second = await join("cap-1"), await join("cap-2")
+        assert await wait_for(lambda: agent_in(first) and agent_in(second), 30), worker.log_tail()
+        assert worker_load() == 1.0
+        third = await join("cap-3")
+        assert not await wait_for(lambda: agent_in(third), 8), "a full worker took a third call"
+        await third.leave()
+        await first.leave()
+        # The hung-up call frees its slot, and at the next load report (every 2.5 s) the worker
+        # is available again. LiveKit does not queue a job that found every worker full, so
+        # only rooms created from then on get the agent (the autoscaler re-dispatches others).
+        assert await wait_for(lambda: "below capacity, marking as available" in worker.log_tail(200), 15)
+        fourth = await join("cap-4")
+        assert await wait_for(lambda: agent_in(fourth), 30), worker.log_tail()
+        await fourth.leave()
+        await second.leave()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        worker.stop()
