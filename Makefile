@@ -8,12 +8,12 @@ SYNC := $(UV) sync --frozen --extra api --extra agent
 RUN := $(UV) run --frozen --extra api --extra agent
 PYTEST_ARGS ?=
 
-.PHONY: help install test-tools run test bench migrate check-config lint clean
+.PHONY: help install test-tools run test bench migrate check-config clean
 
 help:
 	@echo "make run          start the API on http://localhost:$${PORT:-8000} (embedded Postgres, local model)"
 	@echo "make test         install test dependencies and run the whole suite"
-	@echo "make bench        run the benchmarks (figures beside a raw Starlette baseline)"
+	@echo "make bench        run the benchmarks (API beside a raw Starlette baseline; voice turn latency)"
 	@echo "make migrate      apply database migrations to the configured database"
 	@echo "make check-config validate the configuration from the environment and .env"
 
@@ -36,8 +36,9 @@ test-tools:
 test: install test-tools
 	$(RUN) pytest $(PYTEST_ARGS)
 
-bench: install
+bench: install test-tools
 	$(RUN) python -m bench.api_bench $(BENCH_ARGS)
+	$(RUN) python -m bench.voice_bench $(BENCH_ARGS)
 
 migrate: install
 	$(RUN) morgana-api migrate
