@@ -88,6 +88,8 @@ def test_health_metrics_drain_and_reregistration(
                 await asyncio.sleep(2)
                 assert worker.process.poll() is None, "the worker quit during a call"
                 assert await talk(caller, utterance), "the call did not survive the drain"
+                assert await wait_for(lambda: caller.agent_texts()[-1:] == ["You said: Are you still there"]
+                                      and len(caller.agent_texts()) == 2, 15), caller.agent_texts()
             finally:
                 await caller.leave()
             return caller

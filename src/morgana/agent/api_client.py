@@ -2,6 +2,7 @@
 
 import json
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -29,11 +30,12 @@ class ChatSession:
 class MorganaApi:
     """One HTTP client per job process; the user token is renewed on expiry (401)."""
 
-    def __init__(self, base_url: str, email: str, password: str, timeout: float = 30.0) -> None:
+    def __init__(self, base_url: str, email: str, password: str, timeout: float = 30.0,
+                 tls: ssl.SSLContext | bool = True) -> None:
         self._email = email
         self._password = password
         self._user_token: str | None = None
-        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout)
+        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout, verify=tls)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -43,6 +43,8 @@ class AgentSettings(CoreSettings):
     metrics_port: int = Field(default=9100, ge=0, le=65535)
     # Job processes write their metrics here; the worker's /metrics sums them.
     prometheus_multiproc_dir: str | None = None
+    # Silence that ends speech for the VAD; below ~0.55 s, MIN_ENDPOINTING_DELAY has no effect.
+    vad_min_silence_seconds: float = Field(default=0.55, gt=0)
     min_endpointing_delay: float = Field(default=0.5, ge=0)
     max_endpointing_delay: float = Field(default=3.0, ge=0)
 

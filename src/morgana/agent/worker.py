@@ -6,10 +6,13 @@ Run with `morgana-agent start` (production: drains on SIGTERM) or `morgana-agent
 
 import logging
 import os
+import ssl
+
+import httpx
+import openai as openai_sdk
 
 from livekit.agents import Agent, AgentServer, AgentSession, JobContext, JobProcess, room_io
 from livekit.agents.llm import ChatMessage
-from livekit.agents.types import NOT_GIVEN
 from livekit.agents.voice import ConversationItemAddedEvent
 from livekit.plugins import openai, silero
 
@@ -22,8 +25,31 @@ log = logging.getLogger("morgana.agent")
 
 
 def prewarm(proc: JobProcess) -> None:
-    # Loaded once per process, before a job arrives: the model ships in the wheel.
-    proc.userdata["vad"] = silero.VAD.load()
+    """Once per process, before a call arrives: what a call would otherwise wait for."""
+    settings = get_settings()
+    # The model ships in the wheel. Its silence window is the floor of end-of-turn latency.
+    proc.userdata["vad"] = silero.VAD.load(min_silence_duration=settings.vad_min_silence_seconds)
+    # Loading CA certificates and these modules blocks an event loop for 0.1-3 s under load;
+    # paid here, a caller's first turn does not wait for it.
+    import anyio._backends._asyncio  # noqa: F401
+    import httpcore  # noqa: F401
+    import openai.resources.audio  # noqa: F401
+
+    proc.userdata["tls"] = ssl.create_default_context()
+
+
+def speech_client(settings: AgentSettings, base_url: str | None, tls: ssl.SSLContext) -> openai_sdk.AsyncClient:
+    """An OpenAI-compatible client for STT or TTS, on the process's TLS context."""
+    return openai_sdk.AsyncClient(
+        api_key=settings.speech_api_key,
+        base_url=base_url or settings.openai_base_url,
+        max_retries=0,
+        http_client=httpx.AsyncClient(
+            verify=tls,
+            follow_redirects=True,
+            timeout=httpx.Timeout(connect=15.0, read=5.0, write=5.0, pool=5.0),
+        ),
+    )
 
 
 def load_of(max_calls: int):
@@ -70,24 +96,23 @@ async def open_chat_session(api: MorganaApi) -> ChatSession | None:
 
 async def entrypoint(ctx: JobContext) -> None:
     settings = get_settings()
+    tls = ctx.proc.userdata["tls"]
     api = MorganaApi(settings.morgana_backend_url, settings.api_user_email,
-                     settings.api_user_password.get_secret_value(), settings.api_timeout_seconds)
-    ctx.add_shutdown_callback(api.aclose)
+                     settings.api_user_password.get_secret_value(), settings.api_timeout_seconds, tls)
+    stt_client = speech_client(settings, settings.stt_base_url, tls)
+    tts_client = speech_client(settings, settings.tts_base_url, tls)
+    for closing in (api.aclose, stt_client.close, tts_client.close):
+        ctx.add_shutdown_callback(closing)
     await ctx.connect()
     participant = await ctx.wait_for_participant()
     metrics.ACTIVE_CALLS.inc()
     ctx.add_shutdown_callback(_call_ended)
 
     chat = await open_chat_session(api)
-    speech = dict(api_key=settings.speech_api_key)
     session = AgentSession(
-        stt=openai.STT(model=settings.stt_model, language=settings.stt_language,
-                       base_url=settings.stt_base_url or settings.openai_base_url or NOT_GIVEN,
-                       **speech),
+        stt=openai.STT(model=settings.stt_model, language=settings.stt_language, client=stt_client),
         tts=openai.TTS(model=settings.tts_model, voice=settings.tts_voice,
-                       response_format=settings.tts_response_format,
-                       base_url=settings.tts_base_url or settings.openai_base_url or NOT_GIVEN,
-                       **speech),
+                       response_format=settings.tts_response_format, client=tts_client),
         vad=ctx.proc.userdata["vad"],
         llm=MorganaLLM(api, chat, retries=settings.api_retries,
                        backoff=settings.api_retry_backoff_seconds, apology=settings.apology),
