@@ -42,9 +42,11 @@ from pathlib import Path
 import aiohttp
 import httpx
 
+from bench.common import cpu_model, mem_total_mib, percentile, ratio, rounded
 from morgana.devtools.openai_server import FakeOpenAIProcess
 from morgana.devtools.processes import ApiProcess, migrate
 from morgana.devtools.services import EmbeddedPostgres, EmbeddedValkey, free_port
+
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench-results" / "api.jsonl"
@@ -83,16 +85,6 @@ QUICK = Plan(300, 16, 20, 60, 8, 100, 10, 400, 2, 20)
 # --------------------------------------------------------------------------- small helpers
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
@@ -120,34 +112,6 @@ def raise_fd_limit(wanted: int = 8192) -> None:
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def mem_total_mib() -> int | None:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) // 1024
-    return None
-
-
-def ratio(x: float | None, y: float | None) -> float | None:
-    if x is None or y is None or not math.isfinite(x) or not math.isfinite(y) or y == 0:
-        return None
-    return x / y
-
-
-def rounded(value: float | None, digits: int = 3) -> float | int | None:
-    if value is None or isinstance(value, int):
-        return value
-    return None if not math.isfinite(value) else round(value, digits)
 
 
 class Results:

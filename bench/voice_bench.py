@@ -59,11 +59,13 @@ import numpy as np
 import psutil
 from livekit import rtc
 
+from bench.common import cpu_model, mem_total_mib, percentile, ratio, rounded
 from morgana.devtools.livekit_server import LiveKitServer
 from morgana.devtools.openai_server import FakeOpenAIProcess
 from morgana.devtools.processes import AgentWorker, ApiProcess, migrate
 from morgana.devtools.services import EmbeddedPostgres, EmbeddedValkey
 from morgana.devtools.voice_client import (
+
     CALLER_PASSWORD,
     FRAME_MS,
     SAMPLE_RATE,
@@ -132,46 +134,8 @@ QUICK = Plan(single_turns=4, levels=(1, 2, 4), level_seconds=12.0, ttfe_requests
 # --------------------------------------------------------------------------- small helpers
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def rounded(value: float | None, digits: int = 3) -> float | int | None:
-    if value is None or isinstance(value, int):
-        return value
-    return None if not math.isfinite(value) else round(value, digits)
-
-
 def ms(seconds: float | None) -> float | None:
     return None if seconds is None or not math.isfinite(seconds) else 1000 * seconds
-
-
-def ratio(x: float | None, y: float | None) -> float | None:
-    if x is None or y is None or not math.isfinite(x) or not math.isfinite(y) or y == 0:
-        return None
-    return x / y
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def mem_total_mib() -> int | None:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) // 1024
-    return None
 
 
 def pin_this_process(core: int) -> None:

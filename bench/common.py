@@ -1,0 +1,44 @@
+"""What both benchmarks share: percentiles, ratios, and the machine they ran on."""
+
+import contextlib
+import math
+import platform
+from pathlib import Path
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def mem_total_mib() -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    return None
+
+
+def ratio(x: float | None, y: float | None) -> float | None:
+    if x is None or y is None or not math.isfinite(x) or not math.isfinite(y) or y == 0:
+        return None
+    return x / y
+
+
+def rounded(value: float | None, digits: int = 3) -> float | int | None:
+    if value is None or isinstance(value, int):
+        return value
+    return None if not math.isfinite(value) else round(value, digits)
