@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 .PHONY: help install test-tools run test bench migrate check-config clean
 
 help:
-	@echo "make run          start the API on http://localhost:$${PORT:-8000} (embedded Postgres, local model)"
+	@echo "make run          start the API on http://localhost:$${PORT:-8000} (embedded Postgres, local model; voice once make test built LiveKit)"
 	@echo "make test         install test dependencies and run the whole suite"
 	@echo "make bench        run the benchmarks (API beside a raw Starlette baseline; voice turn latency)"
 	@echo "make migrate      apply database migrations to the configured database"
