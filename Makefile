@@ -27,11 +27,13 @@ install: $(if $(filter .cache/uv/bin/uv,$(UV)),.cache/uv/bin/uv)
 run: install
 	.venv/bin/python -m morgana.devtools.run
 
-# Debian packages (espeak-ng for the speech stand-in) and a LiveKit server built from its
-# Go module at a pinned release, cached in ~/.cache/morgana/tools (reused by CI).
+# Debian packages (espeak-ng for the speech stand-in), and from the Go module proxy at pinned
+# releases a LiveKit server, helm, etcd and kube-apiserver, cached in ~/.cache/morgana/tools
+# (reused by CI; the first build takes several minutes).
 test-tools:
 	bash scripts/install-test-deps.sh
 	bash scripts/build-livekit-server.sh
+	bash scripts/build-k8s-tools.sh
 
 test: install test-tools
 	$(RUN) pytest $(PYTEST_ARGS)

@@ -1,0 +1,295 @@
+"""A real Kubernetes API server (etcd + kube-apiserver) as child processes, for tests.
+
+The binaries are built from their Go modules at pinned versions by
+`scripts/build-k8s-tools.sh` and cached outside the repo (see `ensure_binaries`). There is no
+kubelet, scheduler or controller-manager: objects are stored and validated (RBAC, admission,
+CRDs) but nothing reconciles them, so a Deployment never gets Pods.
+
+    with KubeApiServer() as kube:
+        httpx.get(kube.url + "/api/v1/namespaces", headers={"Authorization": f"Bearer {kube.token}"},
+                  verify=ssl.create_default_context(cafile=kube.ca_file))
+        subprocess.run(["helm", "--kubeconfig", str(kube.kubeconfig), "list", "-A"])
+
+Everything is offline and on 127.0.0.1 with free ports: a fresh CA signs the serving cert,
+a fresh key pair signs service-account tokens, and one static token (`.token`) authenticates
+user "admin" in group system:masters. Authorization is RBAC, so least-privilege checks can
+impersonate other users (`Impersonate-User` header / `--as`) with the admin token.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+# Keep in step with the defaults of scripts/build-k8s-tools.sh (same env variables).
+HELM_VERSION = os.environ.get("HELM_VERSION", "v3.21.4")
+ETCD_VERSION = os.environ.get("ETCD_VERSION", "v3.6.16")
+KUBERNETES_VERSION = os.environ.get("KUBERNETES_VERSION", "v1.34.4")
+BUILD_SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "build-k8s-tools.sh"
+TOOLS = ("helm", "etcd", "kube-apiserver")
+
+
+def cached_binary(tool: str) -> Path:
+    """Where the build script puts `tool` at its pinned version (it may not exist yet)."""
+    version = {"helm": HELM_VERSION, "etcd": ETCD_VERSION, "kube-apiserver": KUBERNETES_VERSION}[tool]
+    tools = os.environ.get("MORGANA_TOOLS_DIR") or str(
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "morgana" / "tools"
+    )
+    return Path(tools) / f"{tool}-{version}" / tool
+
+
+def ensure_binaries() -> dict[str, Path]:
+    """{tool: path} for helm, etcd, kube-apiserver: cached builds, else build them now (minutes, once)."""
+    paths = {tool: cached_binary(tool) for tool in TOOLS}
+    if all(os.access(p, os.X_OK) for p in paths.values()):
+        return paths
+    result = subprocess.run(
+        ["bash", str(BUILD_SCRIPT)],
+        env={
+            **os.environ,
+            "HELM_VERSION": HELM_VERSION,
+            "ETCD_VERSION": ETCD_VERSION,
+            "KUBERNETES_VERSION": KUBERNETES_VERSION,
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=3600,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{BUILD_SCRIPT.name} failed:\n{result.stderr[-4000:]}")
+    return dict(zip(TOOLS, map(Path, result.stdout.strip().splitlines()[-3:]), strict=True))
+
+
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct loopback TCP ports that are free right now."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            if (port := s.getsockname()[1]) not in ports:
+                ports.append(port)
+    return ports
+
+
+def _pem_key(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _write_pki(directory: Path) -> None:
+    """ca.crt, serving.crt/.key (127.0.0.1, localhost) and the service-account sa.key/sa.pub."""
+    now = datetime.datetime.now(datetime.UTC)
+
+    def cert(subject: str, key, issuer: x509.Name | None, issuer_key, *, ca: bool) -> x509.Certificate:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(issuer or name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=7))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+                ),
+                critical=False,
+            ).add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = cert("morgana-test-ca", ca_key, None, ca_key, ca=True)
+    serving_key = ec.generate_private_key(ec.SECP256R1())
+    serving_cert = cert("kube-apiserver", serving_key, ca_cert.subject, ca_key, ca=False)
+    sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    (directory / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "serving.crt").write_bytes(serving_cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "serving.key").write_bytes(_pem_key(serving_key))
+    (directory / "sa.key").write_bytes(_pem_key(sa_key))
+    (directory / "sa.pub").write_bytes(
+        sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+
+class KubeApiServer:
+    """etcd + kube-apiserver on 127.0.0.1 (free ports), with RBAC and a static admin token.
+
+    `.url` is the API server's https URL, `.token` the admin bearer token, `.ca_file` the CA
+    that signed its serving cert and `.kubeconfig` a kubeconfig file using all three. State
+    lives in a temp dir removed by `stop()`. Use as a context manager, or `start()` / `stop()`.
+    """
+
+    def __init__(self, *, binaries: dict[str, Path] | None = None, log_dir: Path | None = None) -> None:
+        self.binaries = binaries
+        self.dir = Path(tempfile.mkdtemp(prefix="kube-apiserver-"))
+        self.log_dir = log_dir or self.dir
+        self.port, self.etcd_port, self.etcd_peer_port = _free_ports(3)
+        self.token = secrets.token_urlsafe(32)
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.dir / "ca.crt"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.dir / "kubeconfig"
+
+    def start(self, timeout: float = 90.0) -> KubeApiServer:
+        if self.processes:
+            return self
+        self.binaries = self.binaries or ensure_binaries()
+        try:
+            _write_pki(self.dir)
+            (self.dir / "tokens.csv").write_text(f'{self.token},admin,admin,"system:masters"\n')
+            self._write_kubeconfig()
+            etcd_url = f"http://127.0.0.1:{self.etcd_port}"
+            peer_url = f"http://127.0.0.1:{self.etcd_peer_port}"
+            self._spawn(
+                "etcd",
+                "--name=default",
+                f"--data-dir={self.dir / 'etcd'}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=default={peer_url}",
+                "--unsafe-no-fsync",  # throwaway data: don't pay for durability
+                "--log-level=warn",
+            )
+            self._wait("etcd", etcd_url + "/health", timeout, lambda body: b'"health":"true"' in body)
+            d = self.dir
+            self._spawn(
+                "kube-apiserver",
+                f"--etcd-servers={etcd_url}",
+                f"--secure-port={self.port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--cert-dir={d / 'certs'}",
+                f"--tls-cert-file={d / 'serving.crt'}",
+                f"--tls-private-key-file={d / 'serving.key'}",
+                f"--token-auth-file={d / 'tokens.csv'}",
+                "--authorization-mode=RBAC",
+                "--service-account-issuer=https://kubernetes.default.svc",
+                f"--service-account-key-file={d / 'sa.pub'}",
+                f"--service-account-signing-key-file={d / 'sa.key'}",
+                "--service-cluster-ip-range=10.96.0.0/24",  # an allocation range only: no traffic
+                "--enable-priority-and-fairness=false",
+                "--profiling=false",
+            )
+            self._wait("kube-apiserver", self.url + "/readyz", timeout, lambda body: body.strip() == b"ok")
+        except BaseException:
+            self.stop(keep_dir=True)
+            raise
+        return self
+
+    def _spawn(self, tool: str, *args: str) -> None:
+        assert self.binaries is not None
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with (self.log_dir / f"{tool}.log").open("ab") as log:
+            self.processes.append(
+                subprocess.Popen(
+                    [str(self.binaries[tool]), *args],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+
+    def _wait(self, tool: str, url: str, timeout: float, ok) -> None:
+        """Poll `url` (with the admin token and CA) until `ok(body)`; raise with the log's tail."""
+        context = ssl.create_default_context(cafile=self.ca_file) if url.startswith("https") else None
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.token}"})
+        process = self.processes[-1]
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{tool} exited ({process.returncode}):\n{self.log_tail(tool)}")
+            try:
+                with urllib.request.urlopen(request, timeout=2, context=context) as response:
+                    if ok(response.read()):
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{tool} not ready in {timeout} s:\n{self.log_tail(tool)}")
+            time.sleep(0.2)
+
+    def _write_kubeconfig(self) -> None:
+        """JSON is YAML: helm, kubectl and client libraries all read this."""
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "morgana-test",
+                    "cluster": {
+                        "server": self.url,
+                        "certificate-authority-data": base64.b64encode(self.ca_file.read_bytes()).decode(),
+                    },
+                }
+            ],
+            "users": [{"name": "admin", "user": {"token": self.token}}],
+            "contexts": [{"name": "morgana-test", "context": {"cluster": "morgana-test", "user": "admin"}}],
+            "current-context": "morgana-test",
+        }
+        self.kubeconfig.write_text(json.dumps(config, indent=2))
+        self.kubeconfig.chmod(0o600)
+
+    def log_tail(self, tool: str, lines: int = 40) -> str:
+        try:
+            text = (self.log_dir / f"{tool}.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout: float = 10.0, *, keep_dir: bool = False) -> None:
+        """SIGTERM kube-apiserver, then etcd (SIGKILL after `timeout`); remove the temp dir."""
+        processes, self.processes = self.processes, []
+        for process in reversed(processes):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        if not keep_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> KubeApiServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
