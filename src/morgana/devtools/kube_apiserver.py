@@ -25,7 +25,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -38,6 +37,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+
+from morgana.devtools.services import free_ports
 
 # Keep in step with the defaults of scripts/build-k8s-tools.sh (same env variables).
 HELM_VERSION = os.environ.get("HELM_VERSION", "v3.21.4")
@@ -77,17 +78,6 @@ def ensure_binaries() -> dict[str, Path]:
     if result.returncode != 0:
         raise RuntimeError(f"{BUILD_SCRIPT.name} failed:\n{result.stderr[-4000:]}")
     return dict(zip(TOOLS, map(Path, result.stdout.strip().splitlines()[-3:]), strict=True))
-
-
-def _free_ports(count: int) -> list[int]:
-    """`count` distinct loopback TCP ports that are free right now."""
-    ports: list[int] = []
-    while len(ports) < count:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            if (port := s.getsockname()[1]) not in ports:
-                ports.append(port)
-    return ports
 
 
 def _pem_key(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
@@ -150,7 +140,7 @@ class KubeApiServer:
         self.binaries = binaries
         self.dir = Path(tempfile.mkdtemp(prefix="kube-apiserver-"))
         self.log_dir = log_dir or self.dir
-        self.port, self.etcd_port, self.etcd_peer_port = _free_ports(3)
+        self.port, self.etcd_port, self.etcd_peer_port = free_ports(3)
         self.token = secrets.token_urlsafe(32)
         self.processes: list[subprocess.Popen[bytes]] = []
 

@@ -14,7 +14,6 @@ YAML), and the LiveKit variables of our own environment are kept from the child.
 
 import json
 import os
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,6 +21,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from morgana.devtools.services import free_ports
 
 LIVEKIT_SERVER_VERSION = os.environ.get("LIVEKIT_SERVER_VERSION", "v1.13.5")
 BUILD_SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "build-livekit-server.sh"
@@ -62,23 +63,6 @@ def ensure_binary() -> Path:
     return Path(result.stdout.strip().splitlines()[-1])
 
 
-def _free_ports(count: int) -> list[int]:
-    """`count` distinct loopback ports, each free for both TCP and UDP right now."""
-    ports: list[int] = []
-    while len(ports) < count:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = tcp.getsockname()[1]
-            try:
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                    udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        if port not in ports:
-            ports.append(port)
-    return ports
-
-
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
@@ -111,7 +95,7 @@ class LiveKitServer:
         self.api_secret = api_secret
         self.binary = binary
         # (HTTP/WS, RTC TCP, RTC UDP); free ones unless given (make run uses LiveKit's 7880-7882).
-        self.port, self.rtc_tcp_port, self.udp_port = ports or _free_ports(3)
+        self.port, self.rtc_tcp_port, self.udp_port = ports or free_ports(3)
         self.log_path = log_path or Path(tempfile.mkdtemp(prefix="livekit-")) / "livekit-server.log"
         self.config = _merge(
             {
