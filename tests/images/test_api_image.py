@@ -5,48 +5,19 @@ drift apart; the result must serve under gunicorn and migrate, as the chart runs
 """
 
 import os
-import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import httpx
 
 from morgana.devtools.processes import ApiProcess
+from tests.images.dockerfile import ROOT, build_image_venv
 
-ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "images" / "api" / "Dockerfile"
 
 
-def dockerfile_run_commands() -> list[str]:
-    text = DOCKERFILE.read_text().replace("\\\n", " ")
-    commands = []
-    for line in text.splitlines():
-        if line.startswith("RUN "):
-            command = re.sub(r"--mount=\S+", "", line[4:]).strip()
-            commands.append(re.sub(r"\s+", " ", command))
-    return commands
-
-
 def test_image_installs_the_locked_api_and_runs_its_entry_points(api_env: dict, tmp_path: Path) -> None:
-    uv = os.environ.get("UV") or shutil.which("uv") or str(ROOT / ".cache/uv/bin/uv")
-    context = tmp_path / "src-copy"
-    context.mkdir()
-    for name in ("pyproject.toml", "uv.lock", "README.md"):
-        shutil.copy(ROOT / name, context / name)
-    venv = tmp_path / "venv"
-    env = {**os.environ, "UV_PROJECT_ENVIRONMENT": str(venv), "UV_PYTHON_DOWNLOADS": "never",
-           "UV_LINK_MODE": "copy", "VIRTUAL_ENV": ""}
-
-    uv_steps = [c for c in dockerfile_run_commands() if c.startswith("uv ")]
-    assert len(uv_steps) == 2, uv_steps
-    # Step 1 runs before `COPY src`: dependencies alone must install from the lock.
-    subprocess.run([uv, *uv_steps[0].split()[1:]], cwd=context, env=env, check=True, capture_output=True)
-    shutil.copytree(ROOT / "src", context / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([uv, *uv_steps[1].split()[1:]], cwd=context, env=env, check=True, capture_output=True)
-
-    # Not editable: the image's venv must work once /src is gone.
-    shutil.rmtree(context / "src")
+    venv = build_image_venv(DOCKERFILE, tmp_path, extra="api")
     entry = venv / "bin" / "morgana-api"
     image_env = {**api_env, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "ENVIRONMENT": "production",
                  "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"), "WEB_CONCURRENCY": "2"}
