@@ -4,8 +4,8 @@
 SHELL := /bin/bash
 UV_VERSION := 0.13.8
 UV := $(shell command -v uv 2>/dev/null || echo .cache/uv/bin/uv)
-SYNC := $(UV) sync --frozen --extra api --extra agent
-RUN := $(UV) run --frozen --extra api --extra agent
+SYNC := $(UV) sync --frozen --extra api --extra agent --extra controller
+RUN := $(UV) run --frozen --extra api --extra agent --extra controller
 PYTEST_ARGS ?=
 
 .PHONY: help install test-tools run test bench migrate check-config clean

@@ -2,8 +2,11 @@
 
 The binaries are built from their Go modules at pinned versions by
 `scripts/build-k8s-tools.sh` and cached outside the repo (see `ensure_binaries`). There is no
-kubelet, scheduler or controller-manager: objects are stored and validated (RBAC, admission,
-CRDs) but nothing reconciles them, so a Deployment never gets Pods.
+kubelet or scheduler. With `controller_manager=True` a kube-controller-manager runs the workload
+controllers (Deployment, ReplicaSet, garbage collector, namespace, service-account tokens), so
+a Deployment gets real Pod objects and scale-down removes real Pods (honouring
+`controller.kubernetes.io/pod-deletion-cost`); the Pods stay Pending, as nothing runs them.
+Without it, objects are stored and validated (RBAC, admission, CRDs) but nothing reconciles them.
 
     with KubeApiServer() as kube:
         httpx.get(kube.url + "/api/v1/namespaces", headers={"Authorization": f"Bearer {kube.token}"},
@@ -44,24 +47,54 @@ from morgana.devtools.services import free_ports
 HELM_VERSION = os.environ.get("HELM_VERSION", "v3.21.4")
 ETCD_VERSION = os.environ.get("ETCD_VERSION", "v3.6.16")
 KUBERNETES_VERSION = os.environ.get("KUBERNETES_VERSION", "v1.34.4")
+PROMETHEUS_OPERATOR_VERSION = os.environ.get("PROMETHEUS_OPERATOR_VERSION", "v0.85.0")
 BUILD_SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "build-k8s-tools.sh"
-TOOLS = ("helm", "etcd", "kube-apiserver")
+TOOLS = ("helm", "etcd", "kube-apiserver", "kube-controller-manager")
+# The controllers a test cluster needs; Jobs are left alone so tests decide when a hook Job completes.
+CONTROLLERS = (
+    "deployment-controller",
+    "replicaset-controller",
+    "garbage-collector-controller",
+    "namespace-controller",
+    "serviceaccount-controller",
+)
+
+
+def tools_dir() -> Path:
+    return Path(
+        os.environ.get("MORGANA_TOOLS_DIR")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "morgana" / "tools"
+    )
 
 
 def cached_binary(tool: str) -> Path:
     """Where the build script puts `tool` at its pinned version (it may not exist yet)."""
-    version = {"helm": HELM_VERSION, "etcd": ETCD_VERSION, "kube-apiserver": KUBERNETES_VERSION}[tool]
-    tools = os.environ.get("MORGANA_TOOLS_DIR") or str(
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "morgana" / "tools"
+    version = {"helm": HELM_VERSION, "etcd": ETCD_VERSION}.get(tool, KUBERNETES_VERSION)
+    return tools_dir() / f"{tool}-{version}" / tool
+
+
+def servicemonitor_crd() -> Path:
+    """The Prometheus Operator's ServiceMonitor CRD at its pinned version (fetched by the build script)."""
+    path = (
+        tools_dir()
+        / f"prometheus-operator-crds-{PROMETHEUS_OPERATOR_VERSION}"
+        / "monitoring.coreos.com_servicemonitors.yaml"
     )
-    return Path(tools) / f"{tool}-{version}" / tool
+    if not path.is_file():
+        _run_build_script()
+    return path
 
 
 def ensure_binaries() -> dict[str, Path]:
-    """{tool: path} for helm, etcd, kube-apiserver: cached builds, else build them now (minutes, once)."""
+    """{tool: path} for every tool in TOOLS: cached builds, else build them now (minutes, once)."""
     paths = {tool: cached_binary(tool) for tool in TOOLS}
     if all(os.access(p, os.X_OK) for p in paths.values()):
         return paths
+    output = _run_build_script()
+    return dict(zip(TOOLS, map(Path, output.strip().splitlines()[-len(TOOLS) :]), strict=True))
+
+
+def _run_build_script() -> str:
     result = subprocess.run(
         ["bash", str(BUILD_SCRIPT)],
         env={
@@ -69,6 +102,7 @@ def ensure_binaries() -> dict[str, Path]:
             "HELM_VERSION": HELM_VERSION,
             "ETCD_VERSION": ETCD_VERSION,
             "KUBERNETES_VERSION": KUBERNETES_VERSION,
+            "PROMETHEUS_OPERATOR_VERSION": PROMETHEUS_OPERATOR_VERSION,
         },
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -77,7 +111,7 @@ def ensure_binaries() -> dict[str, Path]:
     )
     if result.returncode != 0:
         raise RuntimeError(f"{BUILD_SCRIPT.name} failed:\n{result.stderr[-4000:]}")
-    return dict(zip(TOOLS, map(Path, result.stdout.strip().splitlines()[-3:]), strict=True))
+    return result.stdout
 
 
 def _pem_key(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
@@ -136,8 +170,15 @@ class KubeApiServer:
     lives in a temp dir removed by `stop()`. Use as a context manager, or `start()` / `stop()`.
     """
 
-    def __init__(self, *, binaries: dict[str, Path] | None = None, log_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        binaries: dict[str, Path] | None = None,
+        log_dir: Path | None = None,
+        controller_manager: bool = False,
+    ) -> None:
         self.binaries = binaries
+        self.controller_manager = controller_manager
         self.dir = Path(tempfile.mkdtemp(prefix="kube-apiserver-"))
         self.log_dir = log_dir or self.dir
         self.port, self.etcd_port, self.etcd_peer_port = free_ports(3)
@@ -199,6 +240,18 @@ class KubeApiServer:
                 "--profiling=false",
             )
             self._wait("kube-apiserver", self.url + "/readyz", timeout, lambda body: body.strip() == b"ok")
+            if self.controller_manager:
+                self._spawn(
+                    "kube-controller-manager",
+                    f"--kubeconfig={self.kubeconfig}",
+                    f"--controllers={','.join(CONTROLLERS)}",
+                    "--leader-elect=false",
+                    "--secure-port=0",  # no serving endpoint needed
+                    f"--service-account-private-key-file={d / 'sa.key'}",
+                    f"--root-ca-file={self.ca_file}",
+                    "--concurrent-deployment-syncs=2",
+                    "--concurrent-replicaset-syncs=2",
+                )
         except BaseException:
             self.stop(keep_dir=True)
             raise

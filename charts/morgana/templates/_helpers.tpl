@@ -1,0 +1,279 @@
+{{/* Names, labels, images and credential references shared by every template. */}}
+
+{{- define "morgana.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* `<release>-<chart>`, or just the release name when it already contains the chart name. */}}
+{{- define "morgana.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* `<fullname>-<component>`: (dict "ctx" $ "component" "api") */}}
+{{- define "morgana.componentName" -}}
+{{- printf "%s-%s" (include "morgana.fullname" .ctx | trunc 50 | trimSuffix "-") .component }}
+{{- end }}
+
+{{- define "morgana.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "morgana.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "morgana.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "morgana.labels" -}}
+helm.sh/chart: {{ include "morgana.chart" . }}
+{{ include "morgana.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: morgana
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* (dict "ctx" $ "component" "api") */}}
+{{- define "morgana.componentSelectorLabels" -}}
+{{ include "morgana.selectorLabels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "morgana.componentLabels" -}}
+{{ include "morgana.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* metadata.annotations from commonAnnotations plus extras: (dict "ctx" $ "extra" (dict ...)) */}}
+{{- define "morgana.annotations" -}}
+{{- $all := merge (deepCopy (default (dict) .extra)) (deepCopy .ctx.Values.commonAnnotations) }}
+{{- with $all }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* `<registry>/<repository>:<tag>`: (dict "ctx" $ "image" .Values.api.image) */}}
+{{- define "morgana.image" -}}
+{{- $registry := .ctx.Values.image.registry }}
+{{- $tag := .image.tag | default .ctx.Values.image.tag | default .ctx.Chart.AppVersion }}
+{{- if $registry }}
+{{- printf "%s/%s:%s" $registry .image.repository $tag }}
+{{- else }}
+{{- printf "%s:%s" .image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{- define "morgana.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* ServiceAccount name of a component: (dict "ctx" $ "component" "api") */}}
+{{- define "morgana.serviceAccountName" -}}
+{{- $sa := (index .ctx.Values .component).serviceAccount }}
+{{- if $sa.create }}
+{{- default (include "morgana.componentName" .) $sa.name }}
+{{- else }}
+{{- default "default" $sa.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Credentials. Each group (postgres, redis, livekit, llm, auth, agentUser) reads its values from
+`existingSecret` when set, else from the chart's own Secret (`<fullname>`). The migration Job
+runs before that Secret exists (pre-install hook), so it reads a hook-time copy instead:
+`<fullname>-hook`, deleted once the hook succeeds.
+*/}}
+{{- define "morgana.secretName" -}}
+{{- include "morgana.fullname" . }}
+{{- end }}
+
+{{/* (dict "ctx" $ "group" "postgres" "hook" false) -> the Secret holding that group's keys */}}
+{{- define "morgana.groupSecretName" -}}
+{{- $group := index .ctx.Values .group }}
+{{- if $group.existingSecret }}
+{{- $group.existingSecret }}
+{{- else if .hook }}
+{{- printf "%s-hook" (include "morgana.secretName" .ctx) }}
+{{- else }}
+{{- include "morgana.secretName" .ctx }}
+{{- end }}
+{{- end }}
+
+{{/* One env entry from a credential: (dict "ctx" $ "group" "postgres" "key" "password" "env" "POSTGRES_PASSWORD" "hook" false) */}}
+{{- define "morgana.secretEnv" -}}
+- name: {{ .env }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "morgana.groupSecretName" . }}
+      key: {{ index (index .ctx.Values .group).secretKeys .key }}
+{{- end }}
+
+{{/* Whether a credential group has a value to use: its existingSecret or a non-empty plain value. */}}
+{{- define "morgana.hasCredential" -}}
+{{- $group := index .ctx.Values .group }}
+{{- if or $group.existingSecret (index $group .field) }}true{{ end }}
+{{- end }}
+
+{{/* Data of the chart-managed Secret: only groups without an existingSecret. Keys match secretKeys. */}}
+{{- define "morgana.secretData" -}}
+{{- $v := .Values }}
+{{- if not $v.postgres.existingSecret }}
+{{ $v.postgres.secretKeys.password | default "password" }}: {{ $v.postgres.password | b64enc | quote }}
+{{- end }}
+{{- if and $v.redis.enabled (not $v.redis.existingSecret) $v.redis.password }}
+{{ $v.redis.secretKeys.password }}: {{ $v.redis.password | b64enc | quote }}
+{{- end }}
+{{- if not $v.livekit.existingSecret }}
+{{ $v.livekit.secretKeys.apiKey }}: {{ $v.livekit.apiKey | b64enc | quote }}
+{{ $v.livekit.secretKeys.apiSecret }}: {{ $v.livekit.apiSecret | b64enc | quote }}
+{{- end }}
+{{- if and (not $v.llm.existingSecret) $v.llm.apiKey }}
+{{ $v.llm.secretKeys.apiKey }}: {{ $v.llm.apiKey | b64enc | quote }}
+{{- end }}
+{{- if not $v.auth.existingSecret }}
+{{ $v.auth.secretKeys.jwtSecret }}: {{ $v.auth.jwtSecret | b64enc | quote }}
+{{- end }}
+{{- if not $v.agentUser.existingSecret }}
+{{ $v.agentUser.secretKeys.password }}: {{ $v.agentUser.password | b64enc | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Whether the chart must create its own Secret at all. */}}
+{{- define "morgana.needsSecret" -}}
+{{- $v := .Values }}
+{{- if or (not $v.postgres.existingSecret) (and $v.redis.enabled (not $v.redis.existingSecret) $v.redis.password) (not $v.livekit.existingSecret) (and (not $v.llm.existingSecret) $v.llm.apiKey) (not $v.auth.existingSecret) (not $v.agentUser.existingSecret) }}true{{ end }}
+{{- end }}
+
+{{/*
+The environment the API and its migration Job share: plain settings, then credentials.
+(dict "ctx" $ "hook" false)
+*/}}
+{{- define "morgana.apiEnv" -}}
+{{- $v := .ctx.Values -}}
+- name: ENVIRONMENT
+  value: {{ $v.environment | quote }}
+- name: LOG_LEVEL
+  value: {{ $v.logLevel | quote }}
+- name: LOG_FORMAT
+  value: {{ $v.logFormat | quote }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ $v.otelExporterOtlpEndpoint | quote }}
+- name: OTEL_SERVICE_NAME
+  value: morgana-api
+- name: POSTGRES_HOST
+  value: {{ $v.postgres.host | quote }}
+- name: POSTGRES_PORT
+  value: {{ $v.postgres.port | quote }}
+- name: POSTGRES_DB
+  value: {{ $v.postgres.database | quote }}
+{{- if and $v.postgres.existingSecret $v.postgres.secretKeys.username }}
+{{ include "morgana.secretEnv" (dict "ctx" .ctx "group" "postgres" "key" "username" "env" "POSTGRES_USER" "hook" .hook) }}
+{{- else }}
+- name: POSTGRES_USER
+  value: {{ $v.postgres.user | quote }}
+{{- end }}
+{{ include "morgana.secretEnv" (dict "ctx" .ctx "group" "postgres" "key" "password" "env" "POSTGRES_PASSWORD" "hook" .hook) }}
+- name: DB_POOL_SIZE
+  value: {{ $v.postgres.poolSize | quote }}
+- name: DB_MAX_OVERFLOW
+  value: {{ $v.postgres.maxOverflow | quote }}
+{{- if $v.redis.enabled }}
+{{- $scheme := ternary "rediss" "redis" $v.redis.tls }}
+{{- if or $v.redis.existingSecret $v.redis.password }}
+{{ include "morgana.secretEnv" (dict "ctx" .ctx "group" "redis" "key" "password" "env" "REDIS_PASSWORD" "hook" .hook) }}
+{{- /* Kubernetes expands $(REDIS_PASSWORD) from the entry above. */}}
+- name: REDIS_URL
+  value: {{ printf "%s://:$(REDIS_PASSWORD)@%s:%v/%v" $scheme $v.redis.host $v.redis.port $v.redis.database | quote }}
+{{- else }}
+- name: REDIS_URL
+  value: {{ printf "%s://%s:%v/%v" $scheme $v.redis.host $v.redis.port $v.redis.database | quote }}
+{{- end }}
+{{- end }}
+{{ include "morgana.secretEnv" (dict "ctx" .ctx "group" "auth" "key" "jwtSecret" "env" "JWT_SECRET_KEY" "hook" .hook) }}
+{{- if include "morgana.hasCredential" (dict "ctx" .ctx "group" "llm" "field" "apiKey") }}
+{{ include "morgana.secretEnv" (dict "ctx" .ctx "group" "llm" "key" "apiKey" "env" "OPENAI_API_KEY" "hook" .hook) }}
+{{- end }}
+{{- with $v.llm.baseUrl }}
+- name: OPENAI_BASE_URL
+  value: {{ . | quote }}
+{{- end }}
+- name: LLM_MODEL
+  value: {{ $v.llm.model | quote }}
+- name: LLM_TEMPERATURE
+  value: {{ $v.llm.temperature | quote }}
+- name: LLM_TIMEOUT_SECONDS
+  value: {{ $v.llm.timeoutSeconds | quote }}
+- name: LIVEKIT_URL
+  value: {{ $v.livekit.url | quote }}
+{{- with $v.livekit.publicUrl }}
+- name: LIVEKIT_PUBLIC_URL
+  value: {{ . | quote }}
+{{- end }}
+{{ include "morgana.secretEnv" (dict "ctx" .ctx "group" "livekit" "key" "apiKey" "env" "LIVEKIT_API_KEY" "hook" .hook) }}
+{{ include "morgana.secretEnv" (dict "ctx" .ctx "group" "livekit" "key" "apiSecret" "env" "LIVEKIT_API_SECRET" "hook" .hook) }}
+- name: LIVEKIT_AGENT_NAME
+  value: {{ $v.livekit.agentName | quote }}
+- name: API_USER_EMAIL
+  value: {{ $v.agentUser.email | quote }}
+{{ include "morgana.secretEnv" (dict "ctx" .ctx "group" "agentUser" "key" "password" "env" "API_USER_PASSWORD" "hook" .hook) }}
+{{- end }}
+
+{{/* Pod-level scheduling keys of a component values block. */}}
+{{- define "morgana.scheduling" -}}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Fail early with a clear message on values that would deploy a broken release. */}}
+{{- define "morgana.validate" -}}
+{{- $v := .Values }}
+{{- if and $v.agent.enabled (le (int $v.agent.terminationGracePeriodSeconds) (int $v.agent.drainTimeoutSeconds)) }}
+{{- fail "agent.terminationGracePeriodSeconds must exceed agent.drainTimeoutSeconds, or Kubernetes kills workers with calls still running" }}
+{{- end }}
+{{- if and (not $v.auth.existingSecret) (not $v.auth.jwtSecret) }}
+{{- fail "set auth.jwtSecret (openssl rand -hex 32) or auth.existingSecret" }}
+{{- end }}
+{{- if and (not $v.livekit.existingSecret) (or (not $v.livekit.apiKey) (not $v.livekit.apiSecret)) }}
+{{- fail "set livekit.apiKey and livekit.apiSecret, or livekit.existingSecret" }}
+{{- end }}
+{{- if and (not $v.postgres.existingSecret) (not $v.postgres.password) }}
+{{- fail "set postgres.password or postgres.existingSecret" }}
+{{- end }}
+{{- if and $v.agent.enabled (not $v.agentUser.existingSecret) (not $v.agentUser.password) }}
+{{- fail "set agentUser.password or agentUser.existingSecret: the voice agent logs in to the API with it" }}
+{{- end }}
+{{- if and (ne $v.environment "development") (not $v.llm.existingSecret) (not $v.llm.apiKey) }}
+{{- fail "set llm.apiKey or llm.existingSecret (for a keyless OpenAI-compatible server, any value), or environment=development" }}
+{{- end }}
+{{- if and $v.controller.autoscaler.enabled (not $v.controller.enabled) }}
+{{- fail "controller.autoscaler.enabled needs controller.enabled" }}
+{{- end }}
+{{- end }}
