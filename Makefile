@@ -13,7 +13,8 @@ PYTEST_ARGS ?=
 help:
 	@echo "make run          start the API on http://localhost:$${PORT:-8000} (embedded Postgres, local model; voice once make test built LiveKit)"
 	@echo "make test         install test dependencies and run the whole suite"
-	@echo "make bench        run the benchmarks (API beside a raw Starlette baseline; voice turn latency)"
+	@echo "make bench        run the benchmarks (API beside a raw Starlette baseline; voice turn latency;"
+	@echo "                  autoscaler reaction beside KEDA/HPA defaults)"
 	@echo "make migrate      apply database migrations to the configured database"
 	@echo "make check-config validate the configuration from the environment and .env"
 
@@ -27,9 +28,9 @@ install: $(if $(filter .cache/uv/bin/uv,$(UV)),.cache/uv/bin/uv)
 run: install
 	.venv/bin/python -m morgana.devtools.run
 
-# Debian packages (espeak-ng for the speech stand-in), and from the Go module proxy at pinned
-# releases a LiveKit server, helm, etcd and kube-apiserver, cached in ~/.cache/morgana/tools
-# (reused by CI; the first build takes several minutes).
+# Debian packages (espeak-ng for the speech stand-in, shellcheck), and from the Go module proxy
+# at pinned releases a LiveKit server, helm, etcd, kube-apiserver, kube-controller-manager and
+# kubectl, cached in ~/.cache/morgana/tools (reused by CI; the first build takes several minutes).
 test-tools:
 	bash scripts/install-test-deps.sh
 	bash scripts/build-livekit-server.sh
@@ -41,6 +42,7 @@ test: install test-tools
 bench: install test-tools
 	$(RUN) python -m bench.api_bench $(BENCH_ARGS)
 	$(RUN) python -m bench.voice_bench $(BENCH_ARGS)
+	$(RUN) python -m bench.controller_bench $(BENCH_ARGS)
 
 migrate: install
 	$(RUN) morgana-api migrate

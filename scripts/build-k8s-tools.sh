@@ -4,13 +4,14 @@
 #
 #   ${MORGANA_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/morgana/tools}/<tool>-<version>/<tool>
 #
-# for <tool> in helm, etcd, kube-apiserver, kube-controller-manager (used by morgana.devtools.kube_apiserver).
+# for <tool> in helm, etcd, kube-apiserver, kube-controller-manager, kubectl (used by
+# morgana.devtools.kube_apiserver; kubectl for the deploy scripts' tests).
 #
 # Idempotent: a cached binary whose version command runs is reused at once. A cold build takes
 # several minutes (module download + compile; kube-apiserver is by far the largest); a flock
-# per tool keeps concurrent builds from clashing. The binary paths are the last four
+# per tool keeps concurrent builds from clashing. The binary paths are the last five
 # lines on stdout (helm, etcd, kube-apiserver,
-# kube-controller-manager); everything else goes to stderr.
+# kube-controller-manager, kubectl); everything else goes to stderr.
 #
 # How each is built (all CGO_ENABLED=0, -trimpath):
 #   helm            `go install helm.sh/helm/v3/cmd/helm@<v>` (no replace directives).
@@ -69,6 +70,7 @@ helm_kube_minor() {
 check_etcd() { "$1" --version; }
 check_kube-apiserver() { "$1" --version; }
 check_kube-controller-manager() { "$1" --version; }
+check_kubectl() { "$1" version --client; }
 
 # build_<tool> VERSION WORK: leaves the binary at WORK/bin/<tool>.
 build_helm() {
@@ -92,6 +94,7 @@ build_etcd() {
 
 build_kube-apiserver() { build_kubernetes_command kube-apiserver "$@"; }
 build_kube-controller-manager() { build_kubernetes_command kube-controller-manager "$@"; }
+build_kubectl() { build_kubernetes_command kubectl "$@"; }
 
 # build_kubernetes_command CMD VERSION WORK: a k8s.io/kubernetes/cmd/CMD binary at WORK/bin/CMD.
 build_kubernetes_command() {
@@ -173,9 +176,11 @@ helm_bin="$(ensure helm "$HELM_VERSION")"
 etcd_bin="$(ensure etcd "$ETCD_VERSION")"
 kube_apiserver_bin="$(ensure kube-apiserver "$KUBERNETES_VERSION")"
 kube_controller_manager_bin="$(ensure kube-controller-manager "$KUBERNETES_VERSION")"
+kubectl_bin="$(ensure kubectl "$KUBERNETES_VERSION")"
 servicemonitor_crd="$(ensure_servicemonitor_crd)"
 echo "$servicemonitor_crd"
 echo "$helm_bin"
 echo "$etcd_bin"
 echo "$kube_apiserver_bin"
 echo "$kube_controller_manager_bin"
+echo "$kubectl_bin"

@@ -3,6 +3,7 @@
 #
 #   espeak-ng   real speech for the fake OpenAI server's POST /v1/audio/speech
 #               (src/morgana/devtools/openai_server.py)
+#   the shellcheck linter, run on every shell script of the repo (tests/deploy)
 #
 # Idempotent and fast when everything is present: a `dpkg -s` check per package, no network.
 # Only when something is missing does it run `apt-get update` (once) and
@@ -10,7 +11,7 @@
 # that, through sudo. Says what it did on stdout; exits non-zero if it could not install.
 set -euo pipefail
 
-PACKAGES=(espeak-ng)
+PACKAGES=(espeak-ng shellcheck)
 
 log() { echo "install-test-deps: $*"; }
 

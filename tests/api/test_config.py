@@ -74,8 +74,10 @@ def test_cli_explains_bad_configuration_and_exits_2(tmp_path: Path) -> None:
 def test_env_example_documents_every_setting() -> None:
     documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", (ROOT / ".env.example").read_text(), re.M))
     from morgana.agent.config import AgentSettings
+    from morgana.controller.config import ControllerSettings
 
-    settings = {name.upper() for name in [*ApiSettings.model_fields, *AgentSettings.model_fields]}
+    settings = {name.upper() for name in
+                [*ApiSettings.model_fields, *AgentSettings.model_fields, *ControllerSettings.model_fields]}
     assert settings - documented == set()
     # And the variables the spec names for the whole system.
     assert {"MORGANA_BACKEND_URL", "API_USER_EMAIL", "API_USER_PASSWORD", "OPENAI_API_KEY"} <= documented

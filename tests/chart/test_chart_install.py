@@ -211,7 +211,8 @@ def test_controller_has_exactly_the_access_it_needs(release: str, client: httpx.
     assert can(client, sa, "patch", "agentautoscalers", group="morgana.dev", subresource="status")
     assert can(client, sa, "get", "secrets", name="morgana")
     assert can(client, sa, "create", "events")
-    assert can(client, sa, "list", "customresourcedefinitions", group="apiextensions.k8s.io", namespace="")
+    assert can(client, sa, "create", "kopfpeerings", group="kopf.dev")
+    assert not can(client, sa, "list", "customresourcedefinitions", group="apiextensions.k8s.io", namespace="")
     assert not can(client, sa, "get", "secrets", name="someone-elses")
     assert not can(client, sa, "list", "secrets")
     assert not can(client, sa, "patch", "deployments", group="apps", name="morgana-agent")
@@ -264,7 +265,6 @@ def test_uninstall_removes_the_release_but_keeps_the_crd(release: str, kube: Kub
     assert names(client, f"/apis/apps/v1{ns}/deployments") == set()
     assert client.get(f"/api/v1{ns}/secrets/morgana").status_code == 404
     assert names(client, f"/apis/rbac.authorization.k8s.io/v1{ns}/roles") == set()
-    assert "voice-morgana-controller" not in names(client, "/apis/rbac.authorization.k8s.io/v1/clusterroles")
     assert names(client, f"/apis/morgana.dev/v1alpha1{ns}/agentautoscalers") == set()
     # Helm never deletes CRDs from crds/ (that would delete every user's AgentAutoscalers).
     assert established(client, "agentautoscalers.morgana.dev")

@@ -92,7 +92,7 @@ def test_default_release_has_every_component(rendered: tuple[Path, list[dict]]) 
         ("Deployment", "morgana-api"), ("Deployment", "morgana-agent"), ("Deployment", "morgana-controller"),
         ("Service", "morgana-api"), ("Job", "morgana-migrate"), ("Secret", "morgana"), ("Secret", "morgana-hook"),
         ("PodDisruptionBudget", "morgana-api"), ("PodDisruptionBudget", "morgana-agent"),
-        ("Role", "morgana-controller"), ("ClusterRole", "voice-morgana-controller"), ("Role", "morgana-agent"),
+        ("Role", "morgana-controller"), ("Role", "morgana-agent"),
         ("AgentAutoscaler", "morgana-agent"), ("Pod", "morgana-test-api-health"),
         ("CustomResourceDefinition", "agentautoscalers.morgana.dev"),
     ]:
@@ -361,3 +361,31 @@ def test_values_schema_covers_every_key() -> None:
         return out
 
     assert missing(values, schema, "") == []
+
+
+def test_chart_readme_parameters_table_is_current() -> None:
+    """Regenerate with `python scripts/chart_params.py --write` after editing values.yaml."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chart_params", ROOT / "scripts" / "chart_params.py")
+    assert spec and spec.loader
+    chart_params = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chart_params)
+    readme = (CHART / "README.md").read_text()
+    current = readme.split(chart_params.BEGIN, 1)[1].split(chart_params.END, 1)[0].strip()
+    assert current == chart_params.table().strip()
+
+
+def test_controller_role_grants_exactly_the_documented_rules() -> None:
+    """The chart's Role is the controller's documented least-privilege rule set, with the
+    Secret narrowed to the LiveKit credentials."""
+    import morgana.controller
+
+    doc = morgana.controller.__doc__ or ""
+    block = doc.split(":name: namespaced-rules", 1)[1].split("\n\n", 1)[1].split("\n\n", 1)[0]
+    documented = yaml.safe_load(block)
+    role = find(render(), "Role", "-controller")
+    rendered = [{k: v for k, v in rule.items() if k != "resourceNames"} for rule in role["rules"]]
+    assert rendered == documented
+    (secrets,) = (r for r in role["rules"] if r["resources"] == ["secrets"])
+    assert secrets["resourceNames"] == ["morgana"]

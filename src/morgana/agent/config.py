@@ -48,6 +48,14 @@ class AgentSettings(CoreSettings):
     min_endpointing_delay: float = Field(default=0.5, ge=0)
     max_endpointing_delay: float = Field(default=3.0, ge=0)
 
+    # This worker's pod (the chart sets both through the downward API). With both set, the pod's
+    # controller.kubernetes.io/pod-deletion-cost follows the active calls (morgana.agent.pod_cost),
+    # so a scale-down removes idle workers first; unset (local runs), that is off.
+    pod_name: str | None = None
+    pod_namespace: str | None = None
+    # A change of the call count waits this long before it is written: a burst is one PATCH.
+    pod_cost_debounce_seconds: float = Field(default=0.2, ge=0)
+
     @property
     def speech_api_key(self) -> str:
         return self.openai_api_key.get_secret_value() if self.openai_api_key else "not-needed"

@@ -49,7 +49,7 @@ ETCD_VERSION = os.environ.get("ETCD_VERSION", "v3.6.16")
 KUBERNETES_VERSION = os.environ.get("KUBERNETES_VERSION", "v1.34.4")
 PROMETHEUS_OPERATOR_VERSION = os.environ.get("PROMETHEUS_OPERATOR_VERSION", "v0.85.0")
 BUILD_SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "build-k8s-tools.sh"
-TOOLS = ("helm", "etcd", "kube-apiserver", "kube-controller-manager")
+TOOLS = ("helm", "etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
 # The controllers a test cluster needs; Jobs are left alone so tests decide when a hook Job completes.
 CONTROLLERS = (
     "deployment-controller",

@@ -1,0 +1,158 @@
+"""`morgana-controller`: the autoscaling operator (kopf), its liveness endpoint and its metrics.
+
+Configured by the environment only (see ControllerSettings): WATCH_NAMESPACE (comma-separated
+exact names; empty = every namespace), HEALTH_PORT (GET /healthz, 8080), METRICS_PORT
+(GET /metrics, 9102), PEERING_NAME, PEERING_PRIORITY, PEERING_LIFETIME_SECONDS, POD_NAME,
+LIVEKIT_TIMEOUT_SECONDS, LOG_LEVEL, LOG_FORMAT. Kubernetes credentials come from the pod's
+service account in a cluster, else from $KUBECONFIG (or ~/.kube/config), so it runs from a
+laptop as well. The CRDs (charts/morgana/crds/) must be installed before it starts.
+
+Replicas take part in kopf peering on one KopfPeering object per watched namespace
+(ClusterKopfPeering when cluster-wide), created here if missing: the live replica with the
+highest priority acts and the others stay paused, so two replicas never both scale. A
+replica that exits says goodbye at once; one that dies is skipped after
+PEERING_LIFETIME_SECONDS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import random
+import sys
+
+import kopf
+import prometheus_client
+from lightkube import AsyncClient, KubeConfig
+from lightkube.core.exceptions import ApiError, ConfigError
+from lightkube.generic_resource import create_global_resource, create_namespaced_resource
+from lightkube.models.meta_v1 import ObjectMeta
+
+from morgana.controller.config import ControllerSettings, get_settings
+from morgana.controller.operator import FINALIZER, Runtime  # importing it registers the kopf handlers
+from morgana.core.logging import configure_logging
+
+log = logging.getLogger("morgana.controller")
+
+KopfPeering = create_namespaced_resource("kopf.dev", "v1", "KopfPeering", "kopfpeerings")
+ClusterKopfPeering = create_global_resource("kopf.dev", "v1", "ClusterKopfPeering", "clusterkopfpeerings")
+FIELD_MANAGER = "morgana-controller"
+
+
+class StartupError(Exception):
+    pass
+
+
+class KopfRecordFilter(logging.Filter):
+    """kopf hangs its settings object (not JSON-serialisable) and bookkeeping flags on the log records
+    of its object loggers: drop those, and keep the object reference as `object`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.__dict__.pop("settings", None)
+        record.__dict__.pop("k8s_skip", None)
+        if (ref := record.__dict__.pop("k8s_ref", None)) is not None:
+            record.object = ref
+        return True
+
+
+def operator_settings(settings: ControllerSettings, identity: str | None) -> kopf.OperatorSettings:
+    config = kopf.OperatorSettings()
+    # Serve the CRDs found at start-up; no CRD or Namespace watching, hence no cluster-wide RBAC
+    # in namespaced mode.
+    config.scanning.disabled = True
+    config.peering.lifetime = settings.peering_lifetime_seconds
+    config.persistence.finalizer = FINALIZER
+    config.posting.reporting_component = FIELD_MANAGER
+    if identity:
+        config.posting.reporting_instance = identity
+    # Watches are re-opened regularly, so a silently dropped connection cannot stall a replica.
+    config.watching.server_timeout = 300
+    config.watching.client_timeout = 330
+    return config
+
+
+async def ensure_peering_objects(kube: AsyncClient, settings: ControllerSettings) -> None:
+    """kopf pauses until it sees its peering object, and never creates it: create it if missing."""
+    if settings.clusterwide:
+        targets = [ClusterKopfPeering(metadata=ObjectMeta(name=settings.peering_name))]
+    else:
+        targets = [KopfPeering(metadata=ObjectMeta(name=settings.peering_name, namespace=ns))
+                   for ns in settings.namespaces]
+    for peering in targets:
+        where = f"namespace {peering.metadata.namespace}" if peering.metadata.namespace else "the cluster"
+        try:
+            await kube.create(peering)
+            log.info("created the peering object %s in %s", settings.peering_name, where)
+        except Exception as exc:
+            # An unknown resource gets a plain-text 404, which lightkube raises as a bare HTTP error.
+            code = exc.status.code if isinstance(exc, ApiError) else getattr(getattr(exc, "response", None),
+                                                                             "status_code", None)
+            if code == 409:
+                continue
+            if code == 404 and isinstance(exc, ApiError) and exc.status.details \
+                    and exc.status.details.kind == "namespaces":
+                raise StartupError(f"WATCH_NAMESPACE names {where}, which does not exist") from None
+            if code == 404:
+                kind = type(peering).__name__
+                raise StartupError(f"the {kind} CRD is not installed (kubectl apply -f charts/morgana/crds/)") \
+                    from None
+            if code == 403:  # the chart may create it and withhold `create`
+                log.warning("may not create the peering object %s in %s; it must exist already",
+                            settings.peering_name, where)
+                continue
+            raise
+
+
+async def run(settings: ControllerSettings) -> None:
+    try:
+        kube = AsyncClient(config=KubeConfig.from_env(), field_manager=FIELD_MANAGER)
+    except ConfigError as exc:
+        raise StartupError(f"no Kubernetes credentials: {exc}") from None
+    identity = settings.pod_name or None
+    priority = settings.peering_priority if settings.peering_priority is not None else random.randint(1, 2**30)
+    try:
+        await ensure_peering_objects(kube, settings)
+        log.info("starting: %s, peering %s at priority %d", "cluster-wide" if settings.clusterwide else
+                 f"namespaces {','.join(settings.namespaces)}", settings.peering_name, priority)
+        await kopf.operator(
+            clusterwide=settings.clusterwide,
+            namespaces=settings.namespaces,
+            peering_name=settings.peering_name,
+            priority=priority,
+            identity=identity,
+            liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
+            settings=operator_settings(settings, identity),
+            memo=kopf.Memo(runtime=Runtime(kube=kube, settings=settings)),
+        )
+    finally:
+        await kube.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(
+        prog="morgana-controller",
+        description="Scales Morgana's voice agent workers from LiveKit room load (AgentAutoscaler resources). "
+                    "Configured by environment variables: WATCH_NAMESPACE, HEALTH_PORT, METRICS_PORT, "
+                    "PEERING_NAME, PEERING_PRIORITY, PEERING_LIFETIME_SECONDS, POD_NAME, LIVEKIT_TIMEOUT_SECONDS, "
+                    "LOG_LEVEL, LOG_FORMAT, KUBECONFIG.",
+    ).parse_args(argv)
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    # lightkube's HTTP client logs every request at INFO (several per autoscaler per second), and
+    # aiohttp every liveness probe.
+    for noisy in ("httpx2", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(KopfRecordFilter())
+    if settings.metrics_port:
+        prometheus_client.start_http_server(settings.metrics_port)
+    try:
+        asyncio.run(run(settings))
+    except StartupError as exc:
+        print(f"morgana-controller: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
