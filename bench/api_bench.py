@@ -42,7 +42,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 
-from bench.common import cpu_model, mem_total_mib, percentile, ratio, rounded
+from bench.common import cell, cpu_model, mem_total_mib, percentile, ratio, render_table, rounded
 from morgana.devtools.openai_server import FakeOpenAIProcess
 from morgana.devtools.processes import ApiProcess, migrate
 from morgana.devtools.services import EmbeddedPostgres, EmbeddedValkey, free_port
@@ -157,32 +157,15 @@ class Results:
                 (
                     line["bench"],
                     line["metric"],
-                    _cell(line["morgana"]),
-                    _cell(line["baseline"]),
-                    _cell(line["ratio"]),
+                    cell(line["morgana"]),
+                    cell(line["baseline"]),
+                    cell(line["ratio"]),
                     line["unit"],
                 )
             )
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        out = []
-        for index, row in enumerate(rows):
-            out.append(
-                "  ".join(
-                    cell.ljust(w) if i in (0, 1, 5) else cell.rjust(w)
-                    for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-                ).rstrip()
-            )
-            if index == 0:
-                out.append("  ".join("-" * w for w in widths))
-        return "\n".join(out)
+        return render_table(rows, left=(0, 1, 5))
 
 
-def _cell(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.1f}" if abs(value) >= 100 else f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"
-    return str(value)
 
 
 # --------------------------------------------------------------------------- targets

@@ -42,3 +42,28 @@ def rounded(value: float | None, digits: int = 3) -> float | int | None:
     if value is None or isinstance(value, int):
         return value
     return None if not math.isfinite(value) else round(value, digits)
+
+
+def cell(value: object) -> str:
+    """A table cell: '-' for no value, floats to a readable precision."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"
+    return str(value)
+
+
+def render_table(rows: list[tuple[str, ...]], left: tuple[int, ...] = ()) -> str:
+    """Aligned columns (the `left` ones left-aligned), a rule under the header row."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    out = []
+    for index, row in enumerate(rows):
+        out.append(
+            "  ".join(
+                text.ljust(w) if i in left else text.rjust(w)
+                for i, (text, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+        )
+        if index == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)

@@ -49,7 +49,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import cpu_model, mem_total_mib, percentile, ratio, rounded
+from bench.common import cell, cpu_model, mem_total_mib, percentile, ratio, render_table, rounded
 from morgana.devtools.kube_apiserver import KubeApiServer
 from morgana.devtools.livekit_server import LiveKitServer
 from tests.controller.harness import Cluster, ControllerProcess, Crowd, eventually, metric_value
@@ -143,24 +143,11 @@ class Results:
         rows = [("bench", "metric", "morgana", "anchor", "ratio", "unit", "note")]
         for line in self.lines:
             if "metric" in line:
-                rows.append((line["bench"], line["metric"], _cell(line["value"]), _cell(line["anchor"]),
-                             _cell(line["ratio"]), line["unit"], line.get("note", "")))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        out = []
-        for index, row in enumerate(rows):
-            out.append("  ".join(cell.ljust(w) if i in (0, 1, 5, 6) else cell.rjust(w)
-                                 for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip())
-            if index == 0:
-                out.append("  ".join("-" * w for w in widths))
-        return "\n".join(out)
+                rows.append((line["bench"], line["metric"], cell(line["value"]), cell(line["anchor"]),
+                             cell(line["ratio"]), line["unit"], line.get("note", "")))
+        return render_table(rows, left=(0, 1, 5, 6))
 
 
-def _cell(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"
-    return str(value)
 
 
 class Bench:

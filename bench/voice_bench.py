@@ -59,7 +59,7 @@ import numpy as np
 import psutil
 from livekit import rtc
 
-from bench.common import cpu_model, mem_total_mib, percentile, ratio, rounded
+from bench.common import cell, cpu_model, mem_total_mib, percentile, ratio, render_table, rounded
 from morgana.devtools.livekit_server import LiveKitServer
 from morgana.devtools.openai_server import FakeOpenAIProcess
 from morgana.devtools.processes import AgentWorker, ApiProcess, migrate
@@ -249,19 +249,19 @@ class Results:
                 continue
             note = line.get("note", "")
             if "overhead_ms" in line:
-                note = f"overhead {_cell(line['overhead_ms'])} ms" + (f"; {note}" if note else "")
+                note = f"overhead {cell(line['overhead_ms'])} ms" + (f"; {note}" if note else "")
             rows.append(
                 (
                     line["bench"],
                     line["metric"],
-                    _cell(line["value"]),
-                    _cell(line["baseline"]),
-                    _cell(line["ratio"]),
+                    cell(line["value"]),
+                    cell(line["baseline"]),
+                    cell(line["ratio"]),
                     line["unit"],
                     note,
                 )
             )
-        return _render(rows, left=(0, 1, 5, 6))
+        return render_table(rows, left=(0, 1, 5, 6))
 
     def capacity_table(self) -> str:
         rows = [
@@ -298,45 +298,26 @@ class Results:
                     str(line["turns"]),
                     str(line["missed"]),
                     str(line["overlapped"]),
-                    _cell(line["p50_ms"]),
-                    _cell(line["p95_ms"]),
-                    _cell(line["max_ms"]),
+                    cell(line["p50_ms"]),
+                    cell(line["p95_ms"]),
+                    cell(line["max_ms"]),
                     "yes" if line["pass"] else "NO",
-                    _cell(line["worker_cpu_pct_of_core"]),
-                    _cell(line["worker_cpu_pct_per_call"]),
-                    _cell(line["core_util_pct"].get(f"cpu{BENCH_CORE}")),
-                    _cell(line["core_util_pct"].get(f"cpu{WORKER_CORE}")),
-                    _cell(line["worker_core_others_pct"]),
-                    *(_cell(stages.get(label, {}).get("mean_ms")) for _, label in STAGES),
-                    _cell(line["api_probe_ttfe"]["p50_ms"]),
+                    cell(line["worker_cpu_pct_of_core"]),
+                    cell(line["worker_cpu_pct_per_call"]),
+                    cell(line["core_util_pct"].get(f"cpu{BENCH_CORE}")),
+                    cell(line["core_util_pct"].get(f"cpu{WORKER_CORE}")),
+                    cell(line["worker_core_others_pct"]),
+                    *(cell(stages.get(label, {}).get("mean_ms")) for _, label in STAGES),
+                    cell(line["api_probe_ttfe"]["p50_ms"]),
                     str(line["agent_warnings"]["vad_slower_than_realtime"]),
-                    _cell(line["bench_loop_lag_p99_ms"]),
+                    cell(line["bench_loop_lag_p99_ms"]),
                 )
             )
-        return _render(rows, left=())
+        return render_table(rows, left=())
 
 
-def _render(rows: list[tuple[str, ...]], left: tuple[int, ...]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    out = []
-    for index, row in enumerate(rows):
-        out.append(
-            "  ".join(
-                cell.ljust(w) if i in left else cell.rjust(w)
-                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-            ).rstrip()
-        )
-        if index == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
 
 
-def _cell(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}" if abs(value) < 1 else f"{value:.1f}"
-    return str(value)
 
 
 # --------------------------------------------------------------------------- processes
@@ -1086,7 +1067,7 @@ class Bench:
             }
         )
         log(
-            f"{calls} calls: p50 {_cell(ms(percentile(heard, 50)))} ms, p95 {_cell(ms(p95))} ms, "
+            f"{calls} calls: p50 {cell(ms(percentile(heard, 50)))} ms, p95 {cell(ms(p95))} ms, "
             f"{missed} missed and {overlapped} overlapped of {len(turns)}, worker {cpu_pct:.0f}% of a core"
         )
 

@@ -71,3 +71,14 @@ def build_image_venv(dockerfile: Path, workdir: Path, extra: str) -> Path:
     # Not editable: the image's venv must work once /src is gone.
     shutil.rmtree(context / "src")
     return venv
+
+
+def container_env_here(declared: dict[str, str], venv: Path, container_tmp: Path) -> dict[str, str]:
+    """The image's ENV mapped onto this machine: /app/.venv is the venv built here and /tmp a
+    fresh empty directory, as an emptyDir mounted there starts out. TMPDIR points there too."""
+
+    def here(value: str) -> str:
+        value = value.replace("$PATH", os.environ["PATH"]).replace("/app/.venv", str(venv))
+        return re.sub(r"(?<![\w/])/tmp(?=/|$|:)", str(container_tmp), value)
+
+    return {**{key: here(value) for key, value in declared.items()}, "TMPDIR": str(container_tmp)}

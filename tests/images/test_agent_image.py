@@ -6,7 +6,6 @@ LiveKit server, serve health and metrics, and exit cleanly on SIGTERM, as Kubern
 """
 
 import os
-import re
 import signal
 import subprocess
 import time
@@ -16,7 +15,7 @@ import httpx
 
 from morgana.devtools.livekit_server import LiveKitServer
 from morgana.devtools.services import free_port
-from tests.images.dockerfile import ROOT, build_image_venv, exec_form, runtime_env, runtime_stage
+from tests.images.dockerfile import ROOT, build_image_venv, container_env_here, exec_form, runtime_env, runtime_stage
 
 DOCKERFILE = ROOT / "images" / "agent" / "Dockerfile"
 
@@ -58,14 +57,8 @@ def test_image_installs_the_locked_agent_and_its_worker_registers_serves_and_dra
     exposed = [args.split() for op, args in runtime_stage(DOCKERFILE) if op == "EXPOSE"]
     assert exposed == [["8081", "9100"]], exposed
 
-    # The container's view, mapped onto this machine: /app/.venv is the venv built above and
-    # /tmp a fresh empty directory, as an emptyDir mounted there starts out.
     container_tmp = tmp_path / "container-tmp"
     container_tmp.mkdir()
-
-    def on_this_machine(value: str) -> str:
-        value = value.replace("$PATH", os.environ["PATH"]).replace("/app/.venv", str(venv))
-        return re.sub(r"(?<![\w/])/tmp(?=/|$|:)", str(container_tmp), value)
 
     health_port, metrics_port = free_port(), free_port()
     workdir = tmp_path / "run"  # no stray .env from the checkout
@@ -75,8 +68,7 @@ def test_image_installs_the_locked_agent_and_its_worker_registers_serves_and_dra
                        log_path=tmp_path / "livekit.log") as livekit:
         image_env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("LIVEKIT_", "PROMETHEUS_"))},
-            **{key: on_this_machine(value) for key, value in declared.items()},
-            "TMPDIR": str(container_tmp),
+            **container_env_here(declared, venv, container_tmp),
             "LIVEKIT_URL": livekit.url, "LIVEKIT_API_KEY": livekit.api_key,
             "LIVEKIT_API_SECRET": livekit.api_secret,
             "HEALTH_PORT": str(health_port), "METRICS_PORT": str(metrics_port),

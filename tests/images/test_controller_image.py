@@ -8,7 +8,6 @@ neither a peering entry nor a finalizer behind.
 """
 
 import os
-import re
 import signal
 import subprocess
 from pathlib import Path
@@ -19,7 +18,7 @@ from morgana.devtools.kube_apiserver import KubeApiServer
 from morgana.devtools.livekit_server import LiveKitServer
 from morgana.devtools.services import free_port
 from tests.controller.harness import Cluster, eventually
-from tests.images.dockerfile import ROOT, build_image_venv, exec_form, runtime_env, runtime_stage
+from tests.images.dockerfile import ROOT, build_image_venv, container_env_here, exec_form, runtime_env, runtime_stage
 
 DOCKERFILE = ROOT / "images" / "controller" / "Dockerfile"
 
@@ -42,14 +41,8 @@ def test_image_installs_the_locked_controller_and_it_scales_probes_and_stops(tmp
     exposed = [args.split() for op, args in runtime_stage(DOCKERFILE) if op == "EXPOSE"]
     assert exposed == [["8080", "9102"]], exposed
 
-    # The container's view, mapped onto this machine: /app/.venv is the venv built above and
-    # /tmp a fresh empty directory, as an emptyDir mounted there starts out.
     container_tmp = tmp_path / "container-tmp"
     container_tmp.mkdir()
-
-    def on_this_machine(value: str) -> str:
-        value = value.replace("$PATH", os.environ["PATH"]).replace("/app/.venv", str(venv))
-        return re.sub(r"(?<![\w/])/tmp(?=/|$|:)", str(container_tmp), value)
 
     health_port, metrics_port = free_port(), free_port()
     workdir = tmp_path / "run"  # no stray .env from the checkout
@@ -64,8 +57,7 @@ def test_image_installs_the_locked_controller_and_it_scales_probes_and_stops(tmp
         cluster.deployment("voice", "agents", replicas=0)
         image_env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("LIVEKIT_", "WATCH_", "PEERING_"))},
-            **{key: on_this_machine(value) for key, value in declared.items()},
-            "TMPDIR": str(container_tmp),
+            **container_env_here(declared, venv, container_tmp),
             "KUBECONFIG": str(kube.kubeconfig), "WATCH_NAMESPACE": "voice",
             "HEALTH_PORT": str(health_port), "METRICS_PORT": str(metrics_port),
         }
