@@ -27,7 +27,14 @@ from morgana.devtools.openai_server import FakeOpenAIProcess
 from morgana.devtools.processes import AgentWorker, ApiProcess
 from morgana.devtools.voice_client import Caller, speech_pcm, wait_for
 from tests.api.sse import stream_chat
-from tests.conftest import OPENAI_KEY, STRONG_PASSWORD, bearer, new_session, register, unique_email
+from tests.conftest import (
+    OPENAI_KEY,
+    STRONG_PASSWORD,
+    bearer,
+    new_session,
+    register,
+    unique_email,
+)
 
 
 def _scrape(url: str) -> str:

@@ -81,9 +81,30 @@ def secret_values(objects: list[dict], extra: dict[str, dict[str, str]] | None =
     return secrets | (extra or {})
 
 
-def resolve_env(container: dict, secrets: dict[str, dict[str, str]], fields: dict[str, str] | None = None) -> dict[str, str]:
-    """A container's environment as the kubelet would build it (secretKeyRef, fieldRef, $(VAR))."""
+def config_maps(objects: list[dict]) -> dict[str, dict[str, str]]:
+    return {o["metadata"]["name"]: o.get("data") or {} for o in objects if o["kind"] == "ConfigMap"}
+
+
+def env_names(container: dict, objects: list[dict]) -> set[str]:
+    """Every variable a container gets: its envFrom ConfigMaps' keys and its env entries."""
+    maps = config_maps(objects)
+    names = {e["name"] for e in container.get("env", [])}
+    for source in container.get("envFrom", []):
+        names |= set(maps[source["configMapRef"]["name"]])
+    return names
+
+
+def resolve_env(container: dict, objects: list[dict], fields: dict[str, str] | None = None,
+                extra_secrets: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
+    """A container's environment as the kubelet builds it: envFrom ConfigMaps, then env entries
+    (secretKeyRef, fieldRef, $(VAR) expansion of earlier entries), from the rendered objects."""
+    secrets = secret_values(objects, extra_secrets)
+    maps = config_maps(objects)
     env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        name = source["configMapRef"]["name"]
+        assert name in maps, f"ConfigMap {name} is not rendered"
+        env.update(maps[name])
     for entry in container.get("env", []):
         if "value" in entry:
             value = entry["value"]
@@ -98,4 +119,14 @@ def resolve_env(container: dict, secrets: dict[str, dict[str, str]], fields: dic
         else:
             raise AssertionError(f"unsupported env entry {entry}")
         env[entry["name"]] = value
+    return env
+
+
+def declared_env(container: dict, objects: list[dict]) -> dict[str, object]:
+    """{name: value, or the valueFrom reference}: envFrom ConfigMaps' data, then env entries."""
+    maps = config_maps(objects)
+    env: dict[str, object] = {}
+    for source in container.get("envFrom", []):
+        env.update(maps[source["configMapRef"]["name"]])
+    env.update({e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])})
     return env

@@ -147,6 +147,7 @@ def test_install_creates_every_component(release: str, client: httpx.Client) -> 
         "morgana-api", "morgana-agent", "morgana-controller"}
     dashboards = get(client, f"/api/v1{ns}/configmaps?labelSelector=grafana_dashboard%3D1")["items"]
     assert len(dashboards) == len(list((CHART / "dashboards").glob("*.json")))
+    assert {"morgana-api", "morgana-agent"} <= names(client, f"/api/v1{ns}/configmaps")
     secret = get(client, f"/api/v1{ns}/secrets/morgana")
     assert base64.b64decode(secret["data"]["jwt-secret"]).decode().startswith("0f1e2d3c")
 

@@ -24,6 +24,7 @@ from tests.chart.helm import (
     CI_VALUES,
     DEFAULT_VALUES,
     ROOT,
+    env_names,
     find,
     helm,
     pod_specs,
@@ -126,8 +127,9 @@ def test_api_probes_use_health_and_readiness_endpoints() -> None:
 
 
 def test_agent_grace_period_outlasts_its_drain() -> None:
-    agent = find(render(), "Deployment", "-agent")["spec"]["template"]["spec"]
-    env = {e["name"]: e.get("value") for e in agent["containers"][0]["env"]}
+    objects = render()
+    agent = find(objects, "Deployment", "-agent")["spec"]["template"]["spec"]
+    env = resolve_env(agent["containers"][0], objects, {"metadata.name": "p", "metadata.namespace": "n"})
     assert agent["terminationGracePeriodSeconds"] > int(env["DRAIN_TIMEOUT_SECONDS"])
     result = template(sets=["agent.drainTimeoutSeconds=900"], check=False)
     assert result.returncode != 0
@@ -230,28 +232,31 @@ def test_every_env_variable_the_chart_sets_is_read_by_its_process() -> None:
     """A misspelt variable would be silently ignored: each must be a setting (or a documented extra)."""
     from morgana.controller.config import ControllerSettings
 
+    api = settings_env_names(ApiSettings) | {"WEB_CONCURRENCY", "GUNICORN_GRACEFUL_TIMEOUT", "REDIS_PASSWORD"}
     readers = {
-        "api": settings_env_names(ApiSettings) | {"WEB_CONCURRENCY", "GUNICORN_GRACEFUL_TIMEOUT", "REDIS_PASSWORD"},
-        "migrate": settings_env_names(ApiSettings) | {"REDIS_PASSWORD"},
+        "api": api,
+        "migrate": api,  # the same settings as the API it prepares
         "agent": settings_env_names(AgentSettings) | {"POD_NAME", "POD_NAMESPACE"},
         "controller": settings_env_names(ControllerSettings) | {"POD_NAME"},
         "test": {"MORGANA_URL"},
     }
     for values in CI_VALUES:
-        for obj, spec in pod_specs(render([values])):
+        objects = render([values])
+        for obj, spec in pod_specs(objects):
             component = obj["metadata"]["labels"]["app.kubernetes.io/component"]
             for container in spec["containers"]:
-                unknown = {e["name"] for e in container.get("env", [])} - readers[component]
+                unknown = env_names(container, objects) - readers[component]
                 assert not unknown, f"{values.name}: {obj['metadata']['name']} sets unread {unknown}"
 
 
 def test_rendered_api_environment_is_accepted_in_production(tmp_path: Path) -> None:
     """`morgana-api check-config` with exactly the env the chart gives the API and its Job."""
     objects = render()
-    secrets = secret_values(objects)
+    environments = []
     for suffix in ("-api", "-migrate"):
         obj = find(objects, "Deployment" if suffix == "-api" else "Job", suffix)
-        env = resolve_env(obj["spec"]["template"]["spec"]["containers"][0], secrets)
+        env = resolve_env(obj["spec"]["template"]["spec"]["containers"][0], objects)
+        environments.append(env)
         assert env["ENVIRONMENT"] == "production"
         result = subprocess.run(
             [sys.executable, "-m", "morgana.api.cli", "check-config"],
@@ -260,13 +265,15 @@ def test_rendered_api_environment_is_accepted_in_production(tmp_path: Path) -> N
         assert result.returncode == 0, result.stderr
         assert "configuration ok" in result.stdout
         assert "warning" not in result.stderr, result.stderr
+    # The Job (inline env, it runs before the ConfigMap exists) and the API see the same settings.
+    api_env, job_env = environments
+    assert {k: v for k, v in api_env.items() if k in job_env} == job_env
 
 
 def test_rendered_agent_environment_loads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     objects = render()
     agent = find(objects, "Deployment", "-agent")["spec"]["template"]["spec"]["containers"][0]
-    env = resolve_env(agent, secret_values(objects),
-                      {"metadata.name": "morgana-agent-abc", "metadata.namespace": "voice"})
+    env = resolve_env(agent, objects, {"metadata.name": "morgana-agent-abc", "metadata.namespace": "voice"})
     monkeypatch.chdir(tmp_path)  # no .env file
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -281,7 +288,7 @@ def test_rendered_agent_environment_loads(monkeypatch: pytest.MonkeyPatch, tmp_p
 def test_redis_password_is_spliced_into_the_url() -> None:
     objects = render(sets=["redis.password=s3cret"])
     api = find(objects, "Deployment", "-api")["spec"]["template"]["spec"]["containers"][0]
-    env = resolve_env(api, secret_values(objects))
+    env = resolve_env(api, objects)
     assert env["REDIS_URL"] == "redis://:s3cret@morgana-valkey:6379/0"
 
 

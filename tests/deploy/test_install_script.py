@@ -20,7 +20,14 @@ import yaml
 
 from morgana.api.schemas import password_problems
 from morgana.devtools.kube_apiserver import KubeApiServer, ensure_binaries
-from tests.deploy.conftest import INSTALL_SH, ROOT, VALUES, VERSIONS_ENV, load_yaml, read_versions
+from tests.deploy.conftest import (
+    INSTALL_SH,
+    ROOT,
+    VALUES,
+    VERSIONS_ENV,
+    load_yaml,
+    read_versions,
+)
 
 REPOS = {
     "cnpg": "https://cloudnative-pg.github.io/charts",

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from morgana.devtools.kube_apiserver import KUBERNETES_VERSION
+from tests.chart.helm import declared_env
 from tests.deploy.conftest import INSTALL_SH, ROOT, VALUES, load_yaml
 
 CHART = ROOT / "charts/morgana"
@@ -38,9 +39,9 @@ def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
     return obj["spec"] if obj["kind"] == "Pod" else obj["spec"]["template"]["spec"]
 
 
-def container_env(obj: dict[str, Any]) -> dict[str, Any]:
+def container_env(obj: dict[str, Any], objects: list[dict[str, Any]]) -> dict[str, Any]:
     (container,) = pod_spec(obj)["containers"]
-    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+    return declared_env(container, objects)
 
 
 def all_containers(objects: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -86,7 +87,7 @@ def test_images_are_the_ones_install_sh_pushes_to_the_local_registry(objects: li
 def test_the_release_points_at_the_dependency_charts_services_and_secrets(objects: list[dict[str, Any]]) -> None:
     cnpg, valkey, livekit = (load_yaml(VALUES / f) for f in ("cnpg-cluster.yaml", "valkey.yaml", "livekit-server.yaml"))
     api = find(objects, "Deployment", "morgana-api")
-    env = container_env(api)
+    env = container_env(api, objects)
     assert env["ENVIRONMENT"] == "development"
 
     # CloudNativePG: Service <cluster>-rw, Secret <cluster>-app owned by initdb.owner.
@@ -106,7 +107,7 @@ def test_the_release_points_at_the_dependency_charts_services_and_secrets(object
     assert env["LIVEKIT_PUBLIC_URL"] == f"ws://localhost:{livekit['livekit']['port']}"
     for variable in ("LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"):
         assert env[variable]["secretKeyRef"]["name"] == livekit["storeKeysInSecret"]["existingSecret"]
-    agent_env = container_env(find(objects, "Deployment", "morgana-agent"))
+    agent_env = container_env(find(objects, "Deployment", "morgana-agent"), objects)
     assert agent_env["LIVEKIT_URL"] == env["LIVEKIT_URL"]
 
 
@@ -130,5 +131,5 @@ def test_development_sizes_fit_a_laptop(objects: list[dict[str, Any]]) -> None:
     assert cpu <= 0.5 and memory <= 1 * 2**30, f"requests {cpu} CPU, {memory / 2**20:.0f} MiB"
     assert not [o for o in objects if o["kind"] == "PodDisruptionBudget"]
     agent = pod_spec(find(objects, "Deployment", "morgana-agent"))
-    drain = int(container_env(find(objects, "Deployment", "morgana-agent"))["DRAIN_TIMEOUT_SECONDS"])
+    drain = int(container_env(find(objects, "Deployment", "morgana-agent"), objects)["DRAIN_TIMEOUT_SECONDS"])
     assert drain < agent["terminationGracePeriodSeconds"] <= 60

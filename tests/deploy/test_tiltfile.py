@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.chart.helm import declared_env
 from tests.deploy.conftest import (
     INSTALL_SH,
     ROOT,
@@ -24,7 +25,15 @@ from tests.deploy.conftest import (
     dockerfile,
     load_yaml,
 )
-from tests.deploy.tiltfile_sim import FallBackOn, Link, PortForward, Run, Sync, TiltRun, evaluate
+from tests.deploy.tiltfile_sim import (
+    FallBackOn,
+    Link,
+    PortForward,
+    Run,
+    Sync,
+    TiltRun,
+    evaluate,
+)
 
 IMAGE_REFS = {"morgana-api": "api", "morgana-agent": "agent", "morgana-controller": "controller"}
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "Pod")
@@ -194,7 +203,7 @@ def test_the_api_reloads_gunicorn_after_a_sync(tilt: TiltRun) -> None:
     deployment = workload(tilt, "Deployment", "morgana-api")
     (container,) = pod_spec(deployment)["containers"]
     assert "command" not in container and container.get("args", dockerfile("api").exec_form("CMD")) == ["serve"]
-    env = {e["name"]: e.get("value") for e in container["env"]}
+    env = declared_env(container, tilt.objects)
     assert int(env["WEB_CONCURRENCY"]) > 1, "one worker runs uvicorn without gunicorn; SIGHUP would stop it"
     assert "shareProcessNamespace" not in pod_spec(deployment)
 
@@ -275,7 +284,7 @@ def test_the_model_settings_come_from_the_environment(helm_binary: Path) -> None
     assert "llm.model=llama3.2" in call["set"]
     assert call["namespace"] == "voice-dev"
     (container,) = pod_spec(workload(run, "Deployment", "morgana-api"))["containers"]
-    env = {e["name"]: e.get("value") for e in container["env"]}
+    env = declared_env(container, run.objects)
     assert env["OPENAI_BASE_URL"] == "http://host.docker.internal:11434/v1"
     assert env["LLM_MODEL"] == "llama3.2"
     assert {r["namespace"] for r in run.helm_resources.values()} == {"voice-dev", "cnpg-system"}

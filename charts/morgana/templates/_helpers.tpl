@@ -159,43 +159,96 @@ runs before that Secret exists (pre-install hook), so it reads a hook-time copy 
 {{- end }}
 
 {{/*
-The environment the API and its migration Job share: plain settings, then credentials.
+Plain (non-secret) settings, as `KEY: "value"` lines: the data of a component's ConfigMap, and
+the inline env of the migration Job (a pre-install hook runs before the ConfigMap exists).
+*/}}
+{{- define "morgana.commonConfig" -}}
+ENVIRONMENT: {{ .Values.environment | quote }}
+LOG_LEVEL: {{ .Values.logLevel | quote }}
+LOG_FORMAT: {{ .Values.logFormat | quote }}
+OTEL_EXPORTER_OTLP_ENDPOINT: {{ .Values.otelExporterOtlpEndpoint | quote }}
+LIVEKIT_URL: {{ .Values.livekit.url | quote }}
+LIVEKIT_AGENT_NAME: {{ .Values.livekit.agentName | quote }}
+API_USER_EMAIL: {{ .Values.agentUser.email | quote }}
+{{- with .Values.llm.baseUrl }}
+OPENAI_BASE_URL: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "morgana.apiConfig" -}}
+{{- $v := .Values -}}
+{{ include "morgana.commonConfig" . }}
+OTEL_SERVICE_NAME: "morgana-api"
+POSTGRES_HOST: {{ $v.postgres.host | quote }}
+POSTGRES_PORT: {{ $v.postgres.port | quote }}
+POSTGRES_DB: {{ $v.postgres.database | quote }}
+{{- if not (and $v.postgres.existingSecret $v.postgres.secretKeys.username) }}
+POSTGRES_USER: {{ $v.postgres.user | quote }}
+{{- end }}
+DB_POOL_SIZE: {{ $v.postgres.poolSize | quote }}
+DB_MAX_OVERFLOW: {{ $v.postgres.maxOverflow | quote }}
+LLM_MODEL: {{ $v.llm.model | quote }}
+LLM_TEMPERATURE: {{ $v.llm.temperature | quote }}
+LLM_TIMEOUT_SECONDS: {{ $v.llm.timeoutSeconds | quote }}
+{{- with $v.livekit.publicUrl }}
+LIVEKIT_PUBLIC_URL: {{ . | quote }}
+{{- end }}
+PORT: "8000"
+WEB_CONCURRENCY: {{ $v.api.workers | quote }}
+{{- /* Open chat streams finish inside the pod's grace period. */}}
+GUNICORN_GRACEFUL_TIMEOUT: {{ sub $v.api.terminationGracePeriodSeconds 10 | max 1 | quote }}
+CORS_ORIGINS: {{ join "," $v.api.corsOrigins | quote }}
+RATE_LIMIT_ENABLED: {{ $v.api.rateLimits.enabled | quote }}
+RATE_LIMIT_REGISTER: {{ $v.api.rateLimits.register | quote }}
+RATE_LIMIT_LOGIN: {{ $v.api.rateLimits.login | quote }}
+RATE_LIMIT_SESSION: {{ $v.api.rateLimits.session | quote }}
+RATE_LIMIT_CHAT: {{ $v.api.rateLimits.chat | quote }}
+RATE_LIMIT_MESSAGES: {{ $v.api.rateLimits.messages | quote }}
+RATE_LIMIT_LIVEKIT: {{ $v.api.rateLimits.livekit | quote }}
+{{- end }}
+
+{{- define "morgana.agentConfig" -}}
+{{- $v := .Values -}}
+{{ include "morgana.commonConfig" . }}
+OTEL_SERVICE_NAME: "morgana-agent"
+MORGANA_BACKEND_URL: {{ $v.agent.backendUrl | default (printf "http://%s:%v" (include "morgana.componentName" (dict "ctx" . "component" "api")) $v.api.service.port) | quote }}
+{{- with $v.agent.speech.baseUrl }}
+STT_BASE_URL: {{ . | quote }}
+TTS_BASE_URL: {{ . | quote }}
+{{- end }}
+STT_MODEL: {{ $v.agent.speech.sttModel | quote }}
+STT_LANGUAGE: {{ $v.agent.speech.sttLanguage | quote }}
+TTS_MODEL: {{ $v.agent.speech.ttsModel | quote }}
+TTS_VOICE: {{ $v.agent.speech.ttsVoice | quote }}
+MAX_CONCURRENT_CALLS: {{ $v.agent.maxConcurrentCalls | quote }}
+DRAIN_TIMEOUT_SECONDS: {{ $v.agent.drainTimeoutSeconds | quote }}
+HEALTH_PORT: "8081"
+METRICS_PORT: "9100"
+{{- end }}
+
+{{/* A config mapping (from the helpers above) as env entries, for the hook Job. */}}
+{{- define "morgana.configAsEnv" -}}
+{{- range $name, $value := fromYaml . }}
+- name: {{ $name }}
+  value: {{ $value | toString | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+The API's credentials (and the API and its Job share them): env entries from Secrets.
 (dict "ctx" $ "hook" false)
 */}}
-{{- define "morgana.apiEnv" -}}
+{{- define "morgana.apiSecretEnv" -}}
 {{- $v := .ctx.Values -}}
-- name: ENVIRONMENT
-  value: {{ $v.environment | quote }}
-- name: LOG_LEVEL
-  value: {{ $v.logLevel | quote }}
-- name: LOG_FORMAT
-  value: {{ $v.logFormat | quote }}
-- name: OTEL_EXPORTER_OTLP_ENDPOINT
-  value: {{ $v.otelExporterOtlpEndpoint | quote }}
-- name: OTEL_SERVICE_NAME
-  value: morgana-api
-- name: POSTGRES_HOST
-  value: {{ $v.postgres.host | quote }}
-- name: POSTGRES_PORT
-  value: {{ $v.postgres.port | quote }}
-- name: POSTGRES_DB
-  value: {{ $v.postgres.database | quote }}
 {{- if and $v.postgres.existingSecret $v.postgres.secretKeys.username }}
 {{ include "morgana.secretEnv" (dict "ctx" .ctx "group" "postgres" "key" "username" "env" "POSTGRES_USER" "hook" .hook) }}
-{{- else }}
-- name: POSTGRES_USER
-  value: {{ $v.postgres.user | quote }}
 {{- end }}
 {{ include "morgana.secretEnv" (dict "ctx" .ctx "group" "postgres" "key" "password" "env" "POSTGRES_PASSWORD" "hook" .hook) }}
-- name: DB_POOL_SIZE
-  value: {{ $v.postgres.poolSize | quote }}
-- name: DB_MAX_OVERFLOW
-  value: {{ $v.postgres.maxOverflow | quote }}
 {{- if $v.redis.enabled }}
 {{- $scheme := ternary "rediss" "redis" $v.redis.tls }}
 {{- if or $v.redis.existingSecret $v.redis.password }}
 {{ include "morgana.secretEnv" (dict "ctx" .ctx "group" "redis" "key" "password" "env" "REDIS_PASSWORD" "hook" .hook) }}
-{{- /* Kubernetes expands $(REDIS_PASSWORD) from the entry above. */}}
+{{- /* Kubernetes expands $(REDIS_PASSWORD) from the entry above (only in env, not envFrom). */}}
 - name: REDIS_URL
   value: {{ printf "%s://:$(REDIS_PASSWORD)@%s:%v/%v" $scheme $v.redis.host $v.redis.port $v.redis.database | quote }}
 {{- else }}
@@ -207,28 +260,8 @@ The environment the API and its migration Job share: plain settings, then creden
 {{- if include "morgana.hasCredential" (dict "ctx" .ctx "group" "llm" "field" "apiKey") }}
 {{ include "morgana.secretEnv" (dict "ctx" .ctx "group" "llm" "key" "apiKey" "env" "OPENAI_API_KEY" "hook" .hook) }}
 {{- end }}
-{{- with $v.llm.baseUrl }}
-- name: OPENAI_BASE_URL
-  value: {{ . | quote }}
-{{- end }}
-- name: LLM_MODEL
-  value: {{ $v.llm.model | quote }}
-- name: LLM_TEMPERATURE
-  value: {{ $v.llm.temperature | quote }}
-- name: LLM_TIMEOUT_SECONDS
-  value: {{ $v.llm.timeoutSeconds | quote }}
-- name: LIVEKIT_URL
-  value: {{ $v.livekit.url | quote }}
-{{- with $v.livekit.publicUrl }}
-- name: LIVEKIT_PUBLIC_URL
-  value: {{ . | quote }}
-{{- end }}
 {{ include "morgana.secretEnv" (dict "ctx" .ctx "group" "livekit" "key" "apiKey" "env" "LIVEKIT_API_KEY" "hook" .hook) }}
 {{ include "morgana.secretEnv" (dict "ctx" .ctx "group" "livekit" "key" "apiSecret" "env" "LIVEKIT_API_SECRET" "hook" .hook) }}
-- name: LIVEKIT_AGENT_NAME
-  value: {{ $v.livekit.agentName | quote }}
-- name: API_USER_EMAIL
-  value: {{ $v.agentUser.email | quote }}
 {{ include "morgana.secretEnv" (dict "ctx" .ctx "group" "agentUser" "key" "password" "env" "API_USER_PASSWORD" "hook" .hook) }}
 {{- end }}
 
