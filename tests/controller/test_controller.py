@@ -357,3 +357,20 @@ def test_a_misconfigured_controller_exits_saying_why(kube: KubeApiServer, cluste
     result = subprocess.run([sys.executable, "-m", "morgana.controller.cli"], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "no Kubernetes credentials" in result.stderr, result.stderr[-3000:]
+
+
+def test_autoscaler_dashboard_names_what_the_running_controller_exposes(
+        cluster: Cluster, livekit: LiveKitServer, controller: ControllerProcess, autoscalers, crowd: Crowd) -> None:
+    """Every metric of charts/morgana/dashboards/morgana-autoscaler.json is on this controller's
+    /metrics, and the labels its panels use are on the series a scale-up produced."""
+    from tests.chart.test_dashboards import assert_dashboard_uses_only, exposed
+
+    name = autoscalers("dashboard", spec(livekit, "dashboard-agents", roomsPerWorker=1, headroom=1,
+                                         pollIntervalSeconds=1, redispatch={"enabled": False}))
+    eventually(lambda: ready(cluster, name).get("status") == "True", 10, what="Ready")
+    crowd.join("dashboard-0")  # 1 call + 1 free slot: 2 workers
+    eventually(lambda: cluster.replicas(NAMESPACE, "dashboard-agents") == 2, 5, what="2 replicas")
+    checked = assert_dashboard_uses_only("morgana-autoscaler.json", exposed(controller.metrics()), "the controller")
+    assert {"morgana_controller_scale_events_total", "morgana_controller_desired_replicas",
+            "morgana_controller_decision_duration_seconds_bucket"} <= checked
+    crowd.leave()
