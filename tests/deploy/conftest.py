@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import re
+import stat
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,3 +178,29 @@ def tilt_without_controller(helm_binary: Path) -> TiltRun:
 def tilt_variant(request: pytest.FixtureRequest) -> TiltRun:
     return request.getfixturevalue("tilt_with_controller" if request.param == "with-controller"
                                    else "tilt_without_controller")
+
+
+# Recording stand-ins for helm, kubectl and docker: each call is a JSON line in $RECORD.
+SHIM = """#!{python}
+import json, os, sys
+tool = os.path.basename(sys.argv[0])
+argv = sys.argv[1:]
+stdin = sys.stdin.read() if argv[-2:] == ["-f", "-"] else None
+with open(os.environ["RECORD"], "a") as f:
+    f.write(json.dumps({{"tool": tool, "argv": argv, "stdin": stdin}}) + "\\n")
+if tool == "kubectl" and argv[:2] == ["config", "current-context"]:
+    print(os.environ.get("FAKE_CONTEXT", "kind-morgana"))
+elif tool == "kubectl" and argv[:1] == ["create"] and "--dry-run=client" in argv:
+    print("kind: " + argv[1].capitalize())
+"""
+
+
+@pytest.fixture
+def shims(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("helm", "kubectl", "docker"):
+        shim = bin_dir / tool
+        shim.write_text(SHIM.format(python=sys.executable))
+        shim.chmod(shim.stat().st_mode | stat.S_IXUSR)
+    yield bin_dir, tmp_path / "record.jsonl"

@@ -8,9 +8,7 @@ import json
 import os
 import re
 import shutil
-import stat
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,18 +32,6 @@ REPOS = {
     "valkey": "https://valkey.io/valkey-helm/",
     "livekit": "https://helm.livekit.io",
 }
-SHIM = """#!{python}
-import json, os, sys
-tool = os.path.basename(sys.argv[0])
-argv = sys.argv[1:]
-stdin = sys.stdin.read() if argv[-2:] == ["-f", "-"] else None
-with open(os.environ["RECORD"], "a") as f:
-    f.write(json.dumps({{"tool": tool, "argv": argv, "stdin": stdin}}) + "\\n")
-if tool == "kubectl" and argv[:2] == ["config", "current-context"]:
-    print(os.environ.get("FAKE_CONTEXT", "kind-morgana"))
-elif tool == "kubectl" and argv[:1] == ["create"] and "--dry-run=client" in argv:
-    print("kind: " + argv[1].capitalize())
-"""
 
 
 def run_install(*steps: str, env: dict[str, str] | None = None, path_prefix: Path | None = None,
@@ -106,17 +92,6 @@ def test_livekit_server_image_is_the_release_the_test_suite_runs() -> None:
 
 
 # ---- The full sequence, with recording stand-ins for helm, kubectl and docker ----
-
-@pytest.fixture
-def shims(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool in ("helm", "kubectl", "docker"):
-        shim = bin_dir / tool
-        shim.write_text(SHIM.format(python=sys.executable))
-        shim.chmod(shim.stat().st_mode | stat.S_IXUSR)
-    yield bin_dir, tmp_path / "record.jsonl"
-
 
 def recorded(record: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in record.read_text().splitlines()]
