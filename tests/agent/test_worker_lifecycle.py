@@ -1,6 +1,7 @@
 """The worker as operations see it: health, metrics, capacity, drain, LiveKit restarts, a dead API."""
 
 import asyncio
+import re
 import signal
 import time
 
@@ -83,6 +84,9 @@ def test_health_metrics_drain_and_reregistration(
                 metrics = httpx.get(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5).text
                 assert "lk_agents_worker_load" in metrics
                 assert "morgana_agent_active_calls 1.0" in metrics
+                # The framework's series survive its reset of the metrics directory at start-up.
+                assert re.search(r'^lk_agents_active_job_count\{nodename="[^"]+"\} 1\.0$', metrics, re.M), metrics
+                assert "lk_agents_proc_initialize_duration_seconds_count" in metrics
                 # SIGTERM mid-call: the worker stops taking jobs but the call goes on.
                 worker.process.send_signal(signal.SIGTERM)
                 await asyncio.sleep(2)

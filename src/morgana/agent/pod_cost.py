@@ -19,7 +19,7 @@ How it works, in the worker's main process (the job processes know nothing of it
   together becomes one PATCH of the final count. One task writes, so writes never reorder.
 - Writes are merge-PATCHes through lightkube's async client (credentials: the in-cluster service
   account, else `KUBECONFIG`; built in a thread so no file or TLS setup blocks the loop). A failed
-  write is logged, counted in `morgana_agent_pod_cost_errors_total`, and retried on the next
+  write is logged, counted in `morgana_agent_pod_cost_errors_total` (morgana.agent.metrics), and retried on the next
   change of the count or after a backoff (1 s doubling up to 30 s), whichever comes first; nothing
   here can raise into the worker.
 - On SIGTERM the worker drains: the loop keeps running, so the count follows the calls down to 0.
@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import Counter
+from morgana.agent import metrics
 
 if TYPE_CHECKING:
     from livekit.agents import AgentServer
@@ -56,11 +56,6 @@ COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
 FIELD_MANAGER = "morgana-agent"
 # livekit-agents' process pool events around a job (internal: only used to wake up early).
 _POOL_EVENTS = ("process_job_launched", "process_closed")
-
-ERRORS = Counter("pod_cost_errors_total",
-                 "Failed reads or writes of this worker's pod-deletion-cost annotation (retried).",
-                 namespace="morgana_agent")
-
 
 def _describe(exc: BaseException) -> dict[str, Any]:
     """Log fields for a failure: the API's status code and message when there is one."""
@@ -132,6 +127,7 @@ class PodDeletionCost:
     async def run(self, count: Callable[[], int]) -> None:
         """Until cancelled: keep the annotation equal to `count()`; never raises but on cancel."""
         self._wake = asyncio.Event()
+        metrics.POD_COST_ERRORS.inc(0)  # exported from the start (created after the worker's metrics reset)
         log.info("keeping the pod deletion cost equal to the active calls",
                  extra={"pod": self.pod_name, "namespace": self.namespace})
         attempted: int | None = None
@@ -153,7 +149,7 @@ class PodDeletionCost:
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # a bug here must not take calls down with it
-                    ERRORS.inc()
+                    metrics.POD_COST_ERRORS.inc()
                     log.exception("pod deletion cost loop failed; continuing")
                     await asyncio.sleep(self.poll_interval)
                 try:
@@ -214,7 +210,7 @@ class PodDeletionCost:
             raise
         except Exception as exc:
             self.failures += 1
-            ERRORS.inc()
+            metrics.POD_COST_ERRORS.inc()
             log.warning("could not set the pod deletion cost; will retry",
                         extra={"pod": self.pod_name, "namespace": self.namespace, "cost": cost,
                                "failures": self.failures, **_describe(exc)})
