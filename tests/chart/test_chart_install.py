@@ -152,6 +152,14 @@ def test_install_creates_every_component(release: str, client: httpx.Client) -> 
     assert base64.b64decode(secret["data"]["jwt-secret"]).decode().startswith("0f1e2d3c")
 
 
+def test_notes_tell_how_to_reach_and_check_the_release(release: str, kube: KubeApiServer) -> None:
+    notes = helm("get", "notes", RELEASE, "--namespace", NAMESPACE, kubeconfig=kube.kubeconfig).stdout
+    assert f"kubectl --namespace {NAMESPACE} port-forward svc/morgana-api 8000:8000" in notes
+    assert f"helm test {RELEASE} --namespace {NAMESPACE}" in notes
+    assert "kubectl --namespace voice get agentautoscalers" in notes
+    assert "WARNING" not in notes  # production values
+
+
 def test_crd_is_established_and_the_autoscaler_accepted(release: str, client: httpx.Client) -> None:
     assert established(client, "agentautoscalers.morgana.dev")
     autoscaler = get(client, f"/apis/morgana.dev/v1alpha1/namespaces/{NAMESPACE}/agentautoscalers/morgana-agent")

@@ -86,7 +86,9 @@ def test_image_installs_the_locked_agent_and_its_worker_registers_serves_and_dra
             metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
             assert metrics.status_code == 200
             assert "lk_agents_worker_load" in metrics.text
-            assert "morgana_agent_active_calls" in metrics.text
+            assert "morgana_agent_active_calls 0.0" in metrics.text
+            # The job processes' metrics go under /tmp, the only writable place in the pod.
+            assert list(container_tmp.rglob("*.db")), sorted(container_tmp.rglob("*"))
 
             # No calls in flight, so the drain is immediate and the exit clean.
             process.send_signal(signal.SIGTERM)
@@ -96,8 +98,8 @@ def test_image_installs_the_locked_agent_and_its_worker_registers_serves_and_dra
                 tail = log.read_text(errors="replace")[-6000:]
                 raise AssertionError(f"agent did not exit within 30 s of SIGTERM:\n{tail}") from None
             assert code == 0, log.read_text(errors="replace")[-6000:]
-            # The job processes' metrics went under /tmp, the only writable place in the pod.
-            assert list(container_tmp.rglob("*.db")), sorted(container_tmp.rglob("*"))
+            # The worker removed the metrics directory it made.
+            assert not list(container_tmp.glob("morgana-agent-metrics-*")), sorted(container_tmp.rglob("*"))
         finally:
             if process.poll() is None:
                 process.kill()

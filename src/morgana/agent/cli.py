@@ -4,7 +4,9 @@ Prometheus' multi-process mode is decided when prometheus_client is first import
 directory is set here, before livekit.agents (and its `lk_agents_*` metrics) load.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 
@@ -12,7 +14,10 @@ def main() -> None:
     from morgana.agent.config import get_settings
 
     settings = get_settings()
-    metrics_dir = settings.prometheus_multiproc_dir or tempfile.mkdtemp(prefix="morgana-agent-metrics-")
+    metrics_dir = settings.prometheus_multiproc_dir
+    if not metrics_dir:
+        metrics_dir = tempfile.mkdtemp(prefix="morgana-agent-metrics-")
+        atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)  # ours: gone with the worker
     os.makedirs(metrics_dir, exist_ok=True)  # an emptyDir starts empty
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     from livekit.agents import cli

@@ -37,6 +37,8 @@ def prewarm(proc: JobProcess) -> None:
     import openai.resources.audio  # noqa: F401
 
     proc.userdata["tls"] = ssl.create_default_context()
+    # Exported as 0 while idle (metrics are created on first use: see morgana.agent.metrics).
+    metrics.ACTIVE_CALLS.inc(0)
 
 
 def speech_client(settings: AgentSettings, base_url: str | None, tls: ssl.SSLContext) -> openai_sdk.AsyncClient:
