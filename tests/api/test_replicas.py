@@ -78,3 +78,27 @@ def test_history_and_tokens_survive_an_api_restart(api_env: dict, tmp_path_facto
             assert [m["content"] for m in stored] == ["remember me", "You said: remember me"]
     finally:
         process.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["uvicorn", "gunicorn"])
+def test_behind_a_trusted_proxy_limits_count_per_forwarded_client(api_env: dict, tmp_path, workers: int) -> None:
+    """The chart sets FORWARDED_ALLOW_IPS so that, behind an Ingress, each client has its own limit."""
+    env = {**api_env, "RATE_LIMIT_LOGIN": "2/minute", "FORWARDED_ALLOW_IPS": "*"}
+    with ApiProcess(env, tmp_path / "api.log", workers=workers) as api, \
+            httpx.Client(base_url=api.url, timeout=20) as client:
+        def login(ip: str) -> int:
+            return client.post("/api/v1/auth/login", data={"username": "x@example.com", "password": "nope"},
+                               headers={"X-Forwarded-For": ip}).status_code
+
+        first, second = f"203.0.113.{workers}", f"198.51.100.{workers}"
+        assert [login(first) for _ in range(3)] == [401, 401, 429]
+        assert login(second) == 401, "another client behind the same proxy was limited too"
+
+
+def test_forwarded_headers_are_ignored_unless_the_proxy_is_trusted(api_env: dict, tmp_path) -> None:
+    # Only some other address is a trusted proxy (uvicorn's default trusts loopback, i.e. us).
+    env = {**api_env, "RATE_LIMIT_LOGIN": "2/minute", "FORWARDED_ALLOW_IPS": "10.255.255.1"}
+    with ApiProcess(env, tmp_path / "api.log") as api, httpx.Client(base_url=api.url, timeout=20) as client:
+        statuses = [client.post("/api/v1/auth/login", data={"username": "x@example.com", "password": "nope"},
+                                headers={"X-Forwarded-For": f"192.0.2.{n}"}).status_code for n in range(3)]
+        assert statuses == [401, 401, 429], "a client escaped its limit by forging X-Forwarded-For"

@@ -232,7 +232,9 @@ def test_every_env_variable_the_chart_sets_is_read_by_its_process() -> None:
     """A misspelt variable would be silently ignored: each must be a setting (or a documented extra)."""
     from morgana.controller.config import ControllerSettings
 
-    api = settings_env_names(ApiSettings) | {"WEB_CONCURRENCY", "GUNICORN_GRACEFUL_TIMEOUT", "REDIS_PASSWORD"}
+    # Read by gunicorn_conf.py / uvicorn rather than the settings class:
+    api = settings_env_names(ApiSettings) | {"WEB_CONCURRENCY", "GUNICORN_GRACEFUL_TIMEOUT", "FORWARDED_ALLOW_IPS",
+                                             "REDIS_PASSWORD"}
     readers = {
         "api": api,
         "migrate": api,  # the same settings as the API it prepares

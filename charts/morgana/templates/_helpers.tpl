@@ -198,6 +198,7 @@ WEB_CONCURRENCY: {{ $v.api.workers | quote }}
 {{- /* Open chat streams finish inside the pod's grace period. */}}
 GUNICORN_GRACEFUL_TIMEOUT: {{ sub $v.api.terminationGracePeriodSeconds 10 | max 1 | quote }}
 CORS_ORIGINS: {{ join "," $v.api.corsOrigins | quote }}
+FORWARDED_ALLOW_IPS: {{ $v.api.forwardedAllowIps | quote }}
 RATE_LIMIT_ENABLED: {{ $v.api.rateLimits.enabled | quote }}
 RATE_LIMIT_REGISTER: {{ $v.api.rateLimits.register | quote }}
 RATE_LIMIT_LOGIN: {{ $v.api.rateLimits.login | quote }}

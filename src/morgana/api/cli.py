@@ -60,8 +60,9 @@ def serve(settings: ApiSettings, workers: int, reload: bool) -> None:
     if workers > 1:
         # gunicorn manages uvicorn workers; its config reads PORT and WEB_CONCURRENCY.
         os.environ["WEB_CONCURRENCY"] = str(workers)
-        os.execvp("gunicorn", ["gunicorn", "-c", "python:morgana.api.gunicorn_conf",
-                               "morgana.api.asgi:app"])
+        # This interpreter's gunicorn, whatever PATH holds; exec so that it gets the signals.
+        os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "-c", "python:morgana.api.gunicorn_conf",
+                                  "morgana.api.asgi:app"])
     import uvicorn
 
     uvicorn.run(
