@@ -42,7 +42,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 
-from bench.common import cell, cpu_model, mem_total_mib, percentile, ratio, render_table, rounded
+from bench.common import ResultLines, cell, cpu_model, mem_total_mib, percentile, ratio, render_table, rounded
 from morgana.devtools.openai_server import FakeOpenAIProcess
 from morgana.devtools.processes import ApiProcess, migrate
 from morgana.devtools.services import EmbeddedPostgres, EmbeddedValkey, free_port
@@ -114,15 +114,8 @@ def raise_fd_limit(wanted: int = 8192) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-class Results:
+class Results(ResultLines):
     """Collects result lines: printed at once (stdout), written and tabulated at the end."""
-
-    def __init__(self) -> None:
-        self.lines: list[dict] = []
-
-    def emit(self, record: dict) -> None:
-        self.lines.append(record)
-        print(json.dumps(record), flush=True)
 
     def add(
         self,
@@ -143,10 +136,6 @@ class Results:
         }
         record.update({k: v for k, v in extra.items() if v is not None})
         self.emit(record)
-
-    def write(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(line) + "\n" for line in self.lines))
 
     def table(self) -> str:
         rows = [("bench", "metric", "morgana", "baseline", "ratio", "unit")]

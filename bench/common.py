@@ -1,6 +1,7 @@
-"""What both benchmarks share: percentiles, ratios, and the machine they ran on."""
+"""What the benchmarks share: percentiles, ratios, result lines and tables, and the machine they ran on."""
 
 import contextlib
+import json
 import math
 import platform
 from pathlib import Path
@@ -67,3 +68,18 @@ def render_table(rows: list[tuple[str, ...]], left: tuple[int, ...] = ()) -> str
         if index == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+class ResultLines:
+    """Result records: each printed as a JSON line at once, all written to a file at the end."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict] = []
+
+    def emit(self, record: dict) -> None:
+        self.lines.append(record)
+        print(json.dumps(record), flush=True)
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(line) + "\n" for line in self.lines))

@@ -49,7 +49,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import cell, cpu_model, mem_total_mib, percentile, ratio, render_table, rounded
+from bench.common import ResultLines, cell, cpu_model, mem_total_mib, percentile, ratio, render_table, rounded
 from morgana.devtools.kube_apiserver import KubeApiServer
 from morgana.devtools.livekit_server import LiveKitServer
 from tests.controller.harness import Cluster, ControllerProcess, Crowd, eventually, metric_value
@@ -121,23 +121,12 @@ class ReplicaWatch:
                 self.changed.wait(deadline - time.monotonic())
 
 
-class Results:
-    def __init__(self) -> None:
-        self.lines: list[dict] = []
-
-    def emit(self, record: dict) -> None:
-        self.lines.append(record)
-        print(json.dumps(record), flush=True)
-
+class Results(ResultLines):
     def add(self, bench: str, metric: str, value: float | None, anchor: float | None, unit: str, **extra: object) -> None:
         record = {"bench": bench, "metric": metric, "value": rounded(value), "anchor": rounded(anchor),
                   "ratio": rounded(ratio(value, anchor)), "unit": unit}
         record.update({k: v for k, v in extra.items() if v is not None})
         self.emit(record)
-
-    def write(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(line) + "\n" for line in self.lines))
 
     def table(self) -> str:
         rows = [("bench", "metric", "morgana", "anchor", "ratio", "unit", "note")]

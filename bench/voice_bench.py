@@ -59,7 +59,7 @@ import numpy as np
 import psutil
 from livekit import rtc
 
-from bench.common import cell, cpu_model, mem_total_mib, percentile, ratio, render_table, rounded
+from bench.common import ResultLines, cell, cpu_model, mem_total_mib, percentile, ratio, render_table, rounded
 from morgana.devtools.livekit_server import LiveKitServer
 from morgana.devtools.openai_server import FakeOpenAIProcess
 from morgana.devtools.processes import AgentWorker, ApiProcess, migrate
@@ -214,15 +214,8 @@ def trimmed_speech(samples: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- results
 
 
-class Results:
+class Results(ResultLines):
     """Collects result lines: printed at once (stdout), written and tabulated at the end."""
-
-    def __init__(self) -> None:
-        self.lines: list[dict] = []
-
-    def emit(self, record: dict) -> None:
-        self.lines.append(record)
-        print(json.dumps(record), flush=True)
 
     def add(
         self, bench: str, metric: str, value: float | None, baseline: float | None, unit: str, **extra: object
@@ -237,10 +230,6 @@ class Results:
         }
         record.update({k: v for k, v in extra.items() if v is not None})
         self.emit(record)
-
-    def write(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(line) + "\n" for line in self.lines))
 
     def table(self) -> str:
         rows = [("bench", "metric", "value", "baseline", "ratio", "unit", "note")]
