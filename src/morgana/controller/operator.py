@@ -71,7 +71,9 @@ class Blocked(Exception):
         self.error_kind = error_kind
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, id="autoscale", cancellation_timeout=10.0)
+# On a stop, a tick in progress may finish (a tick is bounded by LiveKit's timeout) before kopf
+# cancels the daemon: a cancelled daemon could not take its finalizer off.
+@kopf.daemon(GROUP, VERSION, PLURAL, id="autoscale", cancellation_backoff=5.0, cancellation_timeout=10.0)
 async def autoscale(body: kopf.Body, name: str, namespace: str, stopped: kopf.DaemonStopped,
                     memo: kopf.Memo, **_: Any) -> None:
     """Runs for as long as the resource exists and this replica leads (kopf peering).
@@ -88,9 +90,18 @@ async def autoscale(body: kopf.Body, name: str, namespace: str, stopped: kopf.Da
             interval = await autoscaler.tick()
             await stopped.wait(max(interval - (time.monotonic() - started), 0.0))
     finally:
-        await autoscaler.close()
         if stopped.reason is not None and stopped.reason & kopf.DaemonStoppingReason.OPERATOR_EXITING:
-            await autoscaler.release_finalizer()
+            # Shielded: a cancellation arriving meanwhile must not cut the patch short.
+            release = asyncio.ensure_future(autoscaler.release_finalizer())
+            try:
+                await asyncio.shield(release)
+            except asyncio.CancelledError:
+                await asyncio.wait([release], timeout=5)
+                raise
+            finally:
+                await autoscaler.close()
+        else:
+            await autoscaler.close()
 
 
 class Autoscaler:
@@ -309,7 +320,12 @@ class Autoscaler:
             await self.reader.aclose()
 
     async def release_finalizer(self) -> None:
-        finalizers = list(self.body.get("metadata", {}).get("finalizers") or [])
+        try:  # the server's view: kopf's copy of the body may lag behind its own finalizer patch
+            current = await self.kube.get(AgentAutoscalerResource, self.name, namespace=self.namespace)
+        except Exception as exc:
+            log.info("[%s/%s] finalizer left in place: %s", self.namespace, self.name, exc, extra=self.labels)
+            return
+        finalizers = list((current.metadata.finalizers if current.metadata else None) or [])
         if FINALIZER not in finalizers:
             return
         index = finalizers.index(FINALIZER)
