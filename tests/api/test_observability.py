@@ -22,6 +22,28 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
     raise AssertionError(f"{prefix} not in /metrics")
 
 
+def test_an_open_chat_stream_is_counted_in_flight(client: httpx.Client, chat_session: dict, fake_openai) -> None:
+    token = chat_session["token"]["access_token"]
+    stream = 'handler="/api/v1/chatbot/chat/stream",method="POST"'
+    fake_openai.queue_scenario(tokens=40, delay_ms=50)
+    with client.stream("POST", "/api/v1/chatbot/chat/stream", headers=bearer(token),
+                       json={"messages": [{"role": "user", "content": "a slow one"}]}) as response:
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data:"))  # the reply is streaming now
+        during = client.get("/metrics").text
+        assert metric_value(during, "morgana_api_http_requests_inprogress", stream) == 1
+        assert metric_value(during, "morgana_api_chat_streams_open") == 1
+        for _ in lines:
+            pass
+    deadline = time.monotonic() + 3
+    after = client.get("/metrics").text
+    while metric_value(after, "morgana_api_http_requests_inprogress", stream) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = client.get("/metrics").text
+    assert metric_value(after, "morgana_api_http_requests_inprogress", stream) == 0
+    assert metric_value(after, "morgana_api_chat_streams_open") == 0
+
+
 def test_metrics_cover_routes_streams_model_and_pool(client: httpx.Client, chat_session: dict) -> None:
     token = chat_session["token"]["access_token"]
     before = client.get("/metrics").text
