@@ -9,11 +9,8 @@ in its namespace.
 """
 
 import asyncio
-import base64
-import json
-import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,7 +19,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from morgana.agent.pod_cost import COST_ANNOTATION, PodDeletionCost
-from morgana.devtools.kube_apiserver import KubeApiServer
+from morgana.devtools.kube_apiserver import KubeApiServer, KubeClient
+from morgana.devtools.services import eventually
 from morgana.devtools.openai_server import FakeOpenAIProcess
 from morgana.devtools.processes import AgentWorker, ApiProcess
 from morgana.devtools.voice_client import Caller, speech_pcm, wait_for
@@ -38,42 +36,8 @@ LABELS = {"app.kubernetes.io/name": "morgana-agent"}
 AGENT_NAME = "pod-cost-agent"  # only this module's workers take these calls
 
 
-class Cluster:
-    """The API server through its REST API, as the admin (or as another bearer token)."""
-
-    def __init__(self, kube: KubeApiServer, token: str | None = None) -> None:
-        self.kube = kube
-        self.http = httpx.Client(base_url=kube.url, timeout=10,
-                                 headers={"Authorization": f"Bearer {token or kube.token}"},
-                                 verify=ssl.create_default_context(cafile=str(kube.ca_file)))
-
-    def as_token(self, token: str) -> "Cluster":
-        return Cluster(self.kube, token)
-
-    def create(self, path: str, body: dict) -> dict:
-        response = self.http.post(path, json=body)
-        assert response.status_code == 201, response.text
-        return response.json()
-
-    def service_account_token(self, name: str, namespace: str = NAMESPACE) -> str:
-        """A token minted by the TokenRequest API, as the kubelet mounts one into a pod."""
-        response = self.http.post(f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token",
-                                  json={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                                        "spec": {"expirationSeconds": 3600}})
-        assert response.status_code == 201, response.text
-        return response.json()["status"]["token"]
-
-    def kubeconfig(self, token: str, path: Path) -> Path:
-        ca = base64.b64encode(self.kube.ca_file.read_bytes()).decode()
-        path.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config",
-            "clusters": [{"name": "test", "cluster": {"server": self.kube.url, "certificate-authority-data": ca}}],
-            "users": [{"name": "worker", "user": {"token": token}}],
-            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "worker", "namespace": NAMESPACE}}],
-            "current-context": "test",
-        }))
-        path.chmod(0o600)
-        return path
+class Cluster(KubeClient):
+    """The API server through its REST API, with the Deployment's pods and their costs."""
 
     def bind(self, service_account: str, namespace: str = NAMESPACE) -> None:
         self.create(f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings", {
@@ -99,19 +63,9 @@ class Cluster:
         response.raise_for_status()
         return (response.json()["metadata"].get("annotations") or {}).get(COST_ANNOTATION)
 
-    def scale(self, replicas: int) -> httpx.Response:
-        return self.http.patch(f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/{DEPLOYMENT}/scale",
-                               headers={"Content-Type": "application/merge-patch+json"},
-                               content=json.dumps({"spec": {"replicas": replicas}}))
-
-
-def eventually(check: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
+    def scale(self, replicas: int, ok: tuple[int, ...] = (200,)) -> httpx.Response:
+        return self.request("PATCH", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/{DEPLOYMENT}/scale",
+                            {"spec": {"replicas": replicas}}, merge=True, ok=ok)
 
 
 @pytest.fixture(scope="module")
@@ -151,13 +105,13 @@ def test_scale_down_removes_the_idle_workers_and_the_call_goes_on(
     assert all(cost is None for cost in cluster.costs().values())
 
     # The workers' credentials: a token of the service account bound to the pods get/patch Role.
-    token = cluster.service_account_token(SERVICE_ACCOUNT)
-    kubeconfig = cluster.kubeconfig(token, tmp_path / "kubeconfig")
+    token = cluster.service_account_token(NAMESPACE, SERVICE_ACCOUNT)
+    kubeconfig = cluster.kube.token_kubeconfig(token, tmp_path / "kubeconfig", namespace=NAMESPACE)
     worker_view = cluster.as_token(token)
     assert worker_view.http.get(f"/api/v1/namespaces/{NAMESPACE}/pods/{pods[0]}").status_code == 200
     assert worker_view.http.get(f"/api/v1/namespaces/{NAMESPACE}/pods").status_code == 403  # no list
     assert worker_view.http.delete(f"/api/v1/namespaces/{NAMESPACE}/pods/{pods[0]}").status_code == 403
-    assert worker_view.scale(5).status_code == 403
+    worker_view.scale(5, ok=(403,))  # may not scale
     assert worker_view.http.get("/api/v1/namespaces/default/pods/anything").status_code == 403
     worker_view.http.close()
 
@@ -263,8 +217,8 @@ def test_failures_are_counted_and_retried_and_a_burst_is_one_write(
                  "containers": [{"name": "agent", "image": "registry.invalid/morgana-agent:test"}]},
     })
     # Not bound to the Role yet: every request is forbidden.
-    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig(cluster.service_account_token("late"),
-                                                            tmp_path / "kubeconfig")))
+    token = cluster.service_account_token(NAMESPACE, "late")
+    monkeypatch.setenv("KUBECONFIG", str(cluster.kube.token_kubeconfig(token, tmp_path / "kubeconfig")))
     jobs = [0]
 
     async def scenario() -> None:

@@ -14,14 +14,14 @@ import base64
 import datetime
 import ssl
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
 import yaml
 
 from morgana.devtools.kube_apiserver import KubeApiServer, servicemonitor_crd
+from morgana.devtools.services import eventually
 from tests.chart.helm import CHART, DEFAULT_VALUES, helm
 
 NAMESPACE = "voice"
@@ -32,17 +32,6 @@ MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
 def ok(response: httpx.Response) -> dict:
     assert response.is_success, f"{response.request.method} {response.request.url}: {response.status_code} {response.text}"
     return response.json()
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 30, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)
 
 
 class HookRunner(threading.Thread):
@@ -117,7 +106,7 @@ def release(kube: KubeApiServer, client: httpx.Client, hooks: HookRunner) -> str
     """The chart installed with its defaults, ServiceMonitors on (the Prometheus Operator's CRD installed first)."""
     crd = yaml.safe_load(servicemonitor_crd().read_text())
     ok(client.post("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", json=crd))
-    wait_for(lambda: established(client, crd["metadata"]["name"]), what="the ServiceMonitor CRD")
+    eventually(lambda: established(client, crd["metadata"]["name"]), 30, what="the ServiceMonitor CRD")
     create_namespace(client, NAMESPACE)
     helm("install", RELEASE, CHART, "--namespace", NAMESPACE, "-f", DEFAULT_VALUES,
          "--set", "metrics.serviceMonitor.enabled=true", "--timeout", "2m", kubeconfig=kube.kubeconfig)
@@ -192,7 +181,7 @@ def test_controller_manager_creates_pods_from_the_deployments(release: str, clie
         pods = get(client, f"/api/v1/namespaces/{NAMESPACE}/pods?labelSelector={selector}")["items"]
         return pods if len(pods) == 2 else []
 
-    pods = wait_for(api_pods, what="two API pods")
+    pods = eventually(api_pods, 30, what="two API pods")
     for pod in pods:
         container = pod["spec"]["containers"][0]
         assert container["securityContext"]["readOnlyRootFilesystem"] is True

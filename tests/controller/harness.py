@@ -10,12 +10,9 @@ reports the Deployment's Pods Running and Ready, as a kubelet would once their c
 from __future__ import annotations
 
 import asyncio
-import base64
 import inspect
-import json
 import os
 import re
-import ssl
 import sys
 import threading
 import time
@@ -28,26 +25,14 @@ import yaml
 from livekit import api, rtc
 
 import morgana.controller
-from morgana.devtools.kube_apiserver import KubeApiServer
+from morgana.devtools.kube_apiserver import KubeClient
 from morgana.devtools.livekit_server import LiveKitServer
 from morgana.devtools.processes import ChildProcess
-from morgana.devtools.services import free_port
+from morgana.devtools.services import eventually, free_port  # noqa: F401 (eventually: re-exported)
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT / "charts" / "morgana" / "crds"
 AAS_PATH = "/apis/morgana.dev/v1alpha1/namespaces/{ns}/agentautoscalers"
-
-
-def eventually(check: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
-    """Poll `check` until it returns something truthy; its value, or AssertionError after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s (last: {value!r})")
-        time.sleep(interval)
 
 
 def documented_rules(mode: str) -> list[dict]:
@@ -58,33 +43,8 @@ def documented_rules(mode: str) -> list[dict]:
     return yaml.safe_load(match[1])
 
 
-class Cluster:
-    """The API server through its REST API, as the admin or as another bearer token."""
-
-    def __init__(self, kube: KubeApiServer, token: str | None = None) -> None:
-        self.kube = kube
-        self.http = httpx.Client(base_url=kube.url, timeout=15,
-                                 headers={"Authorization": f"Bearer {token or kube.token}"},
-                                 verify=ssl.create_default_context(cafile=str(kube.ca_file)))
-
-    def request(self, method: str, path: str, body: Any = None, *, ok: Iterable[int] = (200, 201),
-                merge: bool = False, **kwargs: Any) -> httpx.Response:
-        headers = {**({"Content-Type": "application/merge-patch+json"} if merge else {}), **kwargs.pop("headers", {})}
-        response = self.http.request(method, path, json=body, headers=headers, **kwargs)
-        assert response.status_code in ok, f"{method} {path}: {response.status_code} {response.text}"
-        return response
-
-    def create(self, path: str, body: dict) -> dict:
-        return self.request("POST", path, body).json()
-
-    def get(self, path: str) -> dict:
-        return self.request("GET", path).json()
-
-    def patch(self, path: str, body: dict) -> dict:
-        return self.request("PATCH", path, body, merge=True).json()
-
-    def delete(self, path: str) -> None:
-        self.request("DELETE", path, ok=(200, 202, 404))
+class Cluster(KubeClient):
+    """The API server through its REST API, with what the controller's tests set up and read."""
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -98,9 +58,6 @@ class Cluster:
     def _established(self, crd: str) -> bool:
         status = self.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd}").get("status") or {}
         return any(c["type"] == "Established" and c["status"] == "True" for c in status.get("conditions") or [])
-
-    def namespace(self, name: str) -> None:
-        self.request("POST", "/api/v1/namespaces", {"metadata": {"name": name}}, ok=(201, 409))
 
     def service_account_kubeconfig(self, namespace: str, name: str, rules: list[dict], path: Path,
                                    *, clusterwide: bool = False) -> Path:
@@ -119,19 +76,8 @@ class Cluster:
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": name},
             "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
         })
-        token = self.create(f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token", {
-            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-            "spec": {"expirationSeconds": 3600}})["status"]["token"]
-        ca = base64.b64encode(self.kube.ca_file.read_bytes()).decode()
-        path.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config",
-            "clusters": [{"name": "test", "cluster": {"server": self.kube.url, "certificate-authority-data": ca}}],
-            "users": [{"name": name, "user": {"token": token}}],
-            "contexts": [{"name": "test", "context": {"cluster": "test", "user": name, "namespace": namespace}}],
-            "current-context": "test",
-        }))
-        path.chmod(0o600)
-        return path
+        token = self.service_account_token(namespace, name)
+        return self.kube.token_kubeconfig(token, path, user=name, namespace=namespace)
 
     def livekit_secret(self, namespace: str, name: str, livekit: LiveKitServer) -> None:
         self.create(f"/api/v1/namespaces/{namespace}/secrets", {

@@ -13,6 +13,10 @@ Without it, objects are stored and validated (RBAC, admission, CRDs) but nothing
                   verify=ssl.create_default_context(cafile=kube.ca_file))
         subprocess.run(["helm", "--kubeconfig", str(kube.kubeconfig), "list", "-A"])
 
+`KubeClient(kube)` is the tests' REST view of it (as the admin, or `.as_token(...)` as someone
+else), and `kube.token_kubeconfig(token, path)` a kubeconfig for any bearer token, e.g. one the
+TokenRequest API minted for a ServiceAccount bound to a least-privilege Role.
+
 Everything is offline and on 127.0.0.1 with free ports: a fresh CA signs the serving cert,
 a fresh key pair signs service-account tokens, and one static token (`.token`) authenticates
 user "admin" in group system:masters. Authorization is RBAC, so least-privilege checks can
@@ -34,8 +38,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 
+import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -290,7 +296,12 @@ class KubeApiServer:
             time.sleep(0.2)
 
     def _write_kubeconfig(self) -> None:
-        """JSON is YAML: helm, kubectl and client libraries all read this."""
+        self.token_kubeconfig(self.token, self.kubeconfig, user="admin")
+
+    def token_kubeconfig(self, token: str, path: Path, *, user: str = "user", namespace: str | None = None) -> Path:
+        """A kubeconfig for this server with a bearer token (JSON is YAML: helm, kubectl and
+        client libraries all read it)."""
+        context = {"cluster": "morgana-test", "user": user, **({"namespace": namespace} if namespace else {})}
         config = {
             "apiVersion": "v1",
             "kind": "Config",
@@ -303,12 +314,13 @@ class KubeApiServer:
                     },
                 }
             ],
-            "users": [{"name": "admin", "user": {"token": self.token}}],
-            "contexts": [{"name": "morgana-test", "context": {"cluster": "morgana-test", "user": "admin"}}],
+            "users": [{"name": user, "user": {"token": token}}],
+            "contexts": [{"name": "morgana-test", "context": context}],
             "current-context": "morgana-test",
         }
-        self.kubeconfig.write_text(json.dumps(config, indent=2))
-        self.kubeconfig.chmod(0o600)
+        path.write_text(json.dumps(config, indent=2))
+        path.chmod(0o600)
+        return path
 
     def log_tail(self, tool: str, lines: int = 40) -> str:
         try:
@@ -336,3 +348,45 @@ class KubeApiServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class KubeClient:
+    """The API server over plain REST, as the admin or with another bearer token (tests' view)."""
+
+    def __init__(self, kube: KubeApiServer, token: str | None = None, timeout: float = 15) -> None:
+        self.kube = kube
+        self.http = httpx.Client(base_url=kube.url, timeout=timeout,
+                                 headers={"Authorization": f"Bearer {token or kube.token}"},
+                                 verify=ssl.create_default_context(cafile=str(kube.ca_file)))
+
+    def as_token(self, token: str) -> "KubeClient":
+        return type(self)(self.kube, token)
+
+    def request(self, method: str, path: str, body: object = None, *, ok: Iterable[int] = (200, 201),
+                merge: bool = False, **kwargs: object) -> httpx.Response:
+        headers = {**({"Content-Type": "application/merge-patch+json"} if merge else {}),
+                   **kwargs.pop("headers", {})}  # type: ignore[dict-item]
+        response = self.http.request(method, path, json=body, headers=headers, **kwargs)  # type: ignore[arg-type]
+        assert response.status_code in ok, f"{method} {path}: {response.status_code} {response.text}"
+        return response
+
+    def create(self, path: str, body: dict) -> dict:
+        return self.request("POST", path, body).json()
+
+    def get(self, path: str) -> dict:
+        return self.request("GET", path).json()
+
+    def patch(self, path: str, body: dict) -> dict:
+        return self.request("PATCH", path, body, merge=True).json()
+
+    def delete(self, path: str) -> None:
+        self.request("DELETE", path, ok=(200, 202, 404))
+
+    def namespace(self, name: str) -> None:
+        self.request("POST", "/api/v1/namespaces", {"metadata": {"name": name}}, ok=(201, 409))
+
+    def service_account_token(self, namespace: str, name: str) -> str:
+        """A token from the TokenRequest API, as the kubelet mounts one into a pod."""
+        return self.create(f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token", {
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"expirationSeconds": 3600}})["status"]["token"]

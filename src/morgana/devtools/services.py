@@ -17,6 +17,18 @@ from urllib.parse import quote
 warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 
 
+def eventually(check, timeout: float, interval: float = 0.1, what: str = "condition"):
+    """Poll `check` until it returns something truthy; that value, or AssertionError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout} s (last: {value!r})")
+        time.sleep(interval)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
