@@ -64,9 +64,9 @@ yaml_quote() {
   printf '"%s"' "${value//\"/\\\"}"
 }
 
-# A password the API accepts for its service account: lower and upper case, a digit, a symbol.
+# The voice agent's password: a random machine secret (the API asks 16+ characters).
 gen_agent_password() {
-  printf 'Agent-%s-Morgana9' "$(openssl rand -hex 16)"
+  openssl rand -hex 16
 }
 
 # 3. Credentials: from the environment, else what the cluster already has, else new ones.

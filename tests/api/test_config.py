@@ -81,3 +81,16 @@ def test_env_example_documents_every_setting() -> None:
     assert settings - documented == set()
     # And the variables the spec names for the whole system.
     assert {"MORGANA_BACKEND_URL", "API_USER_EMAIL", "API_USER_PASSWORD", "OPENAI_API_KEY"} <= documented
+
+
+def test_the_agents_password_is_a_long_random_secret_without_character_classes() -> None:
+    """`openssl rand -hex 16`, the chart README's recipe, is accepted; short or placeholder ones are not."""
+    account = {**SAFE, "environment": "production", "api_user_email": "agent@example.com"}
+    generated = subprocess.run(["openssl", "rand", "-hex", "16"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+    assert ApiSettings(**account, api_user_password=generated).unsafe_settings() == []
+    for weak in ("Sh0rt_Passw0rd!", "changeme"):
+        with pytest.raises((ConfigurationError, ValidationError), match="API_USER_PASSWORD .* openssl rand -hex 16"):
+            ApiSettings(**account, api_user_password=weak)
+    with pytest.raises((ConfigurationError, ValidationError), match="API_USER_EMAIL is set without API_USER_PASSWORD"):
+        ApiSettings(**account)

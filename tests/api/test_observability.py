@@ -1,6 +1,7 @@
 """/metrics, request ids, secret-free JSON logs, OTLP traces, and the gunicorn entry point."""
 
 import json
+import secrets
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -9,7 +10,7 @@ import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from morgana.devtools.processes import ApiProcess
+from morgana.devtools.processes import ApiProcess, migrate
 from tests.api.sse import stream_chat
 from tests.conftest import bearer, new_session, register, unique_email
 
@@ -176,3 +177,26 @@ def test_gunicorn_with_uvicorn_workers_serves_and_sums_metrics(api_env: dict, tm
         assert metric_value(text, "morgana_api_db_pool_size") == 20
         workers = {line for line in process.log_path.read_text().splitlines() if "Booting worker" in line}
         assert len(workers) == 2
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_command_starts_with_an_empty_tmp_and_no_home(api_env: dict, tmp_path, workers: int) -> None:
+    """As in the image's pods: PROMETHEUS_MULTIPROC_DIR under an empty /tmp, and no home directory.
+    `migrate` and `serve` (uvicorn alone, or gunicorn) make the metrics directory themselves, and
+    gunicorn's own lines are JSON like every other line, once each, with no control socket."""
+    home = tmp_path / "not-a-directory"
+    home.touch()
+    env = {**api_env, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "migrate-tmp" / "prometheus"), "HOME": str(home),
+           "API_USER_EMAIL": f"agent-{secrets.token_hex(4)}@example.com", "API_USER_PASSWORD": secrets.token_hex(16)}
+    migrate(env)  # creating the agent's account imports the API's metrics
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "serve-tmp" / "prometheus")
+    log = tmp_path / "api.log"
+    with ApiProcess(env, log, workers=workers) as process, httpx.Client(base_url=process.url, timeout=20) as http:
+        assert http.get("/health").status_code == 200
+        metrics = http.get("/metrics")
+        assert metrics.status_code == 200 and "morgana_api_chat_streams_open" in metrics.text
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    assert not [r for r in records if r["level"] in ("ERROR", "CRITICAL")], records
+    if workers > 1:
+        messages = [r["message"] for r in records if r["logger"] == "gunicorn.error"]
+        assert sum(m.startswith("Listening at:") for m in messages) == 1, messages

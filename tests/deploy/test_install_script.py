@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from morgana.api.schemas import password_problems
+from morgana.api.config import service_password_problem
 from morgana.devtools.kube_apiserver import KubeApiServer, ensure_binaries
 from tests.deploy.conftest import (
     INSTALL_SH,
@@ -232,7 +232,7 @@ def test_secrets_are_generated_kept_and_overridden(kube: KubeApiServer) -> None:
     assert len(livekit["api-secret"]) >= 32 and livekit["api-key"].startswith("API")
     assert set(morgana) == {"jwt-secret", "openai-api-key", "agent-password"}
     assert re.fullmatch(r"[0-9a-f]{64}", morgana["jwt-secret"])
-    assert password_problems(morgana["agent-password"]) == []
+    assert service_password_problem(morgana["agent-password"]) is None
     assert morgana["openai-api-key"] == "not-configured"
 
     # Run again: nothing changes (users stay logged in, LiveKit and Morgana keep matching).

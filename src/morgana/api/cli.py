@@ -9,8 +9,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from morgana.api.config import ApiSettings, ConfigurationError
+from morgana.api.config import ApiSettings, ConfigurationError, service_password_problem
 from morgana.core.logging import configure_logging
+from morgana.core.multiprocess import prepare_multiprocess_dir
 
 log = logging.getLogger("morgana.api.cli")
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -41,13 +42,13 @@ def migrate(settings: ApiSettings) -> None:
 
 async def _ensure_service_account(settings: ApiSettings) -> None:
     from morgana.api.db import create_engine, create_session_factory
-    from morgana.api.schemas import password_problems
     from morgana.api.services.users import ensure_service_account
 
     assert settings.api_user_email and settings.api_user_password
     password = settings.api_user_password.get_secret_value()
-    if problems := password_problems(password):
-        raise SystemExit("morgana-api: API_USER_PASSWORD needs " + ", ".join(problems))
+    # Refused in development too: the account is reachable through the public login.
+    if problem := service_password_problem(password):
+        raise SystemExit(f"morgana-api: {problem}")
     engine = create_engine(settings)
     try:
         async with create_session_factory(engine)() as db:
@@ -61,8 +62,10 @@ def serve(settings: ApiSettings, workers: int, reload: bool) -> None:
         # gunicorn manages uvicorn workers; its config reads PORT and WEB_CONCURRENCY.
         os.environ["WEB_CONCURRENCY"] = str(workers)
         # This interpreter's gunicorn, whatever PATH holds; exec so that it gets the signals.
+        # Its on_starting hook prepares the metrics directory.
         os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "-c", "python:morgana.api.gunicorn_conf",
                                   "morgana.api.asgi:app"])
+    prepare_multiprocess_dir(clear=True)
     import uvicorn
 
     uvicorn.run(

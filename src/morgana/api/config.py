@@ -24,6 +24,17 @@ PLACEHOLDER_SECRETS = {
     "replace-me",
 }
 MIN_SECRET_LENGTH = 32
+# The voice agent's password is a machine-generated secret (`openssl rand -hex 16`): what
+# guards it is length and randomness, not the character classes asked of people's passwords.
+MIN_SERVICE_PASSWORD_LENGTH = 16
+
+
+def service_password_problem(password: str) -> str | None:
+    """Why API_USER_PASSWORD cannot guard the agent's account, or None when it can."""
+    if password.lower() in PLACEHOLDER_SECRETS or len(password) < MIN_SERVICE_PASSWORD_LENGTH:
+        return (f"API_USER_PASSWORD is a placeholder or shorter than {MIN_SERVICE_PASSWORD_LENGTH} "
+                "characters (generate one with: openssl rand -hex 16)")
+    return None
 
 
 class ConfigurationError(ValueError):
@@ -151,6 +162,9 @@ class ApiSettings(CoreSettings):
                 )
         if self.api_user_email and not self.api_user_password:
             problems.append("API_USER_EMAIL is set without API_USER_PASSWORD")
+        elif self.api_user_email and self.api_user_password:
+            if problem := service_password_problem(self.api_user_password.get_secret_value()):
+                problems.append(problem)
         return problems
 
     @computed_field  # type: ignore[prop-decorator]

@@ -3,7 +3,12 @@
 import multiprocessing
 import os
 
+from gunicorn import glogging
 from prometheus_client import multiprocess
+
+from morgana.core.logging import configure_logging
+from morgana.core.multiprocess import prepare_multiprocess_dir
+from morgana.core.settings import CoreSettings
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
 worker_class = "uvicorn_worker.UvicornWorker"
@@ -14,18 +19,32 @@ graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
 keepalive = 5
 # Heartbeat files in memory: works with a read-only root filesystem.
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+# No `gunicornc` control socket: signals do its job in a container, and its default place
+# ($HOME/.gunicorn) cannot be created on a read-only root where the user has no home.
+control_socket_disable = True
 accesslog = None
-logconfig_dict = {"version": 1, "disable_existing_loggers": False}
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
 
 
+class JsonLogger(glogging.Logger):
+    """gunicorn's own lines (the arbiter's and the workers') through Morgana's one JSON handler,
+    instead of gunicorn's plain-text handlers, which also repeated each line through the root."""
+
+    def setup(self, cfg) -> None:  # type: ignore[no-untyped-def]
+        super().setup(cfg)
+        for log in (self.error_log, self.access_log):
+            for handler in list(log.handlers):
+                log.removeHandler(handler)
+            log.propagate = True
+        settings = CoreSettings()
+        configure_logging(settings.log_level, settings.log_format)
+
+
+logger_class = JsonLogger
+
+
 def on_starting(server) -> None:  # type: ignore[no-untyped-def]
-    # Stale files from a previous run would be summed into the new one's metrics.
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-        for name in os.listdir(directory):
-            os.remove(os.path.join(directory, name))
+    prepare_multiprocess_dir(clear=True)
 
 
 def child_exit(server, worker) -> None:  # type: ignore[no-untyped-def]

@@ -6,6 +6,12 @@ gauges say how to combine workers ("livesum": only live workers, summed).
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from morgana.core.multiprocess import prepare_multiprocess_dir
+
+# Each metric opens its file in PROMETHEUS_MULTIPROC_DIR as it is created: whatever imports
+# this module (the server, `migrate`, a script), the directory must exist by then.
+prepare_multiprocess_dir()
+
 NAMESPACE = "morgana_api"
 
 CHAT_STREAMS_OPEN = Gauge(
