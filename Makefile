@@ -28,9 +28,11 @@ install: $(if $(filter .cache/uv/bin/uv,$(UV)),.cache/uv/bin/uv)
 run: install
 	.venv/bin/python -m morgana.devtools.run
 
-# Debian packages (espeak-ng for the speech stand-in, shellcheck), and from the Go module proxy
-# at pinned releases a LiveKit server, helm, etcd, kube-apiserver, kube-controller-manager and
-# kubectl, cached in ~/.cache/morgana/tools (reused by CI; the first build takes several minutes).
+# Debian packages (espeak-ng for the speech stand-in, shellcheck, podman/buildah/runc/mmdebstrap
+# for the images), and from the Go module proxy at pinned releases a LiveKit server, helm, etcd,
+# kube-apiserver, kube-controller-manager and kubectl, cached in ~/.cache/morgana/tools (reused by
+# CI; the first build takes several minutes). The images themselves are built by the tests
+# (scripts/build-images.sh), from the code under test.
 test-tools:
 	bash scripts/install-test-deps.sh
 	bash scripts/build-livekit-server.sh

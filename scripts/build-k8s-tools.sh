@@ -166,8 +166,9 @@ ensure_servicemonitor_crd() {
         [[ -f "$dir/example/prometheus-operator-crd/$(basename "$crd")" ]] \
             || { log "no ServiceMonitor CRD in prometheus-operator $PROMETHEUS_OPERATOR_VERSION"; return 1; }
         mkdir -p "$dest"
-        cp "$dir/example/prometheus-operator-crd/$(basename "$crd")" "$crd.tmp"
-        mv -f "$crd.tmp" "$crd"
+        # A name of this process's own: two builds may fetch it at once.
+        cp "$dir/example/prometheus-operator-crd/$(basename "$crd")" "$crd.$$.tmp"
+        mv -f "$crd.$$.tmp" "$crd"
     fi
     echo "$crd"
 }

@@ -4,6 +4,9 @@
 #   espeak-ng   real speech for the fake OpenAI server's POST /v1/audio/speech
 #               (src/morgana/devtools/openai_server.py)
 #   the shellcheck linter, run on every shell script of the repo (tests/deploy)
+#   podman, buildah and runc to build the images from their Dockerfiles and run them as
+#   containers, and mmdebstrap to make the local stand-in for their Debian base image
+#   (scripts/build-images.sh, tests/containers)
 #
 # Idempotent and fast when everything is present: a `dpkg -s` check per package, no network.
 # Only when something is missing does it run `apt-get update` (once) and
@@ -11,7 +14,7 @@
 # that, through sudo. Says what it did on stdout; exits non-zero if it could not install.
 set -euo pipefail
 
-PACKAGES=(espeak-ng shellcheck)
+PACKAGES=(espeak-ng shellcheck podman buildah runc mmdebstrap)
 
 log() { echo "install-test-deps: $*"; }
 

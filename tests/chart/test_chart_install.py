@@ -2,10 +2,11 @@
 
 etcd, kube-apiserver and kube-controller-manager run on loopback (see KubeApiServer): objects
 are admitted, validated (built-in schemas, the CRDs' OpenAPI schemas and CEL rules, RBAC) and
-reconciled (Deployments get ReplicaSets and Pods). No kubelet runs containers, so `HookRunner`
+reconciled (Deployments get ReplicaSets and Pods). No kubelet runs containers here, so `HookRunner`
 plays the kubelet's part for helm's hooks only: it marks a hook Job complete and a test Pod
-succeeded once the API server has accepted them. What those containers run is tested in
-test_chart_render.py against the real processes.
+succeeded once the API server has accepted them. What those containers run is tested for real in
+tests/images: the migration Job's and the API's containers, and an install whose controller and
+uninstall hook run as containers of the controller image.
 """
 
 from __future__ import annotations
@@ -209,7 +210,9 @@ def test_controller_has_exactly_the_access_it_needs(release: str, client: httpx.
     assert can(client, sa, "patch", "agentautoscalers", group="morgana.dev", subresource="status")
     assert can(client, sa, "get", "secrets", name="morgana")
     assert can(client, sa, "create", "events")
-    assert can(client, sa, "create", "kopfpeerings", group="kopf.dev")
+    assert can(client, sa, "get", "agentautoscalers", group="morgana.dev")
+    assert can(client, sa, "patch", "kopfpeerings", group="kopf.dev", name="morgana-controller")
+    assert not can(client, sa, "create", "kopfpeerings", group="kopf.dev")  # the chart makes it
     assert not can(client, sa, "list", "customresourcedefinitions", group="apiextensions.k8s.io", namespace="")
     assert not can(client, sa, "get", "secrets", name="someone-elses")
     assert not can(client, sa, "list", "secrets")

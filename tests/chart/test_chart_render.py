@@ -200,6 +200,7 @@ def test_existing_secrets_replace_the_chart_secret() -> None:
         (["controller.autoscaler.pollIntervalSeconds=0"], "/controller/autoscaler/pollIntervalSeconds"),
         (["redis.tls=yes"], "/redis/tls"),
         (["grafana.dashboards.enabled=1"], "/grafana/dashboards/enabled"),
+        (["agentUser.password=Short_Passw0rd"], "/agentUser/password"),
     ],
 )
 def test_values_schema_rejects_bad_values_with_a_clear_message(sets: list[str], message: str) -> None:
@@ -238,6 +239,7 @@ def test_every_env_variable_the_chart_sets_is_read_by_its_process() -> None:
         "migrate": api,  # the same settings as the API it prepares
         "agent": settings_env_names(AgentSettings) | {"POD_NAME", "POD_NAMESPACE"},
         "controller": settings_env_names(ControllerSettings) | {"POD_NAME"},
+        "controller-stop": settings_env_names(ControllerSettings),
         "test": {"MORGANA_URL"},
     }
     for values in CI_VALUES:
@@ -249,9 +251,11 @@ def test_every_env_variable_the_chart_sets_is_read_by_its_process() -> None:
                 assert not unknown, f"{values.name}: {obj['metadata']['name']} sets unread {unknown}"
 
 
-def test_rendered_api_environment_is_accepted_in_production(tmp_path: Path) -> None:
-    """`morgana-api check-config` with exactly the env the chart gives the API and its Job."""
-    objects = render()
+@pytest.mark.parametrize("values", [DEFAULT_VALUES, CHART / "ci" / "minimal-values.yaml"], ids=["default", "minimal"])
+def test_rendered_api_environment_is_accepted_in_production(values: Path, tmp_path: Path) -> None:
+    """`morgana-api check-config` with exactly the env the chart gives the API and its Job (the
+    minimal values, without the agent, once failed here: an agent email without a password)."""
+    objects = render([values])
     environments = []
     for suffix in ("-api", "-migrate"):
         obj = find(objects, "Deployment" if suffix == "-api" else "Job", suffix)
@@ -265,9 +269,35 @@ def test_rendered_api_environment_is_accepted_in_production(tmp_path: Path) -> N
         assert result.returncode == 0, result.stderr
         assert "configuration ok" in result.stdout
         assert "warning" not in result.stderr, result.stderr
-    # The Job (inline env, it runs before the ConfigMap exists) and the API see the same settings.
+    # The Job (inline env, it runs before the ConfigMap exists) and the API see the same settings;
+    # only the Job, which creates the agent's account, gets its credentials.
     api_env, job_env = environments
-    assert {k: v for k, v in api_env.items() if k in job_env} == job_env
+    agent_account = {"API_USER_EMAIL", "API_USER_PASSWORD"}
+    assert not agent_account & set(api_env)
+    assert {k: v for k, v in api_env.items() if k in job_env} == {k: v for k, v in job_env.items()
+                                                                  if k not in agent_account}
+    assert (agent_account <= set(job_env)) == (values == DEFAULT_VALUES)
+
+
+def test_the_agents_account_goes_only_where_it_is_used() -> None:
+    """With the agent: the migration Job (which creates the account) and the workers (which log in
+    with it). Without it: nowhere, and no password is stored, unless one is given for workers
+    run elsewhere."""
+    objects = render()
+    holders = {obj["metadata"]["name"] for obj, spec in pod_specs(objects)
+               if {"API_USER_EMAIL", "API_USER_PASSWORD"} <= env_names(spec["containers"][0], objects)}
+    assert holders == {"morgana-migrate", "morgana-agent"}
+
+    minimal = CHART / "ci" / "minimal-values.yaml"
+    objects = render([minimal])
+    assert not [obj["metadata"]["name"] for obj, spec in pod_specs(objects)
+                if {"API_USER_EMAIL", "API_USER_PASSWORD"} & env_names(spec["containers"][0], objects)]
+    assert "agent-password" not in secret_values(objects)["morgana"]
+
+    password = "0123456789abcdef0123456789abcdef"  # what `openssl rand -hex 16` prints
+    objects = render([minimal], sets=[f"agentUser.password={password}"])
+    job = find(objects, "Job", "-migrate")["spec"]["template"]["spec"]["containers"][0]
+    assert resolve_env(job, objects)["API_USER_PASSWORD"] == password
 
 
 def test_rendered_agent_environment_loads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -395,3 +425,43 @@ def test_controller_role_grants_exactly_the_documented_rules() -> None:
     assert rendered == documented
     (secrets,) = (r for r in role["rules"] if r["resources"] == ["secrets"])
     assert secrets["resourceNames"] == ["morgana"]
+
+
+def test_the_chart_makes_the_controllers_peering_object() -> None:
+    """Made by the chart, so that `helm uninstall` removes it: the controller may not create it."""
+    objects = render()
+    controller = find(objects, "Deployment", "-controller")["spec"]["template"]["spec"]["containers"][0]
+    peering_name = resolve_env(controller, objects, {"metadata.name": "p"})["PEERING_NAME"]
+    peering = find(objects, "KopfPeering")
+    assert peering["metadata"]["name"] == peering_name
+    role = find(objects, "Role", "-controller")
+    (rule,) = (r for r in role["rules"] if r["resources"] == ["kopfpeerings"])
+    assert "create" not in rule["verbs"]
+
+
+def test_uninstall_first_stops_the_controller_with_a_hook_of_its_own() -> None:
+    """A pre-delete hook Job runs `morgana-controller stop` on the controller's Deployment, with a
+    ServiceAccount whose Role allows that and nothing more; all of it removed once it succeeded."""
+    objects = render()
+    hook_objects = [o for o in objects if o["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-delete"]
+    assert sorted(o["kind"] for o in hook_objects) == ["Job", "Role", "RoleBinding", "ServiceAccount"]
+    for obj in hook_objects:
+        assert obj["metadata"]["annotations"]["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+        weight = int(obj["metadata"]["annotations"]["helm.sh/hook-weight"])
+        assert weight < 0 if obj["kind"] != "Job" else weight == 0, obj["kind"]  # RBAC before the Job
+    job = find(objects, "Job", "-controller-stop")["spec"]["template"]["spec"]
+    controller = find(objects, "Deployment", "-controller")
+    assert job["containers"][0]["image"] == controller["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert job["containers"][0]["args"][:3] == ["stop", "--deployment", controller["metadata"]["name"]]
+    assert job["serviceAccountName"] == find(objects, "ServiceAccount", "-controller-stop")["metadata"]["name"]
+    rules = find(objects, "Role", "-controller-stop")["rules"]
+    assert rules == [
+        {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["morgana-controller"],
+         "verbs": ["get"]},
+        {"apiGroups": ["apps"], "resources": ["deployments/scale"], "resourceNames": ["morgana-controller"],
+         "verbs": ["patch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+        {"apiGroups": ["morgana.dev"], "resources": ["agentautoscalers"], "verbs": ["get", "list", "patch"]},
+    ]
+    assert not [o for o in render([CHART / "ci" / "minimal-values.yaml"])
+                if o["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-delete"]

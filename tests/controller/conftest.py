@@ -37,10 +37,12 @@ def livekit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveKitServer]
 
 @pytest.fixture(scope="session")
 def cluster(kube: KubeApiServer, livekit: LiveKitServer) -> Cluster:
-    """The CRDs from the chart, a namespace, and the LiveKit credentials Secret in it."""
+    """The CRDs from the chart, a namespace with the controller's peering object, and the LiveKit
+    credentials Secret in it."""
     cluster = Cluster(kube)
     cluster.install_crds()
     cluster.namespace(NAMESPACE)
+    cluster.peering(NAMESPACE)
     cluster.livekit_secret(NAMESPACE, SECRET, livekit)
     return cluster
 

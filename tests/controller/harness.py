@@ -79,6 +79,13 @@ class Cluster(KubeClient):
         token = self.service_account_token(namespace, name)
         return self.kube.token_kubeconfig(token, path, user=name, namespace=namespace)
 
+    def peering(self, namespace: str | None, name: str = "morgana-controller") -> None:
+        """The kopf peering object, as the chart creates it (the documented RBAC may not create it)."""
+        kind, path = (("KopfPeering", f"/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings") if namespace
+                      else ("ClusterKopfPeering", "/apis/kopf.dev/v1/clusterkopfpeerings"))
+        self.request("POST", path, {"apiVersion": "kopf.dev/v1", "kind": kind, "metadata": {"name": name}},
+                     ok=(201, 409))
+
     def livekit_secret(self, namespace: str, name: str, livekit: LiveKitServer) -> None:
         self.create(f"/api/v1/namespaces/{namespace}/secrets", {
             "metadata": {"name": name},

@@ -7,6 +7,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -329,6 +330,7 @@ def test_cluster_wide_mode_serves_every_namespace_with_its_documented_rbac(
         cluster.install_crds()
         for namespace in ("morgana-system", "team-a"):
             cluster.namespace(namespace)
+        cluster.peering(None)
         kubeconfig = cluster.service_account_kubeconfig("morgana-system", "morgana-controller",
                                                         documented_rules("clusterwide"), tmp_path / "kubeconfig",
                                                         clusterwide=True)
@@ -344,6 +346,25 @@ def test_cluster_wide_mode_serves_every_namespace_with_its_documented_rbac(
             peers = cluster.get("/apis/kopf.dev/v1/clusterkopfpeerings/morgana-controller").get("status") or {}
             assert "controller-cw" in peers, peers
             assert "Forbidden" not in process.log() and "403" not in process.log(), process.log()[-3000:]
+
+
+def test_the_controller_waits_for_the_peering_object_it_may_not_create(cluster: Cluster, tmp_path) -> None:
+    """Helm creates the chart's KopfPeering a moment after the controller's pod may have started:
+    the controller waits for it, so that its first keep-alive is not lost (kopf retries only a
+    lifetime later), and is a peer at once."""
+    namespace = "late-peering"
+    cluster.namespace(namespace)
+    kubeconfig = cluster.service_account_kubeconfig(namespace, "morgana-controller", documented_rules("namespaced"),
+                                                    tmp_path / "kubeconfig")
+    timer = threading.Timer(3.0, cluster.peering, args=(namespace,))
+    timer.start()
+    env = {**controller_env(kubeconfig, "controller-late", 100), "WATCH_NAMESPACE": namespace}
+    with ControllerProcess(env, tmp_path / "controller.log") as process:
+        assert "does not exist yet and is not ours to create: waiting for it" in process.log()
+        peers = eventually(lambda: cluster.get(f"/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings/"
+                                               "morgana-controller").get("status"), 5, what="a keep-alive")
+        assert "controller-late" in peers, peers
+    timer.join()
 
 
 def test_a_misconfigured_controller_exits_saying_why(kube: KubeApiServer, cluster: Cluster, tmp_path) -> None:

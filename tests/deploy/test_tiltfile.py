@@ -449,3 +449,10 @@ def test_image_names_match_the_chart_repositories(ref: str) -> None:
     assert chart_values[IMAGE_REFS[ref]]["image"]["repository"] == ref
 
 
+
+
+def test_uninstall_hooks_are_not_applied_as_workloads(tilt: TiltRun) -> None:
+    """The chart's pre-delete hook stops the controller: Tilt must not apply it with the rest."""
+    rendered = [o for o in tilt.objects if o["metadata"]["name"].endswith("-controller-stop")]
+    assert not rendered, [f"{o['kind']}/{o['metadata']['name']}" for o in rendered]
+    assert "morgana-controller" in tilt.k8s_resources

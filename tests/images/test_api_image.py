@@ -1,35 +1,95 @@
-"""The API image's build and start commands, run on this machine (no Docker engine here).
+"""The API image, built from images/api/Dockerfile and run as the chart runs it: the migration
+Job's container, then the API Deployment's with one gunicorn worker and with two, each with the
+environment `helm template` renders, as user 10001, on a read-only root with an empty /tmp."""
 
-The `uv sync` lines are read from the Dockerfile itself, so the image and this test cannot
-drift apart; the result must serve under gunicorn and migrate, as the chart runs it.
-"""
+from __future__ import annotations
 
-import os
-import subprocess
+import json
 from pathlib import Path
 
 import httpx
+import pytest
 
-from morgana.devtools.processes import ApiProcess
-from tests.images.dockerfile import ROOT, build_image_venv
+from morgana.devtools.services import eventually, free_port
+from tests.api.sse import stream_chat
+from tests.conftest import STRONG_PASSWORD, new_session, register, unique_email
+from tests.images.conftest import Release
+from tests.images.containers import BuiltImages, image_config, run_in_image
 
-DOCKERFILE = ROOT / "images" / "api" / "Dockerfile"
+AGENT_EMAIL = "voice-agent@morgana.local"  # the chart's default agentUser.email
 
 
-def test_image_installs_the_locked_api_and_runs_its_entry_points(api_env: dict, tmp_path: Path) -> None:
-    venv = build_image_venv(DOCKERFILE, tmp_path, extra="api")
-    entry = venv / "bin" / "morgana-api"
-    image_env = {**api_env, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "ENVIRONMENT": "production",
-                 "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"), "WEB_CONCURRENCY": "2"}
-    dev_only = subprocess.run([venv / "bin" / "python", "-c", "import pytest"], capture_output=True)
-    assert dev_only.returncode != 0, "test dependencies leaked into the image"
+def test_the_image_holds_the_api_and_runs_it_as_a_non_root_user(images: BuiltImages) -> None:
+    config = image_config(images.refs["api"])
+    assert config["User"] == "10001:10001"
+    assert (config["Entrypoint"], config["Cmd"]) == (["morgana-api"], ["serve"])
+    assert "8000/tcp" in config["ExposedPorts"]
+    assert run_in_image(images.refs["api"], "python", "-c", "import morgana.api.main").returncode == 0
+    for module, why in (("pytest", "test dependencies"), ("livekit.agents", "the voice worker's framework"),
+                        ("kopf", "the controller's framework")):
+        leaked = run_in_image(images.refs["api"], "python", "-c", f"import {module}")
+        assert leaked.returncode != 0, f"{why} ({module}) leaked into the API image"
 
-    migrate = subprocess.run([entry, "migrate"], env=image_env, capture_output=True, text=True, timeout=120)
-    assert migrate.returncode == 0, migrate.stderr
 
-    process = ApiProcess(image_env, tmp_path / "api.log")
-    process.command = [str(entry), "serve"]
-    with process, httpx.Client(base_url=process.url, timeout=10) as http:
-        assert http.get("/health").json() == {"status": "ok"}
-        assert http.get("/ready").status_code == 200
-    assert "Booting worker" in process.log_path.read_text()
+def test_the_migration_job_migrates_and_creates_the_agents_account(migrated: str) -> None:
+    assert "database schema is up to date" in migrated
+    assert "Traceback" not in migrated, migrated[-6000:]
+
+
+def json_lines(logs: str) -> list[dict]:
+    """Every line the container wrote, each of which must be one JSON object."""
+    lines = [line for line in logs.splitlines() if line.strip()]
+    parsed = []
+    for line in lines:
+        try:
+            parsed.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise AssertionError(f"not a JSON log line: {line!r}") from None
+    return parsed
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_api_serves_as_the_chart_runs_it(workers: int, migrated: str, images: BuiltImages, release: Release,
+                                             tmp_path: Path) -> None:
+    rendered = release.rendered(f"api.workers={workers}")
+    port = free_port()  # the chart's 8000: every container here shares the host's network
+    api = rendered.container("Deployment", "-api", images, tmp_path, PORT=str(port))
+    with api:
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            assert api.running, api.logs()[-6000:]
+            try:
+                return httpx.get(f"{url}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        eventually(healthy, 60, what="the API container's /health")
+        with httpx.Client(base_url=url, timeout=30) as http:
+            assert http.get("/ready").json() == {"status": "ready",
+                                                 "components": {"postgres": "ok", "redis": "ok"}}
+            # The account the migration Job made, with the password from the operator's Secret.
+            password = release.secrets["morgana-secrets"]["agent-password"]
+            login = http.post("/api/v1/auth/login", data={"username": AGENT_EMAIL, "password": password})
+            assert login.status_code == 200, login.text
+            # A user's whole path, the model included (the stand-in echoes).
+            email = unique_email()
+            register(http, email)
+            token = http.post("/api/v1/auth/login", data={"username": email, "password": STRONG_PASSWORD})
+            session = new_session(http, token.json()["access_token"])["token"]["access_token"]
+            reply = stream_chat(http, session, "hello from a container")
+            assert reply.text == "You said: hello from a container", reply.events
+            metrics = http.get("/metrics").text
+            assert 'morgana_api_http_requests_total{handler="/api/v1/auth/login",method="POST",status="200"}' in metrics
+        assert api.running, api.logs()[-6000:]
+        code = api.stop(grace=60)  # the Deployment's terminationGracePeriodSeconds
+        logs = api.logs()
+    assert code == 0, logs[-6000:]
+    records = json_lines(logs)
+    assert not [r for r in records if r["level"] in ("ERROR", "CRITICAL")], logs[-6000:]
+    assert "Traceback" not in logs
+    messages = [r["message"] for r in records]
+    if workers > 1:
+        # gunicorn's own lines, once each and in JSON like every other line.
+        assert sum(m.startswith("Listening at:") for m in messages) == 1, messages
+        assert sum(m.startswith("Booting worker") for m in messages) == workers, messages

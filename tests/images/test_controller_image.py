@@ -1,109 +1,131 @@
-"""The controller image's build and start commands, run on this machine (no Docker engine here).
+"""The controller image as the chart runs it, and `helm uninstall` while it runs.
 
-The `uv sync` lines, the entry point, user, ports and environment are read from the Dockerfile
-itself, so the image and this test cannot drift apart; the result must serve an AgentAutoscaler
-on a real Kubernetes API server against a real LiveKit server, answer its liveness probe and
-metrics, write nothing to disk, and exit cleanly on SIGTERM, as Kubernetes runs it, leaving
-neither a peering entry nor a finalizer behind.
+A real API server (etcd, kube-apiserver, kube-controller-manager with the Job controller), the
+chart installed by helm with the images built here, and PodmanKubelet running the controller's
+pod and the uninstall hook's pod as containers of the controller image, in-cluster, with tokens
+for the chart's own ServiceAccounts and RBAC. The controller serves the release's AgentAutoscaler
+and holds its finalizer, as in a cluster; uninstalling must leave nothing behind but the CRDs,
+and the namespace must then delete.
 """
 
-import os
-import signal
-import subprocess
+from __future__ import annotations
+
+from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
+import pytest
 
-from morgana.devtools.kube_apiserver import KubeApiServer
+from morgana.devtools.kube_apiserver import KubeApiServer, KubeClient
 from morgana.devtools.livekit_server import LiveKitServer
-from morgana.devtools.services import free_port
-from tests.controller.harness import Cluster, eventually
-from tests.images.dockerfile import ROOT, build_image_venv, container_env_here, exec_form, runtime_env, runtime_stage
+from morgana.devtools.services import eventually
+from tests.chart.helm import CHART, helm
+from tests.images.conftest import openssl_hex
+from tests.images.containers import IMAGE_TAG, BuiltImages, image_config, run_in_image
+from tests.images.kubelet import PodmanKubelet
 
-DOCKERFILE = ROOT / "images" / "controller" / "Dockerfile"
+NAMESPACE = "voice"
+RELEASE = "morgana"
+AAS = f"/apis/morgana.dev/v1alpha1/namespaces/{NAMESPACE}/agentautoscalers"
 
 
-def test_image_installs_the_locked_controller_and_it_scales_probes_and_stops(tmp_path: Path) -> None:
-    venv = build_image_venv(DOCKERFILE, tmp_path, extra="controller")
-    python = venv / "bin" / "python"
+def test_the_image_holds_the_controller_and_nothing_else(images: BuiltImages) -> None:
+    ref = images.refs["controller"]
+    config = image_config(ref)
+    assert config["User"] == "10001:10001"
+    assert config["Entrypoint"] == ["morgana-controller"] and not config.get("Cmd")
+    assert {"8080/tcp", "9102/tcp"} <= set(config["ExposedPorts"])
     for module, why in (("pytest", "test dependencies"), ("sqlalchemy", "the API's database stack"),
                         ("fastapi", "the API's web framework"), ("livekit.agents", "the voice worker's framework"),
                         ("onnxruntime", "the voice worker's VAD runtime")):
-        leaked = subprocess.run([python, "-c", f"import {module}"], capture_output=True)
+        leaked = run_in_image(ref, "python", "-c", f"import {module}")
         assert leaked.returncode != 0, f"{why} ({module}) leaked into the controller image"
 
-    assert exec_form(DOCKERFILE, "ENTRYPOINT") == ["morgana-controller"]
-    assert not [args for op, args in runtime_stage(DOCKERFILE) if op == "CMD"]
-    assert [args for op, args in runtime_stage(DOCKERFILE) if op == "USER"] == ["10001:10001"]
-    declared = runtime_env(DOCKERFILE)
-    assert declared["ENVIRONMENT"] == "production", declared
-    assert (declared["HEALTH_PORT"], declared["METRICS_PORT"]) == ("8080", "9102"), declared
-    exposed = [args.split() for op, args in runtime_stage(DOCKERFILE) if op == "EXPOSE"]
-    assert exposed == [["8080", "9102"]], exposed
 
-    container_tmp = tmp_path / "container-tmp"
-    container_tmp.mkdir()
+@pytest.fixture
+def kube(tmp_path: Path) -> Iterator[KubeApiServer]:
+    with KubeApiServer(log_dir=tmp_path / "kube", controller_manager=True,
+                       extra_controllers=("job-controller",)) as server:
+        yield server
 
-    health_port, metrics_port = free_port(), free_port()
-    workdir = tmp_path / "run"  # no stray .env from the checkout
-    workdir.mkdir()
-    log = tmp_path / "controller.log"
-    with KubeApiServer(log_dir=tmp_path / "kube") as kube, \
-            LiveKitServer("APIimagetest", "image-test-secret-" + "7" * 32, log_path=tmp_path / "livekit.log") as lk:
-        cluster = Cluster(kube)
-        cluster.install_crds()
-        cluster.namespace("voice")
-        cluster.livekit_secret("voice", "livekit", lk)
-        cluster.deployment("voice", "agents", replicas=0)
-        image_env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("LIVEKIT_", "WATCH_", "PEERING_"))},
-            **container_env_here(declared, venv, container_tmp),
-            "KUBECONFIG": str(kube.kubeconfig), "WATCH_NAMESPACE": "voice",
-            "HEALTH_PORT": str(health_port), "METRICS_PORT": str(metrics_port),
+
+def component(pod: dict) -> str:
+    return pod["metadata"].get("labels", {}).get("app.kubernetes.io/component", "")
+
+
+def names(client: KubeClient, path: str) -> set[str]:
+    return {item["metadata"]["name"] for item in client.get(path)["items"]}
+
+
+def test_uninstall_with_the_controller_running_stops_it_first_and_leaves_nothing(
+        images: BuiltImages, kube: KubeApiServer, images_livekit: LiveKitServer, tmp_path: Path) -> None:
+    client = KubeClient(kube)
+    client.namespace(NAMESPACE)
+    credentials = {
+        "morgana-db-app": {"username": "morgana", "password": openssl_hex(16)},
+        "morgana-livekit": {"api-key": images_livekit.api_key, "api-secret": images_livekit.api_secret},
+        "morgana-secrets": {"jwt-secret": openssl_hex(32), "openai-api-key": "sk-unused",
+                            "agent-password": openssl_hex(16)},
+    }
+    for name, data in credentials.items():
+        client.create(f"/api/v1/namespaces/{NAMESPACE}/secrets",
+                      {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data})
+    # Only the controller and the uninstall hook run here; the API and agent pods stay Pending.
+    kubelet = PodmanKubelet(kube, lambda pod: component(pod) in ("controller", "controller-stop"), tmp_path / "pods")
+    kubelet.start()
+    try:
+        helm("install", RELEASE, CHART, "--namespace", NAMESPACE, "--timeout", "2m",
+             "--set", "image.registry=localhost", "--set", f"image.tag={IMAGE_TAG}",
+             "--set", "image.pullPolicy=Never", "--set", f"livekit.url={images_livekit.url}",
+             "--set", "livekit.existingSecret=morgana-livekit", "--set", "postgres.existingSecret=morgana-db-app",
+             "--set", "auth.existingSecret=morgana-secrets", "--set", "llm.existingSecret=morgana-secrets",
+             "--set", "agentUser.existingSecret=morgana-secrets", "--set", "api.migration.enabled=false",
+             "--set", "tests.enabled=false", "--set", "controller.autoscaler.pollIntervalSeconds=1",
+             kubeconfig=kube.kubeconfig)
+
+        def serving() -> bool:
+            assert not kubelet.errors, kubelet.errors
+            autoscaler = client.request("GET", f"{AAS}/morgana-agent", ok=(200, 404)).json()
+            ready = [c for c in (autoscaler.get("status") or {}).get("conditions", []) if c["type"] == "Ready"]
+            return bool(ready and ready[0]["status"] == "True"
+                        and "morgana.dev/autoscaler" in autoscaler["metadata"].get("finalizers", []))
+
+        eventually(serving, 60, interval=0.5, what=f"the controller serving its AgentAutoscaler:\n{kubelet.logs()}")
+        peering = client.get(f"/apis/kopf.dev/v1/namespaces/{NAMESPACE}/kopfpeerings/morgana-controller")
+        assert peering["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+        assert any(peer.startswith("morgana-controller-") for peer in peering.get("status") or {}), peering
+
+        uninstall = helm("uninstall", RELEASE, "--namespace", NAMESPACE, "--wait", "--timeout", "2m",
+                         kubeconfig=kube.kubeconfig, check=False)
+        assert uninstall.returncode == 0, f"{uninstall.stderr}\n{kubelet.logs()}"
+
+        # The hook stopped the controller while its RBAC still existed, and it let go by itself.
+        controller, hook = kubelet.container("controller"), kubelet.container("controller-stop")
+        assert controller.exit_code() == 0, controller.logs()[-6000:]
+        assert "finalizer left in place" not in controller.logs(), controller.logs()[-6000:]
+        assert hook.exit_code() == 0, hook.logs()[-6000:]
+        assert "morgana-controller stopped" in hook.logs(), hook.logs()
+        assert "took the finalizer off" not in hook.logs(), hook.logs()
+        assert not kubelet.errors, kubelet.errors
+
+        ns = f"/namespaces/{NAMESPACE}"
+        left = {
+            "agentautoscalers": names(client, f"/apis/morgana.dev/v1alpha1{ns}/agentautoscalers"),
+            "kopfpeerings": names(client, f"/apis/kopf.dev/v1{ns}/kopfpeerings"),
+            "deployments": names(client, f"/apis/apps/v1{ns}/deployments"),
+            "jobs": names(client, f"/apis/batch/v1{ns}/jobs"),
+            "services": names(client, f"/api/v1{ns}/services"),
+            "roles": names(client, f"/apis/rbac.authorization.k8s.io/v1{ns}/roles"),
+            "rolebindings": names(client, f"/apis/rbac.authorization.k8s.io/v1{ns}/rolebindings"),
+            "serviceaccounts": names(client, f"/api/v1{ns}/serviceaccounts") - {"default"},
+            "configmaps": names(client, f"/api/v1{ns}/configmaps") - {"kube-root-ca.crt"},
+            "secrets": names(client, f"/api/v1{ns}/secrets") - set(credentials),
+            "poddisruptionbudgets": names(client, f"/apis/policy/v1{ns}/poddisruptionbudgets"),
         }
-        with log.open("ab") as out:
-            process = subprocess.Popen([str(venv / "bin" / "morgana-controller")], cwd=workdir, env=image_env,
-                                       stdout=out, stderr=subprocess.STDOUT)
-        try:
-            def healthy() -> bool:
-                assert process.poll() is None, log.read_text(errors="replace")[-6000:]
-                try:
-                    return httpx.get(f"http://127.0.0.1:{health_port}/healthz", timeout=1).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            eventually(healthy, 60, what="controller /healthz")
-            cluster.autoscaler("voice", "agents", {
-                "targetRef": {"name": "agents"}, "agentName": "morgana-agent", "pollIntervalSeconds": 1,
-                "livekit": {"url": lk.url, "credentialsSecretRef": {"name": "livekit"}}})
-            # minReplicas 1 against a Deployment at 0: scaled up at the first tick, by the image's code.
-            eventually(lambda: cluster.replicas("voice", "agents") == 1, 15, what="scaled to minReplicas")
-            eventually(lambda: cluster.condition("voice", "agents", "Ready").get("status") == "True", 10,
-                       what="Ready")
-            metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
-            assert 'morgana_controller_desired_replicas{autoscaler="agents",namespace="voice"} 1.0' in metrics
-
-            process.send_signal(signal.SIGTERM)
-            try:
-                code = process.wait(30)
-            except subprocess.TimeoutExpired:
-                raise AssertionError(f"controller did not exit within 30 s of SIGTERM:\n"
-                                     f"{log.read_text(errors='replace')[-6000:]}") from None
-            assert code == 0, log.read_text(errors="replace")[-6000:]
-            # It left the peering on its way out, so a standby replica takes over at once ...
-            peers = cluster.get("/apis/kopf.dev/v1/namespaces/voice/kopfpeerings/morgana-controller").get("status")
-            assert not peers, peers
-            # ... and took its finalizer off, so the resource can be deleted with no controller
-            # running (helm uninstall deletes the controller's Deployment before custom resources).
-            path = "/apis/morgana.dev/v1alpha1/namespaces/voice/agentautoscalers/agents"
-            assert not cluster.get(path)["metadata"].get("finalizers")
-            cluster.delete(path)
-            eventually(lambda: cluster.request("GET", path, ok=(200, 404)).status_code == 404, 5,
-                       what="deleted without a controller")
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    # Nothing written: the root filesystem can be read-only and /tmp is not even needed.
-    assert not list(container_tmp.rglob("*")) and not list(workdir.rglob("*"))
-    assert "Traceback" not in log.read_text(errors="replace"), log.read_text(errors="replace")[-6000:]
+        assert not any(left.values()), left
+        eventually(lambda: not names(client, f"/api/v1{ns}/pods"), 30, what="every pod gone")
+        # Nothing holds the namespace up any more.
+        client.delete(f"/api/v1/namespaces/{NAMESPACE}")
+        eventually(lambda: client.request("GET", f"/api/v1/namespaces/{NAMESPACE}", ok=(200, 404)).status_code
+                   == 404, 60, what="the namespace deleted")
+    finally:
+        kubelet.stop()

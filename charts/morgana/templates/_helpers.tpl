@@ -128,6 +128,16 @@ runs before that Secret exists (pre-install hook), so it reads a hook-time copy 
 {{- if or $group.existingSecret (index $group .field) }}true{{ end }}
 {{- end }}
 
+{{/*
+Whether the voice agent's API account is configured: always with the agent workers, and without
+them when a password is given (for workers run elsewhere). Only then do the migration Job (which
+creates the account) and the workers get API_USER_EMAIL and API_USER_PASSWORD.
+*/}}
+{{- define "morgana.agentUserEnabled" -}}
+{{- $v := .Values }}
+{{- if or $v.agent.enabled $v.agentUser.existingSecret $v.agentUser.password }}true{{ end }}
+{{- end }}
+
 {{/* Data of the chart-managed Secret: only groups without an existingSecret. Keys match secretKeys. */}}
 {{- define "morgana.secretData" -}}
 {{- $v := .Values }}
@@ -147,7 +157,7 @@ runs before that Secret exists (pre-install hook), so it reads a hook-time copy 
 {{- if not $v.auth.existingSecret }}
 {{ $v.auth.secretKeys.jwtSecret }}: {{ $v.auth.jwtSecret | b64enc | quote }}
 {{- end }}
-{{- if not $v.agentUser.existingSecret }}
+{{- if and (include "morgana.agentUserEnabled" .) (not $v.agentUser.existingSecret) }}
 {{ $v.agentUser.secretKeys.password }}: {{ $v.agentUser.password | b64enc | quote }}
 {{- end }}
 {{- end }}
@@ -155,7 +165,7 @@ runs before that Secret exists (pre-install hook), so it reads a hook-time copy 
 {{/* Whether the chart must create its own Secret at all. */}}
 {{- define "morgana.needsSecret" -}}
 {{- $v := .Values }}
-{{- if or (not $v.postgres.existingSecret) (and $v.redis.enabled (not $v.redis.existingSecret) $v.redis.password) (not $v.livekit.existingSecret) (and (not $v.llm.existingSecret) $v.llm.apiKey) (not $v.auth.existingSecret) (not $v.agentUser.existingSecret) }}true{{ end }}
+{{- if or (not $v.postgres.existingSecret) (and $v.redis.enabled (not $v.redis.existingSecret) $v.redis.password) (not $v.livekit.existingSecret) (and (not $v.llm.existingSecret) $v.llm.apiKey) (not $v.auth.existingSecret) (and (include "morgana.agentUserEnabled" .) (not $v.agentUser.existingSecret)) }}true{{ end }}
 {{- end }}
 
 {{/*
@@ -169,7 +179,6 @@ LOG_FORMAT: {{ .Values.logFormat | quote }}
 OTEL_EXPORTER_OTLP_ENDPOINT: {{ .Values.otelExporterOtlpEndpoint | quote }}
 LIVEKIT_URL: {{ .Values.livekit.url | quote }}
 LIVEKIT_AGENT_NAME: {{ .Values.livekit.agentName | quote }}
-API_USER_EMAIL: {{ .Values.agentUser.email | quote }}
 {{- with .Values.llm.baseUrl }}
 OPENAI_BASE_URL: {{ . | quote }}
 {{- end }}
@@ -212,6 +221,7 @@ RATE_LIMIT_LIVEKIT: {{ $v.api.rateLimits.livekit | quote }}
 {{- $v := .Values -}}
 {{ include "morgana.commonConfig" . }}
 OTEL_SERVICE_NAME: "morgana-agent"
+API_USER_EMAIL: {{ $v.agentUser.email | quote }}
 MORGANA_BACKEND_URL: {{ $v.agent.backendUrl | default (printf "http://%s:%v" (include "morgana.componentName" (dict "ctx" . "component" "api")) $v.api.service.port) | quote }}
 {{- with $v.agent.speech.baseUrl }}
 STT_BASE_URL: {{ . | quote }}
@@ -236,7 +246,7 @@ METRICS_PORT: "9100"
 {{- end }}
 
 {{/*
-The API's credentials (and the API and its Job share them): env entries from Secrets.
+The API's credentials (the API and its Job share them): env entries from Secrets.
 (dict "ctx" $ "hook" false)
 */}}
 {{- define "morgana.apiSecretEnv" -}}
@@ -263,7 +273,18 @@ The API's credentials (and the API and its Job share them): env entries from Sec
 {{- end }}
 {{ include "morgana.secretEnv" (dict "ctx" .ctx "group" "livekit" "key" "apiKey" "env" "LIVEKIT_API_KEY" "hook" .hook) }}
 {{ include "morgana.secretEnv" (dict "ctx" .ctx "group" "livekit" "key" "apiSecret" "env" "LIVEKIT_API_SECRET" "hook" .hook) }}
+{{- end }}
+
+{{/*
+The voice agent's account, for the migration Job that creates it (the API itself never needs it).
+(dict "ctx" $ "hook" true)
+*/}}
+{{- define "morgana.agentUserEnv" -}}
+{{- if include "morgana.agentUserEnabled" .ctx }}
+- name: API_USER_EMAIL
+  value: {{ .ctx.Values.agentUser.email | quote }}
 {{ include "morgana.secretEnv" (dict "ctx" .ctx "group" "agentUser" "key" "password" "env" "API_USER_PASSWORD" "hook" .hook) }}
+{{- end }}
 {{- end }}
 
 {{/* Pod-level scheduling keys of a component values block. */}}

@@ -16,10 +16,11 @@ discovery is open to every authenticated client (system:discovery).
 .. code-block:: yaml
    :name: namespaced-rules
 
-    # kopf lists and watches the resources, and patches its finalizer on and off them
+    # kopf lists and watches the resources, and patches its finalizer on and off them (reading
+    # the server's copy first when it takes it off on exit)
     - apiGroups: [morgana.dev]
       resources: [agentautoscalers]
-      verbs: [list, watch, patch]
+      verbs: [get, list, watch, patch]
     # the status the controller writes
     - apiGroups: [morgana.dev]
       resources: [agentautoscalers/status]
@@ -40,10 +41,10 @@ discovery is open to every authenticated client (system:discovery).
     - apiGroups: [""]
       resources: [events]
       verbs: [create]
-    # kopf peering: one active replica; `create` makes the peering object on first start
+    # kopf peering: one active replica, through a peering object that must exist (see below)
     - apiGroups: [kopf.dev]
       resources: [kopfpeerings]
-      verbs: [list, watch, patch, create]
+      verbs: [list, watch, patch]
 
 Cluster-wide mode (WATCH_NAMESPACE empty): the same rules in a ClusterRole bound with a
 ClusterRoleBinding, except that peering uses the cluster-scoped ClusterKopfPeering:
@@ -53,7 +54,7 @@ ClusterRoleBinding, except that peering uses the cluster-scoped ClusterKopfPeeri
 
     - apiGroups: [morgana.dev]
       resources: [agentautoscalers]
-      verbs: [list, watch, patch]
+      verbs: [get, list, watch, patch]
     - apiGroups: [morgana.dev]
       resources: [agentautoscalers/status]
       verbs: [patch]
@@ -71,8 +72,14 @@ ClusterRoleBinding, except that peering uses the cluster-scoped ClusterKopfPeeri
       verbs: [create]
     - apiGroups: [kopf.dev]
       resources: [clusterkopfpeerings]
-      verbs: [list, watch, patch, create]
+      verbs: [list, watch, patch]
 
-If the chart creates the peering object itself (a KopfPeering named PEERING_NAME in each
-watched namespace, or a ClusterKopfPeering), `create` can be dropped from the peering rule.
+The peering object (a KopfPeering named PEERING_NAME in each watched namespace, or a
+ClusterKopfPeering) must exist: the chart creates it, so that `helm uninstall` deletes it.
+Without the chart, create it yourself, or add `create` to the peering rule and the controller
+creates it on its first start.
+
+Stopping for good (`morgana-controller stop`, the chart's pre-delete hook) runs with its own
+ServiceAccount: `get` and `deployments/scale` `patch` on the controller's Deployment, `list`
+on pods, and `get`, `list` and `patch` on agentautoscalers.
 """

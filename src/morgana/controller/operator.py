@@ -28,7 +28,7 @@ from lightkube.types import PatchType
 
 from morgana.controller import metrics
 from morgana.controller.config import ControllerSettings
-from morgana.controller.livekit_load import Load, LiveKitLoadReader, LiveKitRejected, LiveKitUnreachable
+from morgana.controller.livekit_load import LiveKitLoadReader, LiveKitRejected, LiveKitUnreachable, Load
 from morgana.controller.policy import Decision, Direction, ScalePolicy
 from morgana.controller.redispatch import DispatchPlanner
 from morgana.controller.resource import (
@@ -320,23 +320,31 @@ class Autoscaler:
             await self.reader.aclose()
 
     async def release_finalizer(self) -> None:
-        try:  # the server's view: kopf's copy of the body may lag behind its own finalizer patch
-            current = await self.kube.get(AgentAutoscalerResource, self.name, namespace=self.namespace)
-        except Exception as exc:
+        try:
+            await release_finalizer(self.kube, self.namespace, self.name)
+        except Exception as exc:  # the resource is gone, or the API server is, or we may not: nothing to do
             log.info("[%s/%s] finalizer left in place: %s", self.namespace, self.name, exc, extra=self.labels)
-            return
+
+
+async def release_finalizer(kube: AsyncClient, namespace: str, name: str, attempts: int = 3) -> bool:
+    """Take FINALIZER off an AgentAutoscaler; False if it had none. Raises ApiError (404: gone)."""
+    for _ in range(attempts):
+        # The server's view: kopf's copy of the body may lag behind its own finalizer patch.
+        current = await kube.get(AgentAutoscalerResource, name, namespace=namespace)
         finalizers = list((current.metadata.finalizers if current.metadata else None) or [])
         if FINALIZER not in finalizers:
-            return
+            return False
         index = finalizers.index(FINALIZER)
         # "test" first: remove this finalizer only if it is still at that index.
         patch = [{"op": "test", "path": f"/metadata/finalizers/{index}", "value": FINALIZER},
                  {"op": "remove", "path": f"/metadata/finalizers/{index}"}]
         try:
-            await self.kube.patch(AgentAutoscalerResource, self.name, patch, namespace=self.namespace,
-                                  patch_type=PatchType.JSON)
-        except Exception as exc:  # the resource changed or is gone, or the API server is: nothing to do
-            log.info("[%s/%s] finalizer left in place: %s", self.namespace, self.name, exc, extra=self.labels)
+            await kube.patch(AgentAutoscalerResource, name, patch, namespace=namespace, patch_type=PatchType.JSON)
+            return True
+        except ApiError as exc:
+            if exc.status.code != 422:  # 422: the finalizers changed meanwhile, read them again
+                raise
+    raise RuntimeError(f"the finalizers of AgentAutoscaler {namespace}/{name} keep changing")
 
 
 def _api_reason(exc: ApiError) -> str:

@@ -56,7 +56,8 @@ KUBERNETES_VERSION = os.environ.get("KUBERNETES_VERSION", "v1.34.4")
 PROMETHEUS_OPERATOR_VERSION = os.environ.get("PROMETHEUS_OPERATOR_VERSION", "v0.85.0")
 BUILD_SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "build-k8s-tools.sh"
 TOOLS = ("helm", "etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
-# The controllers a test cluster needs; Jobs are left alone so tests decide when a hook Job completes.
+# The controllers a test cluster needs; Jobs are left alone so tests decide when a hook Job completes
+# (unless a test runs its pods for real and asks for "job-controller" with `extra_controllers`).
 CONTROLLERS = (
     "deployment-controller",
     "replicaset-controller",
@@ -182,9 +183,11 @@ class KubeApiServer:
         binaries: dict[str, Path] | None = None,
         log_dir: Path | None = None,
         controller_manager: bool = False,
+        extra_controllers: Iterable[str] = (),
     ) -> None:
         self.binaries = binaries
         self.controller_manager = controller_manager
+        self.controllers = (*CONTROLLERS, *extra_controllers)
         self.dir = Path(tempfile.mkdtemp(prefix="kube-apiserver-"))
         self.log_dir = log_dir or self.dir
         self.port, self.etcd_port, self.etcd_peer_port = free_ports(3)
@@ -250,7 +253,7 @@ class KubeApiServer:
                 self._spawn(
                     "kube-controller-manager",
                     f"--kubeconfig={self.kubeconfig}",
-                    f"--controllers={','.join(CONTROLLERS)}",
+                    f"--controllers={','.join(self.controllers)}",
                     "--leader-elect=false",
                     "--secure-port=0",  # no serving endpoint needed
                     f"--service-account-private-key-file={d / 'sa.key'}",
