@@ -43,6 +43,7 @@ import aiohttp
 import httpx
 
 from bench.common import ResultLines, cell, cpu_model, mem_total_mib, percentile, ratio, render_table, rounded
+from morgana.api.ratelimit import LIMIT_NAMES
 from morgana.devtools.openai_server import FakeOpenAIProcess
 from morgana.devtools.processes import ApiProcess, migrate
 from morgana.devtools.services import EmbeddedPostgres, EmbeddedValkey, free_port
@@ -816,8 +817,8 @@ def morgana_env(
         "OTEL_EXPORTER_OTLP_ENDPOINT": "",  # tracing off
         "NO_PROXY": "127.0.0.1,localhost",
     }
-    for name in ("REGISTER", "LOGIN", "SESSION", "CHAT", "MESSAGES", "LIVEKIT"):
-        env[f"RATE_LIMIT_{name}"] = RATE
+    for name in LIMIT_NAMES:
+        env[f"RATE_LIMIT_{name.upper()}"] = RATE
     return env
 
 

@@ -60,6 +60,7 @@ import psutil
 from livekit import rtc
 
 from bench.common import ResultLines, cell, cpu_model, mem_total_mib, percentile, ratio, render_table, rounded
+from morgana.api.ratelimit import LIMIT_NAMES
 from morgana.devtools.livekit_server import LiveKitServer
 from morgana.devtools.openai_server import FakeOpenAIProcess
 from morgana.devtools.processes import AgentWorker, ApiProcess, migrate
@@ -1176,8 +1177,8 @@ def api_env(pg: EmbeddedPostgres, valkey: EmbeddedValkey, fake: FakeOpenAIProces
         "API_USER_EMAIL": AGENT_EMAIL,  # `migrate` creates the agent's service account
         "API_USER_PASSWORD": AGENT_PASSWORD,
     }
-    for name in ("REGISTER", "LOGIN", "SESSION", "CHAT", "MESSAGES", "LIVEKIT"):
-        env[f"RATE_LIMIT_{name}"] = RATE
+    for name in LIMIT_NAMES:
+        env[f"RATE_LIMIT_{name.upper()}"] = RATE
     return env
 
 

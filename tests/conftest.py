@@ -67,6 +67,7 @@ def base_env(database_url: str, redis_url: str | None, model_url: str) -> dict[s
         # Generous limits: the rate-limit tests start their own API with tight ones.
         "RATE_LIMIT_REGISTER": "100000/minute",
         "RATE_LIMIT_LOGIN": "100000/minute",
+        "RATE_LIMIT_LOGIN_ACCOUNT": "100000/minute",
         "RATE_LIMIT_SESSION": "100000/minute",
         "RATE_LIMIT_CHAT": "100000/minute",
         "RATE_LIMIT_MESSAGES": "100000/minute",

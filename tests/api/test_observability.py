@@ -11,6 +11,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from morgana.devtools.processes import ApiProcess, migrate
+from morgana.devtools.services import eventually, free_port
 from tests.api.sse import stream_chat
 from tests.conftest import bearer, new_session, register, unique_email
 
@@ -200,3 +201,26 @@ def test_every_command_starts_with_an_empty_tmp_and_no_home(api_env: dict, tmp_p
     if workers > 1:
         messages = [r["message"] for r in records if r["logger"] == "gunicorn.error"]
         assert sum(m.startswith("Listening at:") for m in messages) == 1, messages
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_metrics_port_keeps_metrics_and_docs_off_the_api_port(api_env: dict, tmp_path, workers: int) -> None:
+    """As the chart runs it: API_METRICS_PORT serves /metrics (every gunicorn worker's, summed), the
+    API's own port, the one an Ingress routes to, serves neither metrics nor docs."""
+    metrics_port = free_port()
+    env = {**api_env, "API_METRICS_PORT": str(metrics_port), "DOCS_ENABLED": "false",
+           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prometheus")}
+    with ApiProcess(env, tmp_path / "api.log", workers=workers) as process, \
+            httpx.Client(base_url=process.url, timeout=20) as http:
+        for path in ("/metrics", "/docs", "/redoc", "/openapi.json"):
+            assert http.get(path).status_code == 404, path
+        labels = 'handler="/health",method="GET",status="200"'
+
+        def counted() -> float:
+            text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+            return metric_value(text, "morgana_api_http_requests_total", labels)
+
+        before = counted()  # the start-up's readiness polls
+        for _ in range(10):
+            assert http.get("/health").status_code == 200
+        assert eventually(lambda: counted() == before + 10, 5, what="10 more /health requests on API_METRICS_PORT")

@@ -9,7 +9,9 @@ from jose import jwt
 from morgana.api import security
 from morgana.api.config import ApiSettings
 from morgana.api.security import (
+    HasherBusy,
     InvalidToken,
+    PasswordHasher,
     TokenType,
     decode_token,
     hash_password,
@@ -55,11 +57,47 @@ def test_login_path_checks_a_password_even_for_unknown_emails(monkeypatch: pytes
     from morgana.api.services import users
 
     calls: list[object] = []
-    monkeypatch.setattr(users, "verify_password", lambda password, hashed: calls.append(hashed) or False)
+    monkeypatch.setattr(security, "verify_password", lambda password, hashed: calls.append(hashed) or False)
 
     class NoUsers:
         async def scalar(self, _statement: object) -> None:
             return None
 
-    assert asyncio.run(users.authenticate(NoUsers(), "nobody@example.com", "Pass_word1")) is None  # type: ignore[arg-type]
+        async def __aenter__(self) -> "NoUsers":
+            return self
+
+        async def __aexit__(self, *_: object) -> None:
+            return None
+
+    result = asyncio.run(users.authenticate(NoUsers, PasswordHasher(1, 0),  # type: ignore[arg-type]
+                                            "nobody@example.com", "Pass_word1"))
+    assert result is None
     assert calls == [None]  # verify_password(…, None) burns one argon2 check
+
+
+def test_password_checks_are_bounded_and_the_overflow_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most `concurrency` checks run at once, `queue` more wait, and the next is refused at once."""
+    import threading
+    import time
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def slow_check(password: str, hashed: str | None) -> bool:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+        return False
+
+    monkeypatch.setattr(security, "verify_password", slow_check)
+    hasher = PasswordHasher(concurrency=2, queue=3)
+
+    async def flood() -> list[object]:
+        return await asyncio.gather(*(hasher.verify("pw", None) for _ in range(8)), return_exceptions=True)
+
+    results = asyncio.run(flood())
+    assert peak[0] == 2
+    assert results.count(False) == 5  # 2 running + 3 waiting
+    assert sum(isinstance(r, HasherBusy) for r in results) == 3

@@ -40,7 +40,8 @@ def test_the_worker_registers_takes_a_call_and_drains_as_the_chart_runs_it(
         tmp_path: Path) -> None:
     api_port, health_port, metrics_port = free_port(), free_port(), free_port()
     rendered = release.rendered(f"agent.backendUrl=http://127.0.0.1:{api_port}")
-    api = rendered.container("Deployment", "-api", images, tmp_path, PORT=str(api_port))
+    api = rendered.container("Deployment", "-api", images, tmp_path, PORT=str(api_port),
+                             API_METRICS_PORT=str(free_port()))
     # The chart's 8081 and 9100, moved: containers here share the host's network.
     agent = rendered.container("Deployment", "-agent", images, tmp_path,
                                HEALTH_PORT=str(health_port), METRICS_PORT=str(metrics_port))

@@ -52,8 +52,9 @@ def json_lines(logs: str) -> list[dict]:
 def test_the_api_serves_as_the_chart_runs_it(workers: int, migrated: str, images: BuiltImages, release: Release,
                                              tmp_path: Path) -> None:
     rendered = release.rendered(f"api.workers={workers}")
-    port = free_port()  # the chart's 8000: every container here shares the host's network
-    api = rendered.container("Deployment", "-api", images, tmp_path, PORT=str(port))
+    # The chart's 8000 and 9101, moved: every container here shares the host's network.
+    port, metrics_port = free_port(), free_port()
+    api = rendered.container("Deployment", "-api", images, tmp_path, PORT=str(port), API_METRICS_PORT=str(metrics_port))
     with api:
         url = f"http://127.0.0.1:{port}"
 
@@ -79,7 +80,10 @@ def test_the_api_serves_as_the_chart_runs_it(workers: int, migrated: str, images
             session = new_session(http, token.json()["access_token"])["token"]["access_token"]
             reply = stream_chat(http, session, "hello from a container")
             assert reply.text == "You said: hello from a container", reply.events
-            metrics = http.get("/metrics").text
+            # /metrics on its own port only, and no docs: nothing an Ingress in front should show.
+            for hidden in ("/metrics", "/docs", "/openapi.json"):
+                assert http.get(hidden).status_code == 404, hidden
+            metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
             assert 'morgana_api_http_requests_total{handler="/api/v1/auth/login",method="POST",status="200"}' in metrics
         assert api.running, api.logs()[-6000:]
         code = api.stop(grace=60)  # the Deployment's terminationGracePeriodSeconds

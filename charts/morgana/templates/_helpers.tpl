@@ -203,6 +203,8 @@ LLM_TIMEOUT_SECONDS: {{ $v.llm.timeoutSeconds | quote }}
 LIVEKIT_PUBLIC_URL: {{ . | quote }}
 {{- end }}
 PORT: "8000"
+API_METRICS_PORT: "9101"
+DOCS_ENABLED: {{ $v.api.docs.enabled | quote }}
 WEB_CONCURRENCY: {{ $v.api.workers | quote }}
 {{- /* Open chat streams finish inside the pod's grace period. */}}
 GUNICORN_GRACEFUL_TIMEOUT: {{ sub $v.api.terminationGracePeriodSeconds 10 | max 1 | quote }}
@@ -211,6 +213,9 @@ FORWARDED_ALLOW_IPS: {{ $v.api.forwardedAllowIps | quote }}
 RATE_LIMIT_ENABLED: {{ $v.api.rateLimits.enabled | quote }}
 RATE_LIMIT_REGISTER: {{ $v.api.rateLimits.register | quote }}
 RATE_LIMIT_LOGIN: {{ $v.api.rateLimits.login | quote }}
+RATE_LIMIT_LOGIN_ACCOUNT: {{ $v.api.rateLimits.loginAccount | quote }}
+PASSWORD_HASH_CONCURRENCY: {{ $v.api.passwordHash.concurrency | quote }}
+PASSWORD_HASH_QUEUE: {{ $v.api.passwordHash.queue | quote }}
 RATE_LIMIT_SESSION: {{ $v.api.rateLimits.session | quote }}
 RATE_LIMIT_CHAT: {{ $v.api.rateLimits.chat | quote }}
 RATE_LIMIT_MESSAGES: {{ $v.api.rateLimits.messages | quote }}

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from morgana.api.config import ApiSettings, ConfigurationError, service_password_problem
 from morgana.core.logging import configure_logging
-from morgana.core.multiprocess import prepare_multiprocess_dir
+from morgana.core.multiprocess import prepare_multiprocess_dir, serve_metrics
 
 log = logging.getLogger("morgana.api.cli")
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -62,10 +62,12 @@ def serve(settings: ApiSettings, workers: int, reload: bool) -> None:
         # gunicorn manages uvicorn workers; its config reads PORT and WEB_CONCURRENCY.
         os.environ["WEB_CONCURRENCY"] = str(workers)
         # This interpreter's gunicorn, whatever PATH holds; exec so that it gets the signals.
-        # Its on_starting hook prepares the metrics directory.
+        # Its hooks prepare the metrics directory and serve METRICS_PORT.
         os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "-c", "python:morgana.api.gunicorn_conf",
                                   "morgana.api.asgi:app"])
     prepare_multiprocess_dir(clear=True)
+    if settings.api_metrics_port:
+        serve_metrics(settings.api_metrics_port, settings.host)
     import uvicorn
 
     uvicorn.run(

@@ -44,6 +44,11 @@ class ConfigurationError(ValueError):
 class ApiSettings(CoreSettings):
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=1, le=65535)
+    # /metrics on a port of its own (the chart's 9101), out of an Ingress's reach; 0: on PORT.
+    # Not METRICS_PORT: the agent's setting, which a shared .env would make both bind.
+    api_metrics_port: int = Field(default=0, ge=0, le=65535)
+    # The interactive docs (/docs, /redoc, /openapi.json); the chart turns them off by default.
+    docs_enabled: bool = True
     otel_service_name: str = "morgana-api"
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
@@ -60,6 +65,8 @@ class ApiSettings(CoreSettings):
 
     # Redis backs rate limits shared by every replica; unset means an in-process store.
     redis_url: str | None = None
+    # Connections per process; more requests at once wait for one (up to 2 s).
+    redis_max_connections: int = Field(default=32, ge=1)
 
     jwt_secret_key: SecretStr = SecretStr("")
     jwt_algorithm: str = Field(default="HS256", pattern="^HS(256|384|512)$")
@@ -95,10 +102,16 @@ class ApiSettings(CoreSettings):
     rate_limit_enabled: bool = True
     rate_limit_register: str = "10/hour"
     rate_limit_login: str = "20/minute"
+    # Failed logins per account (any email, registered or not, so a lockout reveals nothing).
+    rate_limit_login_account: str = "10/15 minutes"
     rate_limit_session: str = "60/minute"
     rate_limit_chat: str = "60/minute"
     rate_limit_messages: str = "120/minute"
     rate_limit_livekit: str = "30/minute"
+
+    # argon2 checks at once per process (about 64 MiB each), and how many more may wait.
+    password_hash_concurrency: int = Field(default=2, ge=1)
+    password_hash_queue: int = Field(default=16, ge=0)
 
     max_message_chars: int = Field(default=8000, ge=1)
     max_messages_per_request: int = Field(default=50, ge=1)
@@ -113,7 +126,7 @@ class ApiSettings(CoreSettings):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
 
-    @field_validator("rate_limit_register", "rate_limit_login", "rate_limit_session",
+    @field_validator("rate_limit_register", "rate_limit_login", "rate_limit_login_account", "rate_limit_session",
                      "rate_limit_chat", "rate_limit_messages", "rate_limit_livekit")
     @classmethod
     def _valid_rate_limit(cls, value: str) -> str:

@@ -16,6 +16,8 @@ def create_engine(settings: ApiSettings) -> AsyncEngine:
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_seconds,
         pool_pre_ping=True,
+        # Errors name the statement, never its values: chat content and hashes stay out of logs.
+        hide_parameters=True,
         # A dead Postgres must answer with a 503 in seconds, not hang a request.
         connect_args={"connect_timeout": 5},
     )

@@ -1,17 +1,18 @@
 """FastAPI dependencies: settings, database, the two kinds of bearer token, rate limits."""
 
+import hashlib
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from morgana.api import metrics
 from morgana.api.config import ApiSettings
 from morgana.api.models import ChatSession, User
 from morgana.api.ratelimit import RateLimitBackendDown, RateLimiter
-from morgana.api.security import InvalidToken, TokenClaims, TokenType, decode_token
+from morgana.api.security import InvalidToken, PasswordHasher, TokenClaims, TokenType, decode_token
 from morgana.api.services.chat import ChatAgent
 
 
@@ -30,11 +31,26 @@ async def get_db(request: Request) -> AsyncIterator[AsyncSession]:
 DbDep = Annotated[AsyncSession, Depends(get_db)]
 
 
+def get_session_factory(request: Request) -> async_sessionmaker[AsyncSession]:
+    """For work that must hold a connection only briefly (not for the whole request)."""
+    return request.app.state.session_factory
+
+
+SessionFactoryDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_session_factory)]
+
+
 def get_agent(request: Request) -> ChatAgent:
     return request.app.state.agent
 
 
 AgentDep = Annotated[ChatAgent, Depends(get_agent)]
+
+
+def get_hasher(request: Request) -> PasswordHasher:
+    return request.app.state.password_hasher
+
+
+HasherDep = Annotated[PasswordHasher, Depends(get_hasher)]
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -92,23 +108,64 @@ CurrentUser = Annotated[User, Depends(current_user)]
 CurrentChatSession = Annotated[ChatSession, Depends(current_chat_session)]
 
 
+def _store_down() -> HTTPException:
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        "Rate limiting store (Redis) is unavailable",
+        headers={"Retry-After": "5"},
+    )
+
+
+def _limited(name: str, retry_after: int, what: str = "Too many requests") -> HTTPException:
+    metrics.RATE_LIMITED.labels(limit=name).inc()
+    return HTTPException(
+        status.HTTP_429_TOO_MANY_REQUESTS,
+        f"{what}; retry in {retry_after} s",
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
 async def _enforce(request: Request, name: str, key: str) -> None:
     limiter: RateLimiter = request.app.state.rate_limiter
     try:
         decision = await limiter.hit(name, key)
     except RateLimitBackendDown:
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            "Rate limiting store (Redis) is unavailable",
-            headers={"Retry-After": "5"},
-        ) from None
+        raise _store_down() from None
     if not decision.allowed:
-        metrics.RATE_LIMITED.labels(limit=name).inc()
-        raise HTTPException(
-            status.HTTP_429_TOO_MANY_REQUESTS,
-            f"Too many requests; retry in {decision.retry_after_seconds} s",
-            headers={"Retry-After": str(decision.retry_after_seconds)},
-        )
+        raise _limited(name, decision.retry_after_seconds)
+
+
+class FailedLogins:
+    """Failed logins counted per account (RATE_LIMIT_LOGIN_ACCOUNT), shared by every replica.
+
+    Keyed on the email as typed, registered or not, and refused the same way either way, so a
+    lockout tells nothing about which accounts exist; while locked, no password is checked.
+    Per-address limits alone let rotating client addresses guess one account's password.
+    """
+
+    def __init__(self, request: Request, email: str) -> None:
+        self.limiter: RateLimiter = request.app.state.rate_limiter
+        self.key = "account:" + hashlib.sha256(email.strip().lower().encode()).hexdigest()[:32]
+
+    async def refuse_if_locked(self) -> None:
+        try:
+            decision = await self.limiter.exceeded("login_account", self.key)
+        except RateLimitBackendDown:
+            raise _store_down() from None
+        if not decision.allowed:
+            raise _limited("login_account", decision.retry_after_seconds, "Too many failed logins for this account")
+
+    async def failed(self) -> None:
+        try:
+            await self.limiter.hit("login_account", self.key)
+        except RateLimitBackendDown:
+            raise _store_down() from None
+
+    async def succeeded(self) -> None:
+        try:
+            await self.limiter.forget("login_account", self.key)
+        except RateLimitBackendDown:
+            pass  # the failures expire on their own
 
 
 def limit_by_client(name: str):

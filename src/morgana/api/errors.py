@@ -3,6 +3,8 @@
 import logging
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -42,7 +44,16 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": "Internal server error"}, status_code=500)
 
 
+async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422, without echoing what was sent: an error's `input` may be a password, or the
+    whole body around it, and unencodable input (a lone surrogate) broke the response itself."""
+    assert isinstance(exc, RequestValidationError)
+    errors = [{key: error[key] for key in ("type", "loc", "msg") if key in error} for error in exc.errors()]
+    return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(PoolTimeoutError, _pool_exhausted)
     app.add_exception_handler(HistoryUnavailable, _database_unavailable)
     app.add_exception_handler(ConnectionError, _database_unavailable)

@@ -7,7 +7,7 @@ from gunicorn import glogging
 from prometheus_client import multiprocess
 
 from morgana.core.logging import configure_logging
-from morgana.core.multiprocess import prepare_multiprocess_dir
+from morgana.core.multiprocess import prepare_multiprocess_dir, serve_metrics
 from morgana.core.settings import CoreSettings
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
@@ -45,6 +45,12 @@ logger_class = JsonLogger
 
 def on_starting(server) -> None:  # type: ignore[no-untyped-def]
     prepare_multiprocess_dir(clear=True)
+
+
+def when_ready(server) -> None:  # type: ignore[no-untyped-def]
+    # The arbiter serves API_METRICS_PORT: one endpoint summing every worker's metrics.
+    if port := int(os.environ.get("API_METRICS_PORT") or 0):
+        serve_metrics(port, os.environ.get("HOST", "0.0.0.0"))
 
 
 def child_exit(server, worker) -> None:  # type: ignore[no-untyped-def]

@@ -17,6 +17,7 @@ from morgana.api.errors import install_error_handlers
 from morgana.api.middleware import AccessLogMiddleware, BodySizeLimitMiddleware
 from morgana.api.ratelimit import RateLimiter
 from morgana.api.routes import auth, chatbot, health, livekit
+from morgana.api.security import PasswordHasher
 from morgana.api.services.chat import ChatAgent
 from morgana.core.logging import configure_logging
 from morgana.core.telemetry import configure_tracing
@@ -46,6 +47,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.session_factory = create_session_factory(engine)
         app.state.rate_limiter = RateLimiter(settings)
+        app.state.password_hasher = PasswordHasher(settings.password_hash_concurrency, settings.password_hash_queue)
         app.state.agent = ChatAgent(settings)
         if tracer_provider is not None:
             from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
@@ -58,11 +60,15 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         if tracer_provider is not None:
             tracer_provider.shutdown()
 
+    docs = settings.docs_enabled
     app = FastAPI(
         title="Morgana API",
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
     )
     app.state.settings = settings
     install_error_handlers(app)
@@ -71,7 +77,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     for router in (auth.router, chatbot.router, livekit.router):
         app.include_router(router, prefix=API_PREFIX)
 
-    Instrumentator(
+    instrumentator = Instrumentator(
         should_group_status_codes=False,
         excluded_handlers=["/metrics"],
         # Requests in flight, chat streams included (summed over gunicorn workers: livesum).
@@ -81,9 +87,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     ).add(
         http_metrics.default(metric_namespace="morgana", metric_subsystem="api",
                              latency_lowr_buckets=ROUTE_LATENCY_BUCKETS)
-    ).instrument(app, metric_namespace="morgana", metric_subsystem="api").expose(
-        app, endpoint="/metrics", include_in_schema=False
-    )
+    ).instrument(app, metric_namespace="morgana", metric_subsystem="api")
+    if not settings.api_metrics_port:  # else served on API_METRICS_PORT only (cli.serve, gunicorn_conf)
+        instrumentator.expose(app, endpoint="/metrics", include_in_schema=False)
 
     tracer_provider = configure_tracing(
         settings.otel_service_name, settings.otel_exporter_otlp_endpoint

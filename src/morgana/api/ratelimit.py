@@ -4,15 +4,16 @@ import math
 import time
 from dataclasses import dataclass
 
+import redis.asyncio
 from limits import RateLimitItem, parse_many
 from limits.aio.storage import MemoryStorage, Storage
-from limits.storage import storage_from_string
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
+from limits.storage import storage_from_string
 
 from morgana.api.config import ApiSettings
 
-LIMIT_NAMES = ("register", "login", "session", "chat", "messages", "livekit")
+LIMIT_NAMES = ("register", "login", "login_account", "session", "chat", "messages", "livekit")
 
 
 class RateLimitBackendDown(Exception):
@@ -31,13 +32,19 @@ class RateLimiter:
         self.shared = settings.redis_url is not None
         self._storage: Storage
         if settings.redis_url:
+            # A blocking pool: past REDIS_MAX_CONNECTIONS a request waits (up to 2 s) for a free
+            # connection. redis-py's default pool refuses with "Too many connections" instead,
+            # which turned a burst of 200 logins into 100 false "Redis unavailable" 503s.
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
+                settings.redis_url, max_connections=settings.redis_max_connections, timeout=2,
+                socket_timeout=2, socket_connect_timeout=2,
+            )
             self._storage = storage_from_string(
                 f"async+{settings.redis_url}",
                 implementation="redispy",
                 wrap_exceptions=True,
                 key_prefix="morgana-ratelimit",
-                socket_timeout=2,
-                socket_connect_timeout=2,
+                connection_pool=pool,
             )
         else:
             self._storage = MemoryStorage()
@@ -59,6 +66,30 @@ class RateLimiter:
         except StorageError as exc:
             raise RateLimitBackendDown(str(exc)) from exc
         return Decision(allowed=retry_after == 0, retry_after_seconds=retry_after)
+
+    async def exceeded(self, name: str, key: str) -> Decision:
+        """Whether `key` is over the named limits already, without counting a request."""
+        if not self.enabled:
+            return Decision(allowed=True)
+        retry_after = 0
+        try:
+            for item in self._limits[name]:
+                if not await self._strategy.test(item, name, key):
+                    stats = await self._strategy.get_window_stats(item, name, key)
+                    retry_after = max(retry_after, math.ceil(stats.reset_time - time.time()), 1)
+        except StorageError as exc:
+            raise RateLimitBackendDown(str(exc)) from exc
+        return Decision(allowed=retry_after == 0, retry_after_seconds=retry_after)
+
+    async def forget(self, name: str, key: str) -> None:
+        """Drop what `key` has counted against the named limits."""
+        if not self.enabled:
+            return
+        try:
+            for item in self._limits[name]:
+                await self._strategy.clear(item, name, key)
+        except StorageError as exc:
+            raise RateLimitBackendDown(str(exc)) from exc
 
     async def healthy(self) -> bool:
         try:

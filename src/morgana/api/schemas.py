@@ -2,9 +2,9 @@
 
 import uuid
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, field_validator
 
 MIN_PASSWORD_LENGTH = 8
 MAX_PASSWORD_LENGTH = 128
@@ -13,6 +13,22 @@ _TOKEN_EXAMPLE = {
     "token_type": "bearer",
     "expires_at": "2025-09-27T15:00:00Z",
 }
+
+
+def clean_text(text: str) -> str:
+    """Refuse what Postgres cannot store and UTF-8 cannot carry: NUL characters and unpaired
+    surrogates. Accepted, they failed later as a 500 or a 503 (after the model was paid for)."""
+    if "\x00" in text:
+        raise ValueError("must not contain NUL characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (an unpaired surrogate was sent)") from None
+    return text
+
+
+# Every text a client sends: request bodies and form fields.
+CleanText = Annotated[str, AfterValidator(clean_text)]
 
 
 def password_problems(password: str) -> list[str]:
@@ -51,7 +67,7 @@ class RegisterRequest(BaseModel):
     )
 
     email: EmailStr
-    password: str = Field(min_length=1, max_length=MAX_PASSWORD_LENGTH)
+    password: CleanText = Field(min_length=1, max_length=MAX_PASSWORD_LENGTH)
 
     @field_validator("email")
     @classmethod
@@ -116,7 +132,7 @@ class SessionInfo(BaseModel):
 class SessionRename(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"name": "Trip planning"}]})
 
-    name: str = Field(min_length=1, max_length=100)
+    name: CleanText = Field(min_length=1, max_length=100)
 
     @field_validator("name")
     @classmethod
@@ -128,10 +144,25 @@ class SessionRename(BaseModel):
 
 
 class Message(BaseModel):
-    """One chat message. The system prompt is the server's, so clients send user or assistant."""
+    """One chat message, as stored and as answered: the user's, or the assistant's (the model's)."""
 
     role: Literal["user", "assistant"]
     content: str = Field(min_length=1)
+
+
+class UserMessage(Message):
+    """A message a client sends. Only its user's words: the assistant's turns come from the model
+    (and the stored history), so that no client can put words in the model's mouth."""
+
+    role: Literal["user"]
+    content: CleanText = Field(min_length=1)
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _user_only(cls, role: object) -> object:
+        if role != "user":
+            raise ValueError("clients send user messages only: the assistant's turns come from the model")
+        return role
 
     @field_validator("content")
     @classmethod
@@ -146,14 +177,7 @@ class ChatRequest(BaseModel):
         json_schema_extra={"examples": [{"messages": [{"role": "user", "content": "Hello, who are you?"}]}]}
     )
 
-    messages: list[Message] = Field(min_length=1)
-
-    @field_validator("messages")
-    @classmethod
-    def _ends_with_user(cls, messages: list[Message]) -> list[Message]:
-        if messages[-1].role != "user":
-            raise ValueError("the last message must have role 'user'")
-        return messages
+    messages: list[UserMessage] = Field(min_length=1)
 
 
 class ChatResponse(BaseModel):

@@ -2,10 +2,12 @@
 
 import secrets
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
+import anyio
 from jose import JWTError, jwt
 from passlib.context import CryptContext
 
@@ -26,6 +28,40 @@ def verify_password(password: str, hashed: str | None) -> bool:
         _passwords.verify(password, _DUMMY_HASH)
         return False
     return _passwords.verify(password, hashed)
+
+
+class HasherBusy(Exception):
+    """Every password check slot is taken and the queue is full: answer 503, retry shortly."""
+
+
+class PasswordHasher:
+    """argon2 checks off the event loop, bounded per process.
+
+    Each check holds about 64 MiB and a core for tens of milliseconds. Run on the default
+    thread pool (40 threads), a flood of logins grew a worker past 1.4 GiB: here at most
+    `concurrency` run at once, at most `queue` more wait, and the rest are refused at once
+    (HasherBusy) instead of piling up memory and latency.
+    """
+
+    def __init__(self, concurrency: int, queue: int) -> None:
+        self._threads = anyio.CapacityLimiter(concurrency)
+        self._admitted = 0
+        self._capacity = concurrency + queue
+
+    async def hash(self, password: str) -> str:
+        return await self._run(hash_password, password)
+
+    async def verify(self, password: str, hashed: str | None) -> bool:
+        return await self._run(verify_password, password, hashed)
+
+    async def _run(self, fn: Callable[..., object], *args: object):  # type: ignore[no-untyped-def]
+        if self._admitted >= self._capacity:
+            raise HasherBusy()
+        self._admitted += 1
+        try:
+            return await anyio.to_thread.run_sync(fn, *args, limiter=self._threads)
+        finally:
+            self._admitted -= 1
 
 
 class TokenType(StrEnum):

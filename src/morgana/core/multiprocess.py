@@ -8,6 +8,9 @@ entry point prepares it first, whatever the command (even `migrate` imports metr
 
 import os
 
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
+
 
 def prepare_multiprocess_dir(*, clear: bool = False) -> str | None:
     """Create PROMETHEUS_MULTIPROC_DIR if it is set; with `clear`, empty it.
@@ -24,3 +27,13 @@ def prepare_multiprocess_dir(*, clear: bool = False) -> str | None:
             if entry.is_file():
                 os.remove(entry.path)
     return directory
+
+
+def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
+    """Serve /metrics on a port of its own, in a thread of this process: every process's metrics,
+    summed, when PROMETHEUS_MULTIPROC_DIR is set (the gunicorn arbiter serves its workers')."""
+    registry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+    start_http_server(port, addr=host, registry=registry)

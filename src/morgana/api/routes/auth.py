@@ -1,10 +1,20 @@
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Form, HTTPException, status
+from fastapi import APIRouter, Form, HTTPException, Request, status
 
-from morgana.api.deps import CurrentUser, DbDep, SettingsDep, limit_by_client, limit_by_user
+from morgana.api.deps import (
+    CurrentUser,
+    DbDep,
+    FailedLogins,
+    HasherDep,
+    SessionFactoryDep,
+    SettingsDep,
+    limit_by_client,
+    limit_by_user,
+)
 from morgana.api.schemas import (
+    CleanText,
     ErrorResponse,
     RegisterRequest,
     SessionInfo,
@@ -13,7 +23,7 @@ from morgana.api.schemas import (
     TokenResponse,
     UserResponse,
 )
-from morgana.api.security import issue_session_token, issue_user_token
+from morgana.api.security import HasherBusy, issue_session_token, issue_user_token
 from morgana.api.services import sessions, users
 
 router = APIRouter(prefix="/auth", tags=["auth"])
@@ -21,20 +31,28 @@ router = APIRouter(prefix="/auth", tags=["auth"])
 _UNAUTHORIZED = {401: {"model": ErrorResponse, "description": "Missing, invalid or expired token"}}
 _WRONG_TOKEN = {403: {"model": ErrorResponse, "description": "A session token where a user token belongs"}}
 _LIMITED = {429: {"model": ErrorResponse, "description": "Rate limited; see Retry-After"}}
+_BUSY = {503: {"model": ErrorResponse, "description": "Too many password checks at once; see Retry-After"}}
+
+
+def _busy() -> HTTPException:
+    return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "Server busy checking passwords; retry shortly",
+                         headers={"Retry-After": "1"})
 
 
 @router.post(
     "/register",
     response_model=UserResponse,
     summary="Register a new user and get a user token",
-    responses={409: {"model": ErrorResponse, "description": "Email already registered"}, **_LIMITED},
+    responses={409: {"model": ErrorResponse, "description": "Email already registered"}, **_LIMITED, **_BUSY},
     dependencies=[limit_by_client("register")],
 )
-async def register(body: RegisterRequest, db: DbDep, settings: SettingsDep) -> UserResponse:
+async def register(body: RegisterRequest, db: DbDep, hasher: HasherDep, settings: SettingsDep) -> UserResponse:
     try:
-        user = await users.register(db, body.email, body.password)
+        user = await users.register(db, hasher, body.email, body.password)
     except users.EmailAlreadyRegistered:
         raise HTTPException(status.HTTP_409_CONFLICT, "Email already registered") from None
+    except HasherBusy:
+        raise _busy() from None
     token = issue_user_token(settings, user.id)
     return UserResponse(
         id=user.id,
@@ -47,22 +65,31 @@ async def register(body: RegisterRequest, db: DbDep, settings: SettingsDep) -> U
     "/login",
     response_model=TokenResponse,
     summary="Log in with email and password (form-encoded) and get a user token",
-    responses={401: {"model": ErrorResponse, "description": "Incorrect email or password"}, **_LIMITED},
+    responses={401: {"model": ErrorResponse, "description": "Incorrect email or password"}, **_LIMITED, **_BUSY},
     dependencies=[limit_by_client("login")],
 )
 async def login(
-    username: Annotated[str, Form(description="The user's email", examples=["user@example.com"])],
-    password: Annotated[str, Form(examples=["A_Strong_Password123!"])],
-    db: DbDep,
+    username: Annotated[CleanText, Form(description="The user's email", examples=["user@example.com"])],
+    password: Annotated[CleanText, Form(examples=["A_Strong_Password123!"])],
+    request: Request,
+    session_factory: SessionFactoryDep,
+    hasher: HasherDep,
     settings: SettingsDep,
 ) -> TokenResponse:
-    user = await users.authenticate(db, username, password)
+    attempts = FailedLogins(request, username)
+    await attempts.refuse_if_locked()
+    try:
+        user = await users.authenticate(session_factory, hasher, username, password)
+    except HasherBusy:
+        raise _busy() from None
     if user is None:
+        await attempts.failed()
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "Incorrect email or password",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    await attempts.succeeded()
     token = issue_user_token(settings, user.id)
     return TokenResponse(access_token=token.access_token, expires_at=token.expires_at)
 

@@ -4,11 +4,10 @@ import logging
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
-from starlette.concurrency import run_in_threadpool
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from morgana.api.models import User
-from morgana.api.security import hash_password, verify_password
+from morgana.api.security import PasswordHasher
 
 log = logging.getLogger(__name__)
 
@@ -17,9 +16,9 @@ class EmailAlreadyRegistered(Exception):
     pass
 
 
-async def register(db: AsyncSession, email: str, password: str) -> User:
-    # argon2 is deliberately slow: keep it off the event loop.
-    hashed = await run_in_threadpool(hash_password, password)
+async def register(db: AsyncSession, hasher: PasswordHasher, email: str, password: str) -> User:
+    # Hashed before the session touches the database: no pooled connection waits on argon2.
+    hashed = await hasher.hash(password)
     user = User(email=email.lower(), hashed_password=hashed)
     db.add(user)
     try:
@@ -30,10 +29,16 @@ async def register(db: AsyncSession, email: str, password: str) -> User:
     return user
 
 
-async def authenticate(db: AsyncSession, email: str, password: str) -> User | None:
-    """The user with these credentials, or None; unknown emails cost one hash check too."""
-    user = await db.scalar(select(User).where(User.email == email.strip().lower()))
-    ok = await run_in_threadpool(verify_password, password, user.hashed_password if user else None)
+async def authenticate(session_factory: async_sessionmaker[AsyncSession], hasher: PasswordHasher,
+                       email: str, password: str) -> User | None:
+    """The user with these credentials, or None; unknown emails cost one hash check too.
+
+    The connection goes back to the pool before the (slow) check: a flood of logins must not
+    exhaust the database pool for everyone else.
+    """
+    async with session_factory() as db:
+        user = await db.scalar(select(User).where(User.email == email.strip().lower()))
+    ok = await hasher.verify(password, user.hashed_password if user else None)
     return user if ok else None
 
 
@@ -43,12 +48,13 @@ async def get_user(db: AsyncSession, user_id: int) -> User | None:
 
 async def ensure_service_account(db: AsyncSession, email: str, password: str) -> None:
     """Create the voice agent's account, or reset its password to the configured one."""
+    hasher = PasswordHasher(concurrency=1, queue=0)
     user = await db.scalar(select(User).where(User.email == email.lower()))
     if user is None:
-        await register(db, email, password)
+        await register(db, hasher, email, password)
         log.info("created the service account", extra={"email": email.lower()})
         return
-    if not await run_in_threadpool(verify_password, password, user.hashed_password):
-        user.hashed_password = await run_in_threadpool(hash_password, password)
+    if not await hasher.verify(password, user.hashed_password):
+        user.hashed_password = await hasher.hash(password)
         await db.commit()
         log.info("updated the service account's password", extra={"email": email.lower()})
