@@ -4,8 +4,9 @@ Real parts only: etcd + kube-apiserver + kube-controller-manager (a Deployment g
 a scale-down makes its ReplicaSet delete real Pods, ranked by controller.kubernetes.io/
 pod-deletion-cost), the LiveKit server, the API, and agent workers as processes. Each worker
 claims one of the Deployment's Pods (POD_NAME / POD_NAMESPACE, as the chart's downward API sets
-them) and talks to the API server with a service-account token that may only get and patch pods
-in its namespace.
+them) and talks to the API server with a service-account token bound to that pod, as the kubelet
+mounts it, under the chart's own rules: a Role that may only patch pods in its namespace, and the
+chart's ValidatingAdmissionPolicy, which narrows that to the deletion-cost annotation of its own pod.
 """
 
 import asyncio
@@ -24,6 +25,7 @@ from morgana.devtools.services import eventually
 from morgana.devtools.openai_server import FakeOpenAIProcess
 from morgana.devtools.processes import AgentWorker, ApiProcess
 from morgana.devtools.voice_client import Caller, speech_pcm, wait_for
+from tests.chart.helm import render
 from tests.conftest import OPENAI_KEY
 
 pytestmark = pytest.mark.timeout(240)
@@ -45,6 +47,14 @@ class Cluster(KubeClient):
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": ROLE},
             "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}],
         })
+
+    def pod_token(self, pod: str, service_account: str = SERVICE_ACCOUNT, namespace: str = NAMESPACE) -> str:
+        """A token bound to `pod`, as the kubelet mounts one into it (the policy reads its pod name)."""
+        uid = self.get(f"/api/v1/namespaces/{namespace}/pods/{pod}")["metadata"]["uid"]
+        return self.create(f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token", {
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"expirationSeconds": 3600,
+                     "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod, "uid": uid}}})["status"]["token"]
 
     def pods(self, namespace: str = NAMESPACE) -> list[dict]:
         """The Deployment's live pods (those not being deleted)."""
@@ -70,14 +80,20 @@ class Cluster(KubeClient):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """A namespace with the Role the worker needs: pods get and patch, nothing more."""
+    """A namespace with the chart's Role for the workers (pods: patch) and its admission policy."""
     with KubeApiServer(controller_manager=True, log_dir=tmp_path_factory.mktemp("kube")) as kube:
         admin = Cluster(kube)
         admin.create("/api/v1/namespaces", {"metadata": {"name": NAMESPACE}})
-        admin.create(f"/apis/rbac.authorization.k8s.io/v1/namespaces/{NAMESPACE}/roles", {
-            "metadata": {"name": ROLE},
-            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}],
-        })
+        # The chart's Role rules and admission policy, for a release in this namespace whose agent
+        # ServiceAccount is SERVICE_ACCOUNT.
+        chart = render(sets=[f"agent.serviceAccount.name={SERVICE_ACCOUNT}"], namespace=NAMESPACE)
+        (role,) = [o for o in chart if o["kind"] == "Role" and o["metadata"]["name"].endswith("-agent")]
+        admin.create(f"/apis/rbac.authorization.k8s.io/v1/namespaces/{NAMESPACE}/roles",
+                     {"metadata": {"name": ROLE}, "rules": role["rules"]})
+        for kind, plural in (("ValidatingAdmissionPolicy", "validatingadmissionpolicies"),
+                             ("ValidatingAdmissionPolicyBinding", "validatingadmissionpolicybindings")):
+            (policy,) = [o for o in chart if o["kind"] == kind]
+            admin.create(f"/apis/admissionregistration.k8s.io/v1/{plural}", policy)
         admin.create(f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts", {"metadata": {"name": SERVICE_ACCOUNT}})
         admin.bind(SERVICE_ACCOUNT)
         yield admin
@@ -104,22 +120,39 @@ def test_scale_down_removes_the_idle_workers_and_the_call_goes_on(
     pods = sorted(cluster.costs())
     assert all(cost is None for cost in cluster.costs().values())
 
-    # The workers' credentials: a token of the service account bound to the pods get/patch Role.
-    token = cluster.service_account_token(NAMESPACE, SERVICE_ACCOUNT)
-    kubeconfig = cluster.kube.token_kubeconfig(token, tmp_path / "kubeconfig", namespace=NAMESPACE)
-    worker_view = cluster.as_token(token)
-    assert worker_view.http.get(f"/api/v1/namespaces/{NAMESPACE}/pods/{pods[0]}").status_code == 200
-    assert worker_view.http.get(f"/api/v1/namespaces/{NAMESPACE}/pods").status_code == 403  # no list
+    # The workers' credentials: per pod, a token bound to it, as the kubelet mounts them.
+    kubeconfigs = {pod: cluster.kube.token_kubeconfig(cluster.pod_token(pod), tmp_path / f"kubeconfig-{pod}",
+                                                      namespace=NAMESPACE) for pod in pods}
+    worker_view = cluster.as_token(cluster.pod_token(pods[0]))
+    assert worker_view.http.get(f"/api/v1/namespaces/{NAMESPACE}/pods/{pods[0]}").status_code == 403  # no reads
+    assert worker_view.http.get(f"/api/v1/namespaces/{NAMESPACE}/pods").status_code == 403
     assert worker_view.http.delete(f"/api/v1/namespaces/{NAMESPACE}/pods/{pods[0]}").status_code == 403
     worker_view.scale(5, ok=(403,))  # may not scale
     assert worker_view.http.get("/api/v1/namespaces/default/pods/anything").status_code == 403
+
+    def patch(pod: str, metadata: dict) -> int:
+        return worker_view.http.patch(f"/api/v1/namespaces/{NAMESPACE}/pods/{pod}", json={"metadata": metadata},
+                                      headers={"Content-Type": "application/merge-patch+json"}).status_code
+
+    # The admission policy: its own pod's deletion cost, an integer, and nothing else.
+    # (Once the new policy is in force: until then RBAC alone would let this through.)
+    eventually(lambda: patch(pods[0], {"annotations": {COST_ANNOTATION: "lots"}}) in (403, 422), 10,
+               what="the admission policy refusing a cost that is not an integer")
+    assert patch(pods[1], {"annotations": {COST_ANNOTATION: "1"}}) in (403, 422)  # another pod
+    assert patch(pods[0], {"annotations": {COST_ANNOTATION: "0"}}) == 200
+    assert patch(pods[0], {"annotations": {"example.com/other": "x"}}) in (403, 422)
+    assert patch(pods[0], {"labels": {"app.kubernetes.io/name": "hijacked"}}) in (403, 422)
+    assert patch(pods[0], {"ownerReferences": None}) in (403, 422)
+    assert set(cluster.costs().values()) == {"0", None}
+    cluster.request("PATCH", f"/api/v1/namespaces/{NAMESPACE}/pods/{pods[0]}",
+                    {"metadata": {"annotations": {COST_ANNOTATION: None}}}, merge=True)
     worker_view.http.close()
 
     # One worker per pod, and an API whose tokens dispatch this module's agent name.
     api = ApiProcess({**voice_env, "LIVEKIT_AGENT_NAME": AGENT_NAME}, tmp_path / "api.log")
     workers = {
         pod: AgentWorker({**agent_env, "LIVEKIT_AGENT_NAME": AGENT_NAME, "POD_NAME": pod,
-                          "POD_NAMESPACE": NAMESPACE, "KUBECONFIG": str(kubeconfig),
+                          "POD_NAMESPACE": NAMESPACE, "KUBECONFIG": str(kubeconfigs[pod]),
                           "DRAIN_TIMEOUT_SECONDS": "60"}, tmp_path / f"agent-{i}.log")
         for i, pod in enumerate(pods)
     }

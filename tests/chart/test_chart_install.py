@@ -154,7 +154,7 @@ def test_crd_is_established_and_the_autoscaler_accepted(release: str, client: ht
     assert established(client, "agentautoscalers.morgana.dev")
     autoscaler = get(client, f"/apis/morgana.dev/v1alpha1/namespaces/{NAMESPACE}/agentautoscalers/morgana-agent")
     assert autoscaler["spec"]["targetRef"]["name"] == "morgana-agent"
-    assert autoscaler["spec"]["livekit"]["credentialsSecretRef"]["name"] == "morgana"
+    assert autoscaler["spec"]["livekit"]["credentialsSecretRef"]["name"] == "morgana-livekit"
 
 
 def test_the_api_server_enforces_the_crd_schema(release: str, client: httpx.Client) -> None:
@@ -208,7 +208,8 @@ def test_controller_has_exactly_the_access_it_needs(release: str, client: httpx.
     assert can(client, sa, "patch", "deployments", group="apps", subresource="scale", name="morgana-agent")
     assert can(client, sa, "watch", "agentautoscalers", group="morgana.dev")
     assert can(client, sa, "patch", "agentautoscalers", group="morgana.dev", subresource="status")
-    assert can(client, sa, "get", "secrets", name="morgana")
+    assert can(client, sa, "get", "secrets", name="morgana-livekit")
+    assert not can(client, sa, "get", "secrets", name="morgana")  # the JWT key, passwords, the model's key
     assert can(client, sa, "create", "events")
     assert can(client, sa, "get", "agentautoscalers", group="morgana.dev")
     assert can(client, sa, "patch", "kopfpeerings", group="kopf.dev", name="morgana-controller")
@@ -222,8 +223,14 @@ def test_controller_has_exactly_the_access_it_needs(release: str, client: httpx.
 
 
 def test_agent_may_only_annotate_pods(release: str, client: httpx.Client) -> None:
+    """RBAC: patch pods, nothing else (not even read them); the chart's admission policy narrows
+    the patch to the deletion-cost annotation of the worker's own pod (tests/agent)."""
     assert can(client, "morgana-agent", "patch", "pods")
+    assert not can(client, "morgana-agent", "get", "pods")
+    assert not can(client, "morgana-agent", "list", "pods")
     assert not can(client, "morgana-agent", "delete", "pods")
+    policy = get(client, "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies/voice-morgana-agent-pod-cost")
+    assert "system:serviceaccount:voice:morgana-agent" in policy["spec"]["matchConditions"][0]["expression"]
     assert not can(client, "morgana-agent", "get", "secrets", name="morgana")
     assert not can(client, "morgana-api", "get", "pods")
     assert not can(client, "morgana-api", "get", "secrets", name="morgana")
@@ -267,6 +274,7 @@ def test_uninstall_removes_the_release_but_keeps_the_crd(release: str, kube: Kub
     assert client.get(f"/api/v1{ns}/secrets/morgana").status_code == 404
     assert names(client, f"/apis/rbac.authorization.k8s.io/v1{ns}/roles") == set()
     assert names(client, f"/apis/morgana.dev/v1alpha1{ns}/agentautoscalers") == set()
+    assert names(client, "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies") == set()
     # Helm never deletes CRDs from crds/ (that would delete every user's AgentAutoscalers).
     assert established(client, "agentautoscalers.morgana.dev")
 

@@ -147,16 +147,21 @@ def test_autoscaled_agents_leave_replicas_to_the_controller() -> None:
 def test_chart_secret_holds_exactly_the_referenced_keys() -> None:
     objects = render()
     secrets = secret_values(objects)
-    assert secrets["morgana"] == secrets["morgana-hook"]
-    referenced = set()
+    # The LiveKit keys apart (the controller reads them, and may read nothing else); the hook's
+    # copy, for the migration Job, holds both.
+    assert set(secrets["morgana-livekit"]) == {"api-key", "api-secret"}
+    assert not set(secrets["morgana-livekit"]) & set(secrets["morgana"])
+    assert secrets["morgana-hook"] == secrets["morgana"] | secrets["morgana-livekit"]
+    referenced: dict[str, set[str]] = {"morgana": set(), "morgana-livekit": set()}
     for _, spec in pod_specs(objects):
         for container in spec["containers"]:
             for entry in container.get("env", []):
                 if ref := entry.get("valueFrom", {}).get("secretKeyRef"):
                     assert ref["key"] in secrets[ref["name"]], entry
-                    if ref["name"] == "morgana":
-                        referenced.add(ref["key"])
-    assert referenced == set(secrets["morgana"]), "keys stored but never used, or used but never stored"
+                    if ref["name"] in referenced:
+                        referenced[ref["name"]].add(ref["key"])
+    for name, keys in referenced.items():
+        assert keys == set(secrets[name]), f"{name}: keys stored but never used, or used but never stored"
     hook = find(objects, "Secret", "-hook")["metadata"]["annotations"]
     assert hook["helm.sh/hook"] == "pre-install,pre-upgrade"
     assert "hook-succeeded" in hook["helm.sh/hook-delete-policy"]
@@ -424,7 +429,7 @@ def test_controller_role_grants_exactly_the_documented_rules() -> None:
     rendered = [{k: v for k, v in rule.items() if k != "resourceNames"} for rule in role["rules"]]
     assert rendered == documented
     (secrets,) = (r for r in role["rules"] if r["resources"] == ["secrets"])
-    assert secrets["resourceNames"] == ["morgana"]
+    assert secrets["resourceNames"] == ["morgana-livekit"]
 
 
 def test_the_chart_makes_the_controllers_peering_object() -> None:

@@ -253,7 +253,8 @@ def test_the_namespace_is_applied_with_the_objects_no_resource_waits_for(tilt_va
     assigned = {s.split(":")[0] for r in tilt_variant.k8s_resources.values() for s in r.get("objects", [])}
     assert "morgana" not in assigned, "the Namespace must stay with the uncategorized objects"
     for obj in tilt_variant.objects:
-        if obj["kind"] not in ("Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"):
+        if obj["kind"] not in ("Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding",
+                               "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"):
             assert obj["metadata"].get("namespace") == "morgana", f"{obj['kind']}/{obj['metadata']['name']}"
 
 

@@ -101,13 +101,19 @@ runs before that Secret exists (pre-install hook), so it reads a hook-time copy 
 {{- include "morgana.fullname" . }}
 {{- end }}
 
-{{/* (dict "ctx" $ "group" "postgres" "hook" false) -> the Secret holding that group's keys */}}
+{{/*
+(dict "ctx" $ "group" "postgres" "hook" false) -> the Secret holding that group's keys. The
+LiveKit keys have a Secret of their own, `<fullname>-livekit`: the controller reads them, and
+may read nothing else.
+*/}}
 {{- define "morgana.groupSecretName" -}}
 {{- $group := index .ctx.Values .group }}
 {{- if $group.existingSecret }}
 {{- $group.existingSecret }}
 {{- else if .hook }}
 {{- printf "%s-hook" (include "morgana.secretName" .ctx) }}
+{{- else if eq .group "livekit" }}
+{{- printf "%s-livekit" (include "morgana.secretName" .ctx) }}
 {{- else }}
 {{- include "morgana.secretName" .ctx }}
 {{- end }}
@@ -147,10 +153,6 @@ creates the account) and the workers get API_USER_EMAIL and API_USER_PASSWORD.
 {{- if and $v.redis.enabled (not $v.redis.existingSecret) $v.redis.password }}
 {{ $v.redis.secretKeys.password }}: {{ $v.redis.password | b64enc | quote }}
 {{- end }}
-{{- if not $v.livekit.existingSecret }}
-{{ $v.livekit.secretKeys.apiKey }}: {{ $v.livekit.apiKey | b64enc | quote }}
-{{ $v.livekit.secretKeys.apiSecret }}: {{ $v.livekit.apiSecret | b64enc | quote }}
-{{- end }}
 {{- if and (not $v.llm.existingSecret) $v.llm.apiKey }}
 {{ $v.llm.secretKeys.apiKey }}: {{ $v.llm.apiKey | b64enc | quote }}
 {{- end }}
@@ -162,10 +164,24 @@ creates the account) and the workers get API_USER_EMAIL and API_USER_PASSWORD.
 {{- end }}
 {{- end }}
 
-{{/* Whether the chart must create its own Secret at all. */}}
+{{/* Data of the chart-managed LiveKit Secret (`<fullname>-livekit`), when there is no existingSecret. */}}
+{{- define "morgana.livekitSecretData" -}}
+{{- $v := .Values }}
+{{- if not $v.livekit.existingSecret }}
+{{ $v.livekit.secretKeys.apiKey }}: {{ $v.livekit.apiKey | b64enc | quote }}
+{{ $v.livekit.secretKeys.apiSecret }}: {{ $v.livekit.apiSecret | b64enc | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Every chart-managed credential, for the pods' checksum annotation: they roll when one changes. */}}
+{{- define "morgana.credentialsChecksum" -}}
+{{- printf "%s\n%s" (include "morgana.secretData" .) (include "morgana.livekitSecretData" .) | sha256sum }}
+{{- end }}
+
+{{/* Whether the chart must create its own Secret at all (besides the LiveKit one). */}}
 {{- define "morgana.needsSecret" -}}
 {{- $v := .Values }}
-{{- if or (not $v.postgres.existingSecret) (and $v.redis.enabled (not $v.redis.existingSecret) $v.redis.password) (not $v.livekit.existingSecret) (and (not $v.llm.existingSecret) $v.llm.apiKey) (not $v.auth.existingSecret) (and (include "morgana.agentUserEnabled" .) (not $v.agentUser.existingSecret)) }}true{{ end }}
+{{- if or (not $v.postgres.existingSecret) (and $v.redis.enabled (not $v.redis.existingSecret) $v.redis.password) (and (not $v.llm.existingSecret) $v.llm.apiKey) (not $v.auth.existingSecret) (and (include "morgana.agentUserEnabled" .) (not $v.agentUser.existingSecret)) }}true{{ end }}
 {{- end }}
 
 {{/*

@@ -30,11 +30,13 @@ RBAC: the worker's ServiceAccount needs, in its own namespace only, a Role with
 
     - apiGroups: [""]
       resources: ["pods"]
-      verbs: ["get", "patch"]
+      verbs: ["patch"]
 
-and a RoleBinding to it. `patch` writes the annotation; `get` reads the pod once at start-up, so
-a wrong `POD_NAME` or a missing permission is reported clearly (with the HTTP status) before any
-call arrives. Nothing else (no list, watch, delete or cluster scope) is needed.
+and a RoleBinding to it: no reading pods, no list, watch, delete or cluster scope. At start-up a
+dry-run PATCH (nothing written) reports a wrong `POD_NAME` or a missing permission clearly, with
+the HTTP status, before any call arrives. RBAC cannot narrow `patch` to one pod and one
+annotation; the chart's ValidatingAdmissionPolicy (templates/agent/pod-cost-policy.yaml) does,
+for the pod the worker's service-account token is bound to.
 """
 
 from __future__ import annotations
@@ -188,23 +190,26 @@ class PodDeletionCost:
     async def _connect(self) -> Any:
         if self._client is None:
             client = await asyncio.to_thread(self._make_client)
-            try:
-                pod = await client.get(self._pod_type, self.pod_name, namespace=self.namespace)
+            try:  # a write the server checks (RBAC, admission) and discards: the pod may not be read
+                await client.patch(self._pod_type, self.pod_name, self._body(0), namespace=self.namespace,
+                                   patch_type=self._merge_patch, dry_run=True)
             except BaseException:
                 await client.close()
                 raise
-            current = (pod.metadata.annotations or {}).get(COST_ANNOTATION)
-            log.info("pod deletion cost: pod found", extra={"pod": self.pod_name, "namespace": self.namespace,
-                                                            "current_cost": current})
+            log.info("pod deletion cost: pod found and writable",
+                     extra={"pod": self.pod_name, "namespace": self.namespace})
             self._client = client
         return self._client
+
+    @staticmethod
+    def _body(cost: int) -> dict[str, Any]:
+        return {"metadata": {"annotations": {COST_ANNOTATION: str(cost)}}}
 
     async def _write(self, cost: int) -> bool:
         """PATCH the annotation to `cost`; True on success. Failures are logged and counted."""
         try:
             client = await self._connect()
-            await client.patch(self._pod_type, self.pod_name,
-                               {"metadata": {"annotations": {COST_ANNOTATION: str(cost)}}},
+            await client.patch(self._pod_type, self.pod_name, self._body(cost),
                                namespace=self.namespace, patch_type=self._merge_patch)
         except asyncio.CancelledError:
             raise
