@@ -134,12 +134,13 @@ def test_scale_down_removes_the_idle_workers_and_the_call_goes_on(
         return worker_view.http.patch(f"/api/v1/namespaces/{NAMESPACE}/pods/{pod}", json={"metadata": metadata},
                                       headers={"Content-Type": "application/merge-patch+json"}).status_code
 
-    # The admission policy: its own pod's deletion cost, an integer, and nothing else.
-    # (Once the new policy is in force: until then RBAC alone would let this through.)
-    eventually(lambda: patch(pods[0], {"annotations": {COST_ANNOTATION: "lots"}}) in (403, 422), 10,
-               what="the admission policy refusing a cost that is not an integer")
+    # The admission policy: its own pod's deletion cost, and nothing else. (Once the new policy is
+    # in force: until then RBAC alone lets this harmless probe through.)
+    eventually(lambda: patch(pods[1], {"annotations": {"example.com/probe": "x"}}) in (403, 422), 10,
+               what="the admission policy refusing a change to another pod")
     assert patch(pods[1], {"annotations": {COST_ANNOTATION: "1"}}) in (403, 422)  # another pod
     assert patch(pods[0], {"annotations": {COST_ANNOTATION: "0"}}) == 200
+    assert patch(pods[0], {"annotations": {COST_ANNOTATION: "lots"}}) in (403, 422)
     assert patch(pods[0], {"annotations": {"example.com/other": "x"}}) in (403, 422)
     assert patch(pods[0], {"labels": {"app.kubernetes.io/name": "hijacked"}}) in (403, 422)
     assert patch(pods[0], {"ownerReferences": None}) in (403, 422)

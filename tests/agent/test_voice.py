@@ -158,3 +158,66 @@ def test_a_failing_api_gets_an_apology_and_the_call_goes_on(
     caller = asyncio.run(call())
     apology = "Sorry, I'm having trouble thinking right now. Please say that again in a moment."
     assert caller.agent_texts() == [apology, "You said: Second try"]
+
+
+def test_deleting_a_session_closes_its_voice_room(voice_api, agent_worker) -> None:
+    """Its caller and its agent are sent away at once: a token handed out for the session is of
+    no more use once the session is gone."""
+    import httpx
+    from livekit import rtc
+
+    from tests.conftest import bearer, new_session, register
+
+    async def call() -> rtc.ConnectionState:
+        with httpx.Client(base_url=voice_api.url, timeout=20) as http:
+            user_token = register(http)["token"]["access_token"]
+            session = new_session(http, user_token)
+            grant = http.post("/api/v1/livekit/token", headers=bearer(session["token"]["access_token"])).json()
+            caller = Caller(voice_api.url)
+            await caller.connect(grant["serverUrl"], grant["participantToken"])
+            try:
+                assert await wait_for(lambda: len(caller.room.remote_participants) > 0, 30), agent_worker.log_tail()
+                deleted = await asyncio.to_thread(
+                    http.delete, f"/api/v1/auth/sessions/{session['session_id']}", headers=bearer(user_token))
+                assert deleted.status_code == 204
+                await wait_for(lambda: caller.room.connection_state == rtc.ConnectionState.CONN_DISCONNECTED, 10)
+                return caller.room.connection_state
+            finally:
+                await caller.leave()
+
+    assert asyncio.run(call()) == rtc.ConnectionState.CONN_DISCONNECTED
+
+
+def test_a_call_that_outlasts_its_token_still_counts_against_the_cap(livekit, voice_env: dict) -> None:
+    """LIVEKIT_MAX_ROOMS_PER_USER counts a room from its token's grant until the token expires,
+    and after that for as long as LiveKit lists someone in it (calls outlive their tokens)."""
+    import secrets
+
+    from livekit import api, rtc
+
+    from morgana.api.config import ApiSettings
+    from morgana.api.services.livekit import VoiceRooms
+
+    settings = ApiSettings(_env_file=None, environment="test", jwt_secret_key=voice_env["JWT_SECRET_KEY"],
+                           openai_api_key="unused", livekit_url=livekit.url, livekit_api_key=livekit.api_key,
+                           livekit_api_secret=livekit.api_secret, livekit_max_rooms_per_user=1)
+    now = [1_000_000.0]
+    rooms = VoiceRooms(settings, clock=lambda: now[0])
+    user, first, second = 4242, f"cap-{secrets.token_hex(4)}-a", f"cap-{secrets.token_hex(4)}-b"
+
+    async def scenario() -> None:
+        assert await rooms.admit(user, first)
+        assert not await rooms.admit(user, second)  # a token for `first` is still valid
+        token = (api.AccessToken(livekit.api_key, livekit.api_secret).with_identity("cap-caller")
+                 .with_grants(api.VideoGrants(room_join=True, room=first)).to_jwt())
+        room = rtc.Room()
+        await room.connect(livekit.url, token)
+        try:
+            now[0] += settings.livekit_token_ttl_minutes * 60 + 1  # the token expired; the call goes on
+            assert not await rooms.admit(user, second)
+        finally:
+            await room.disconnect()
+        assert await wait_for(lambda: False, 1.0) is False  # let LiveKit see the caller leave
+        assert await rooms.admit(user, second)
+
+    asyncio.run(scenario())

@@ -167,3 +167,45 @@ def test_users_cannot_touch_each_others_sessions(client: httpx.Client, user: dic
     assert client.get("/api/v1/auth/sessions", headers=bearer(stranger)).json() == []
     assert client.patch("/api/v1/auth/sessions/not-a-uuid", headers=bearer(stranger),
                         json={"name": "x"}).status_code == 422
+
+
+def test_logout_revokes_every_token_of_the_account(client: httpx.Client) -> None:
+    user = register(client)
+    user_token = user["token"]["access_token"]
+    session_token = new_session(client, user_token)["token"]["access_token"]
+    other_device = client.post("/api/v1/auth/login", data={"username": user["email"], "password": STRONG_PASSWORD})
+    other_token = other_device.json()["access_token"]
+
+    assert client.post("/api/v1/auth/logout", headers=bearer(user_token)).status_code == 204
+    for token in (user_token, other_token):
+        refused = client.get("/api/v1/auth/sessions", headers=bearer(token))
+        assert refused.status_code == 401
+        assert refused.json()["detail"].startswith("This token was revoked")
+    assert client.get("/api/v1/chatbot/messages", headers=bearer(session_token)).status_code == 401
+    # Logging in again gives a token that works.
+    again = client.post("/api/v1/auth/login", data={"username": user["email"], "password": STRONG_PASSWORD})
+    assert client.get("/api/v1/auth/sessions", headers=bearer(again.json()["access_token"])).status_code == 200
+
+
+def test_a_password_change_revokes_the_old_tokens_and_the_old_password(client: httpx.Client) -> None:
+    user = register(client)
+    user_token = user["token"]["access_token"]
+    session_token = new_session(client, user_token)["token"]["access_token"]
+    new_password = "A_New_Password_456?"
+
+    wrong = client.post("/api/v1/auth/password", headers=bearer(user_token),
+                        json={"current_password": "Not_The_Passw0rd!", "new_password": new_password})
+    assert wrong.status_code == 401 and wrong.json()["detail"] == "Incorrect current password"
+    weak = client.post("/api/v1/auth/password", headers=bearer(user_token),
+                       json={"current_password": STRONG_PASSWORD, "new_password": "weak"})
+    assert weak.status_code == 422
+    changed = client.post("/api/v1/auth/password", headers=bearer(user_token),
+                          json={"current_password": STRONG_PASSWORD, "new_password": new_password})
+    assert changed.status_code == 200, changed.text
+    assert client.get("/api/v1/auth/sessions", headers=bearer(changed.json()["access_token"])).status_code == 200
+    assert client.get("/api/v1/auth/sessions", headers=bearer(user_token)).status_code == 401
+    assert client.get("/api/v1/chatbot/messages", headers=bearer(session_token)).status_code == 401
+    old = client.post("/api/v1/auth/login", data={"username": user["email"], "password": STRONG_PASSWORD})
+    assert old.status_code == 401
+    new = client.post("/api/v1/auth/login", data={"username": user["email"], "password": new_password})
+    assert new.status_code == 200

@@ -4,9 +4,12 @@ import json
 import time
 
 import httpx
+import pytest
 from livekit import api as livekit_api
+from pydantic import ValidationError
 
-from tests.conftest import LIVEKIT_KEY, LIVEKIT_SECRET, bearer
+from morgana.api.config import ApiSettings
+from tests.conftest import LIVEKIT_KEY, LIVEKIT_SECRET, bearer, new_session, register
 
 
 def test_token_grants_the_sessions_room_and_dispatches_the_agent(
@@ -35,6 +38,8 @@ def test_token_grants_the_sessions_room_and_dispatches_the_agent(
 
 
 def test_token_lifetime_is_bounded(client: httpx.Client, chat_session: dict) -> None:
+    """A participant token only has to be valid when its holder joins: 10 minutes by default, and
+    at most 15 whatever is configured (it outlives a deleted session or a logout by that much)."""
     token = client.post(
         "/api/v1/livekit/token", headers=bearer(chat_session["token"]["access_token"])
     ).json()["participantToken"]
@@ -42,4 +47,26 @@ def test_token_lifetime_is_bounded(client: httpx.Client, chat_session: dict) -> 
 
     payload = jwt.get_unverified_claims(token)
     lifetime = payload["exp"] - time.time()
-    assert 50 * 60 < lifetime <= 60 * 60 + 5
+    assert 9 * 60 < lifetime <= 10 * 60 + 5
+    with pytest.raises(ValidationError, match="livekit_token_ttl_minutes"):
+        ApiSettings(_env_file=None, livekit_token_ttl_minutes=60)
+
+
+def test_a_user_holds_at_most_the_configured_voice_rooms(client: httpx.Client, user: dict) -> None:
+    """LIVEKIT_MAX_ROOMS_PER_USER (2): tokens for a third room are refused, even before any room
+    is joined (asking for several tokens first does not get round it); the rooms held are granted
+    again; other users are not affected."""
+    token = user["token"]["access_token"]
+    sessions = [new_session(client, token) for _ in range(3)]
+
+    def grant(session: dict) -> httpx.Response:
+        return client.post("/api/v1/livekit/token", headers=bearer(session["token"]["access_token"]))
+
+    assert [grant(s).status_code for s in sessions[:2]] == [200, 200]
+    third = grant(sessions[2])
+    assert third.status_code == 429, third.text
+    assert third.json()["detail"] == "At most 2 voice calls at once per user: end one first"
+    assert third.headers["retry-after"] == "60"
+    assert grant(sessions[0]).status_code == 200  # a room already held
+    other = new_session(client, register(client)["token"]["access_token"])
+    assert grant(other).status_code == 200

@@ -33,6 +33,7 @@ def test_openapi_documents_every_endpoint_with_examples(client: httpx.Client) ->
     expected = {
         ("/health", "get"), ("/ready", "get"),
         ("/api/v1/auth/register", "post"), ("/api/v1/auth/login", "post"),
+        ("/api/v1/auth/logout", "post"), ("/api/v1/auth/password", "post"),
         ("/api/v1/auth/session", "post"), ("/api/v1/auth/sessions", "get"),
         ("/api/v1/auth/sessions/{session_id}", "patch"), ("/api/v1/auth/sessions/{session_id}", "delete"),
         ("/api/v1/chatbot/chat/stream", "post"), ("/api/v1/chatbot/chat", "post"),
@@ -44,7 +45,8 @@ def test_openapi_documents_every_endpoint_with_examples(client: httpx.Client) ->
     assert "text/event-stream" in stream["responses"]["200"]["content"]
     assert {"401", "403", "422", "429", "503"} <= set(stream["responses"])
     schemas = spec["components"]["schemas"]
-    for name in ("RegisterRequest", "UserResponse", "SessionResponse", "ChatRequest", "LiveKitTokenResponse"):
+    for name in ("RegisterRequest", "PasswordChange", "UserResponse", "SessionResponse", "ChatRequest",
+                 "LiveKitTokenResponse"):
         assert schemas[name].get("examples"), name
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
     docs = client.get("/docs")

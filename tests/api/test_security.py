@@ -41,10 +41,11 @@ def test_unknown_accounts_cost_one_password_check_too(monkeypatch: pytest.Monkey
 
 def test_user_and_session_tokens_carry_their_kind() -> None:
     session_id = uuid.uuid4()
-    user = decode_token(SETTINGS, issue_user_token(SETTINGS, 7).access_token)
-    session = decode_token(SETTINGS, issue_session_token(SETTINGS, 7, session_id).access_token)
-    assert (user.type, user.user_id, user.session_id) == (TokenType.USER, 7, None)
-    assert (session.type, session.user_id, session.session_id) == (TokenType.SESSION, 7, session_id)
+    user = decode_token(SETTINGS, issue_user_token(SETTINGS, 7, 3).access_token)
+    session = decode_token(SETTINGS, issue_session_token(SETTINGS, 7, session_id, 3).access_token)
+    assert (user.type, user.user_id, user.session_id, user.version) == (TokenType.USER, 7, None, 3)
+    assert (session.type, session.user_id, session.session_id, session.version) == (
+        TokenType.SESSION, 7, session_id, 3)
 
 
 def test_tokens_signed_with_another_algorithm_are_refused() -> None:

@@ -93,7 +93,11 @@ class ApiSettings(CoreSettings):
     livekit_api_key: str | None = None
     livekit_api_secret: SecretStr | None = None
     livekit_agent_name: str = "morgana-agent"
-    livekit_token_ttl_minutes: int = Field(default=60, ge=1, le=24 * 60)
+    # A token only has to be valid when its holder joins: kept short, so that one handed out
+    # before its session was deleted (or its user logged out) is soon useless.
+    livekit_token_ttl_minutes: int = Field(default=10, ge=1, le=15)
+    # Voice rooms (calls, each with an agent) one user may hold at once.
+    livekit_max_rooms_per_user: int = Field(default=2, ge=1)
 
     # The voice agent's service account, created or updated by `morgana-api migrate`.
     api_user_email: str | None = None

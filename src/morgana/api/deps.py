@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from morgana.api import metrics
@@ -14,6 +15,7 @@ from morgana.api.models import ChatSession, User
 from morgana.api.ratelimit import RateLimitBackendDown, RateLimiter
 from morgana.api.security import InvalidToken, PasswordHasher, TokenClaims, TokenType, decode_token
 from morgana.api.services.chat import ChatAgent
+from morgana.api.services.livekit import VoiceRooms
 
 
 def get_settings(request: Request) -> ApiSettings:
@@ -44,6 +46,13 @@ def get_agent(request: Request) -> ChatAgent:
 
 
 AgentDep = Annotated[ChatAgent, Depends(get_agent)]
+
+
+def get_voice_rooms(request: Request) -> VoiceRooms:
+    return request.app.state.voice_rooms
+
+
+VoiceRoomsDep = Annotated[VoiceRooms, Depends(get_voice_rooms)]
 
 
 def get_hasher(request: Request) -> PasswordHasher:
@@ -77,6 +86,10 @@ def _claims(
 ClaimsDep = Annotated[TokenClaims, Depends(_claims)]
 
 
+def _revoked() -> HTTPException:
+    return _unauthorized("This token was revoked (logged out or password changed): log in again")
+
+
 # Short-lived DB sessions here, so a long chat stream does not pin a pooled connection.
 async def current_user(request: Request, claims: ClaimsDep) -> User:
     if claims.type is not TokenType.USER:
@@ -88,6 +101,8 @@ async def current_user(request: Request, claims: ClaimsDep) -> User:
         user = await db.get(User, claims.user_id)
     if user is None:
         raise _unauthorized("The account behind this token no longer exists")
+    if user.token_version != claims.version:
+        raise _revoked()
     return user
 
 
@@ -98,9 +113,14 @@ async def current_chat_session(request: Request, claims: ClaimsDep) -> ChatSessi
             "This endpoint needs a session token (from POST /api/v1/auth/session)",
         )
     async with request.app.state.session_factory() as db:
-        session = await db.get(ChatSession, claims.session_id)
-    if session is None or session.user_id != claims.user_id:
+        row = (await db.execute(
+            select(ChatSession, User.token_version).join(User).where(ChatSession.id == claims.session_id)
+        )).one_or_none()
+    if row is None or row[0].user_id != claims.user_id:
         raise _unauthorized("The session behind this token no longer exists")
+    session, version = row
+    if version != claims.version:
+        raise _revoked()
     return session
 
 

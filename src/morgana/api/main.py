@@ -19,6 +19,7 @@ from morgana.api.ratelimit import RateLimiter
 from morgana.api.routes import auth, chatbot, health, livekit
 from morgana.api.security import PasswordHasher
 from morgana.api.services.chat import ChatAgent
+from morgana.api.services.livekit import VoiceRooms
 from morgana.core.logging import configure_logging
 from morgana.core.telemetry import configure_tracing
 
@@ -48,6 +49,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         app.state.session_factory = create_session_factory(engine)
         app.state.rate_limiter = RateLimiter(settings)
         app.state.password_hasher = PasswordHasher(settings.password_hash_concurrency, settings.password_hash_queue)
+        app.state.voice_rooms = VoiceRooms(settings)
         app.state.agent = ChatAgent(settings)
         if tracer_provider is not None:
             from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
@@ -56,6 +58,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         log.info("api started", extra={"environment": settings.environment.value,
                                        "rate_limit_store": "redis" if settings.redis_url else "memory"})
         yield
+        await app.state.voice_rooms.aclose()
         await engine.dispose()
         if tracer_provider is not None:
             tracer_provider.shutdown()

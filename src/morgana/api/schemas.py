@@ -83,6 +83,23 @@ class RegisterRequest(BaseModel):
         return password
 
 
+class PasswordChange(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"current_password": "A_Strong_Password123!",
+                                         "new_password": "An_Even_Stronger_Passw0rd!"}]}
+    )
+
+    current_password: CleanText = Field(min_length=1, max_length=MAX_PASSWORD_LENGTH)
+    new_password: CleanText = Field(min_length=1, max_length=MAX_PASSWORD_LENGTH)
+
+    @field_validator("new_password")
+    @classmethod
+    def _strong(cls, password: str) -> str:
+        if problems := password_problems(password):
+            raise ValueError("password needs " + ", ".join(problems))
+        return password
+
+
 class UserResponse(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={"examples": [{"id": 1, "email": "user@example.com", "token": _TOKEN_EXAMPLE}]}

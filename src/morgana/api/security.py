@@ -84,17 +84,18 @@ class TokenClaims:
     type: TokenType
     user_id: int
     session_id: uuid.UUID | None
+    version: int  # the user's token_version when it was issued
 
 
-def issue_user_token(settings: ApiSettings, user_id: int) -> IssuedToken:
-    return _issue(settings, {"sub": str(user_id), "typ": TokenType.USER.value},
+def issue_user_token(settings: ApiSettings, user_id: int, version: int) -> IssuedToken:
+    return _issue(settings, {"sub": str(user_id), "typ": TokenType.USER.value, "ver": version},
                   timedelta(minutes=settings.user_token_expire_minutes))
 
 
-def issue_session_token(settings: ApiSettings, user_id: int, session_id: uuid.UUID) -> IssuedToken:
+def issue_session_token(settings: ApiSettings, user_id: int, session_id: uuid.UUID, version: int) -> IssuedToken:
     return _issue(
         settings,
-        {"sub": str(session_id), "uid": user_id, "typ": TokenType.SESSION.value},
+        {"sub": str(session_id), "uid": user_id, "typ": TokenType.SESSION.value, "ver": version},
         timedelta(minutes=settings.session_token_expire_minutes),
     )
 
@@ -119,10 +120,11 @@ def decode_token(settings: ApiSettings, token: str) -> TokenClaims:
             options={"require_exp": True, "require_sub": True},
         )
         token_type = TokenType(payload["typ"])
+        version = int(payload.get("ver", 0))
         if token_type is TokenType.USER:
-            return TokenClaims(type=token_type, user_id=int(payload["sub"]), session_id=None)
+            return TokenClaims(type=token_type, user_id=int(payload["sub"]), session_id=None, version=version)
         return TokenClaims(
-            type=token_type, user_id=int(payload["uid"]), session_id=uuid.UUID(payload["sub"])
+            type=token_type, user_id=int(payload["uid"]), session_id=uuid.UUID(payload["sub"]), version=version
         )
     except (JWTError, KeyError, ValueError, TypeError) as exc:
         raise InvalidToken(str(exc)) from exc

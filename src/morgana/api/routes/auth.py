@@ -16,6 +16,7 @@ from morgana.api.deps import (
 from morgana.api.schemas import (
     CleanText,
     ErrorResponse,
+    PasswordChange,
     RegisterRequest,
     SessionInfo,
     SessionRename,
@@ -25,6 +26,7 @@ from morgana.api.schemas import (
 )
 from morgana.api.security import HasherBusy, issue_session_token, issue_user_token
 from morgana.api.services import sessions, users
+from morgana.api.services.livekit import close_room
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
@@ -53,7 +55,7 @@ async def register(body: RegisterRequest, db: DbDep, hasher: HasherDep, settings
         raise HTTPException(status.HTTP_409_CONFLICT, "Email already registered") from None
     except HasherBusy:
         raise _busy() from None
-    token = issue_user_token(settings, user.id)
+    token = issue_user_token(settings, user.id, user.token_version)
     return UserResponse(
         id=user.id,
         email=user.email,
@@ -90,7 +92,41 @@ async def login(
             headers={"WWW-Authenticate": "Bearer"},
         )
     await attempts.succeeded()
-    token = issue_user_token(settings, user.id)
+    token = issue_user_token(settings, user.id, user.token_version)
+    return TokenResponse(access_token=token.access_token, expires_at=token.expires_at)
+
+
+@router.post(
+    "/logout",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Revoke every user and session token of this account (needs a user token)",
+    responses={**_UNAUTHORIZED, **_WRONG_TOKEN},
+)
+async def logout(user: CurrentUser, db: DbDep) -> None:
+    await users.revoke_tokens(db, user)
+
+
+@router.post(
+    "/password",
+    response_model=TokenResponse,
+    summary="Change the password; every token issued before is revoked, a new user token returned",
+    responses={**_UNAUTHORIZED, **_WRONG_TOKEN, **_LIMITED, **_BUSY},
+    dependencies=[limit_by_client("login")],
+)
+async def change_password(body: PasswordChange, user: CurrentUser, request: Request, db: DbDep,
+                          hasher: HasherDep, settings: SettingsDep) -> TokenResponse:
+    # The current password is guessed here as at login: the same per-account lock applies.
+    attempts = FailedLogins(request, user.email)
+    await attempts.refuse_if_locked()
+    try:
+        if not await hasher.verify(body.current_password, user.hashed_password):
+            await attempts.failed()
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "Incorrect current password",
+                                headers={"WWW-Authenticate": "Bearer"})
+        version = await users.change_password(db, hasher, user, body.new_password)
+    except HasherBusy:
+        raise _busy() from None
+    token = issue_user_token(settings, user.id, version)
     return TokenResponse(access_token=token.access_token, expires_at=token.expires_at)
 
 
@@ -103,7 +139,7 @@ async def login(
 )
 async def create_session(user: CurrentUser, db: DbDep, settings: SettingsDep) -> SessionResponse:
     session = await sessions.create(db, user.id)
-    token = issue_session_token(settings, user.id, session.id)
+    token = issue_session_token(settings, user.id, session.id, user.token_version)
     return SessionResponse(
         session_id=session.id,
         name=session.name,
@@ -145,9 +181,10 @@ async def rename_session(
 @router.delete(
     "/sessions/{session_id}",
     status_code=status.HTTP_204_NO_CONTENT,
-    summary="Delete one of the user's sessions, its history and its tokens' validity",
+    summary="Delete one of the user's sessions, its history, its tokens' validity and its voice room",
     responses={**_UNAUTHORIZED, **_WRONG_TOKEN, **_NOT_FOUND},
 )
-async def delete_session(session_id: uuid.UUID, user: CurrentUser, db: DbDep) -> None:
+async def delete_session(session_id: uuid.UUID, user: CurrentUser, db: DbDep, settings: SettingsDep) -> None:
     if not await sessions.delete_owned(db, user.id, session_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, "Session not found")
+    await close_room(settings, session_id)  # its callers and agent leave now

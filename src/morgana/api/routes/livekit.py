@@ -1,8 +1,8 @@
 from fastapi import APIRouter, HTTPException, status
 
-from morgana.api.deps import CurrentChatSession, SettingsDep, limit_by_session
+from morgana.api.deps import CurrentChatSession, SettingsDep, VoiceRoomsDep, limit_by_session
 from morgana.api.schemas import ErrorResponse, LiveKitTokenResponse
-from morgana.api.services.livekit import participant_token
+from morgana.api.services.livekit import VoiceRoomsUnavailable, participant_token, room_for_session
 
 router = APIRouter(prefix="/livekit", tags=["livekit"])
 
@@ -15,16 +15,28 @@ router = APIRouter(prefix="/livekit", tags=["livekit"])
     responses={
         401: {"model": ErrorResponse, "description": "Missing, invalid or expired token"},
         403: {"model": ErrorResponse, "description": "A user token where a session token belongs"},
-        429: {"model": ErrorResponse, "description": "Rate limited; see Retry-After"},
+        429: {"model": ErrorResponse, "description": "Rate limited, or the user's voice rooms are at the cap"},
         503: {"model": ErrorResponse, "description": "LiveKit is not configured on this server"},
     },
     dependencies=[limit_by_session("livekit")],
 )
-async def livekit_token(session: CurrentChatSession, settings: SettingsDep) -> LiveKitTokenResponse:
+async def livekit_token(session: CurrentChatSession, settings: SettingsDep,
+                        voice_rooms: VoiceRoomsDep) -> LiveKitTokenResponse:
     if not settings.livekit_configured:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
             "Voice is not configured: set LIVEKIT_API_KEY and LIVEKIT_API_SECRET",
+        )
+    try:
+        admitted = await voice_rooms.admit(session.user_id, room_for_session(session.id))
+    except VoiceRoomsUnavailable:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "Voice grants store (Redis) is unavailable",
+                            headers={"Retry-After": "5"}) from None
+    if not admitted:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"At most {settings.livekit_max_rooms_per_user} voice calls at once per user: end one first",
+            headers={"Retry-After": "60"},
         )
     grant = participant_token(settings, session.user_id, session.id)
     return LiveKitTokenResponse(

@@ -2,7 +2,7 @@
 
 import logging
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -42,6 +42,28 @@ async def authenticate(session_factory: async_sessionmaker[AsyncSession], hasher
     return user if ok else None
 
 
+async def revoke_tokens(db: AsyncSession, user: User) -> int:
+    """Invalidate every token issued to `user` so far; the new token version."""
+    version = await db.scalar(
+        update(User).where(User.id == user.id).values(token_version=User.token_version + 1).returning(User.token_version)
+    )
+    await db.commit()
+    assert version is not None
+    return version
+
+
+async def change_password(db: AsyncSession, hasher: PasswordHasher, user: User, new_password: str) -> int:
+    """Set a new password and revoke every token issued before; the new token version."""
+    hashed = await hasher.hash(new_password)
+    version = await db.scalar(
+        update(User).where(User.id == user.id)
+        .values(hashed_password=hashed, token_version=User.token_version + 1).returning(User.token_version)
+    )
+    await db.commit()
+    assert version is not None
+    return version
+
+
 async def get_user(db: AsyncSession, user_id: int) -> User | None:
     return await db.get(User, user_id)
 
@@ -55,6 +77,5 @@ async def ensure_service_account(db: AsyncSession, email: str, password: str) ->
         log.info("created the service account", extra={"email": email.lower()})
         return
     if not await hasher.verify(password, user.hashed_password):
-        user.hashed_password = await hasher.hash(password)
-        await db.commit()
+        await change_password(db, hasher, user, password)
         log.info("updated the service account's password", extra={"email": email.lower()})
