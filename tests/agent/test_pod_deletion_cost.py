@@ -51,10 +51,10 @@ class Cluster(KubeClient):
     def pod_token(self, pod: str, service_account: str = SERVICE_ACCOUNT, namespace: str = NAMESPACE) -> str:
         """A token bound to `pod`, as the kubelet mounts one into it (the policy reads its pod name)."""
         uid = self.get(f"/api/v1/namespaces/{namespace}/pods/{pod}")["metadata"]["uid"]
+        bound = {"apiVersion": "v1", "kind": "Pod", "name": pod, "uid": uid}
         return self.create(f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token", {
             "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-            "spec": {"expirationSeconds": 3600,
-                     "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod, "uid": uid}}})["status"]["token"]
+            "spec": {"expirationSeconds": 3600, "boundObjectRef": bound}})["status"]["token"]
 
     def pods(self, namespace: str = NAMESPACE) -> list[dict]:
         """The Deployment's live pods (those not being deleted)."""

@@ -45,7 +45,8 @@ async def authenticate(session_factory: async_sessionmaker[AsyncSession], hasher
 async def revoke_tokens(db: AsyncSession, user: User) -> int:
     """Invalidate every token issued to `user` so far; the new token version."""
     version = await db.scalar(
-        update(User).where(User.id == user.id).values(token_version=User.token_version + 1).returning(User.token_version)
+        update(User).where(User.id == user.id)
+        .values(token_version=User.token_version + 1).returning(User.token_version)
     )
     await db.commit()
     assert version is not None
