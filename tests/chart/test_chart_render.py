@@ -375,7 +375,8 @@ def test_values_file_documents_every_key() -> None:
     documented = {line.split()[2] for line in text.splitlines() if line.strip().startswith("## @param ")}
 
     def leaves(node: object, prefix: str = "") -> set[str]:
-        if isinstance(node, dict) and node and not prefix.endswith(("resources", "SecurityContext", "requests")):
+        if isinstance(node, dict) and node and not prefix.endswith(("resources", "SecurityContext", "requests",
+                                                                      "podSelector")):
             return set().union(*(leaves(v, f"{prefix}.{k}" if prefix else k) for k, v in node.items()))
         return {prefix}
 
@@ -470,3 +471,40 @@ def test_uninstall_first_stops_the_controller_with_a_hook_of_its_own() -> None:
     ]
     assert not [o for o in render([CHART / "ci" / "minimal-values.yaml"])
                 if o["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-delete"]
+
+
+def test_network_policies_let_in_only_what_each_component_serves() -> None:
+    """(What a CNI enforces is not tested here: none runs. What the policies say is.)"""
+    ingress_ns = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
+    objects = render(sets=["networkPolicy.apiFrom[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name"
+                           "=ingress-nginx", "networkPolicy.agentEgress.enabled=true",
+                           "networkPolicy.postgres.enabled=true", "networkPolicy.redis.enabled=true"])
+    policies = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "NetworkPolicy"}
+    assert set(policies) == {"morgana-api", "morgana-agent", "morgana-controller", "morgana-postgres",
+                             "morgana-redis"}
+    release = {"app.kubernetes.io/name": "morgana", "app.kubernetes.io/instance": "morgana"}
+
+    http, metrics = policies["morgana-api"]["ingress"]
+    assert http["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert http["from"] == [{"podSelector": {"matchLabels": release}}, ingress_ns]
+    assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    # The workers and the controller serve only metrics and probes.
+    for name in ("morgana-agent", "morgana-controller"):
+        assert [rule["ports"][0]["port"] for rule in policies[name]["ingress"]] == ["metrics", "health"]
+    agent = policies["morgana-agent"]
+    assert agent["policyTypes"] == ["Ingress", "Egress"]
+    assert agent["egress"][0]["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "api"
+    assert {"port": 7882, "protocol": "UDP"} in agent["egress"][1]["ports"]
+    # Postgres from the API and the migration Job only (and CloudNativePG's own); Redis from the API.
+    (postgres,) = policies["morgana-postgres"]["ingress"]
+    assert postgres["from"][0]["podSelector"]["matchExpressions"] == [
+        {"key": "app.kubernetes.io/component", "operator": "In", "values": ["api", "migrate"]}]
+    (redis,) = policies["morgana-redis"]["ingress"]
+    assert redis["ports"] == [{"port": 6379, "protocol": "TCP"}]
+    assert redis["from"][0]["podSelector"]["matchExpressions"][0]["values"] == ["api"]
+
+    # By default: every port of the API open to all, egress open, no policy for other charts' pods.
+    defaults = {o["metadata"]["name"]: o["spec"] for o in render() if o["kind"] == "NetworkPolicy"}
+    assert set(defaults) == {"morgana-api", "morgana-agent", "morgana-controller"}
+    assert "from" not in defaults["morgana-api"]["ingress"][0]
+    assert defaults["morgana-agent"]["policyTypes"] == ["Ingress"]
