@@ -14,7 +14,7 @@ help:
 	@echo "make run          start the API on http://localhost:$${PORT:-8000} (embedded Postgres, local model; voice once make test built LiveKit)"
 	@echo "make test         install test dependencies and run the whole suite"
 	@echo "make bench        run the benchmarks (API beside a raw Starlette baseline; voice turn latency;"
-	@echo "                  autoscaler reaction beside KEDA/HPA defaults)"
+	@echo "                  autoscaler reaction beside KEDA/HPA defaults; a soak, SOAK_MINUTES=3)"
 	@echo "make migrate      apply database migrations to the configured database"
 	@echo "make check-config validate the configuration from the environment and .env"
 
@@ -45,6 +45,7 @@ bench: install test-tools
 	$(RUN) python -m bench.api_bench $(BENCH_ARGS)
 	$(RUN) python -m bench.voice_bench $(BENCH_ARGS)
 	$(RUN) python -m bench.controller_bench $(BENCH_ARGS)
+	$(RUN) python -m bench.soak --minutes $${SOAK_MINUTES:-3}
 
 migrate: install
 	$(RUN) morgana-api migrate

