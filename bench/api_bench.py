@@ -42,7 +42,17 @@ from pathlib import Path
 import aiohttp
 import httpx
 
-from bench.common import ResultLines, cell, cpu_model, mem_total_mib, percentile, ratio, render_table, rounded
+from bench.common import (
+    ResultLines,
+    cell,
+    cpu_model,
+    mem_total_mib,
+    percentile,
+    ratio,
+    render_table,
+    rounded,
+    start_services,
+)
 from morgana.api.ratelimit import LIMIT_NAMES
 from morgana.devtools.openai_server import FakeOpenAIProcess
 from morgana.devtools.processes import ApiProcess, migrate
@@ -913,15 +923,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(shutil.rmtree, workdir, ignore_errors=True)
         try:
             log("starting Postgres, Valkey and the fake model server")
-            pg = EmbeddedPostgres(workdir / "pg", delete_on_stop=True)
-            stack.callback(pg.stop)
-            pg.start()
-            valkey = EmbeddedValkey()
-            stack.callback(valkey.stop)
-            valkey.start()
-            fake = FakeOpenAIProcess(api_key=model_key)
-            stack.callback(fake.stop)
-            fake.start()
+            pg, valkey, fake = start_services(stack, workdir, model_key)
 
             env = morgana_env(pg, valkey, fake, model_key)
             log("migrating")

@@ -83,3 +83,21 @@ class ResultLines:
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(line) + "\n" for line in self.lines))
+
+
+def start_services(stack: contextlib.ExitStack, workdir: Path, model_key: str) -> tuple:
+    """A real Postgres and Valkey and the local model server, stopped when `stack` closes:
+    (EmbeddedPostgres, EmbeddedValkey, FakeOpenAIProcess)."""
+    from morgana.devtools.openai_server import FakeOpenAIProcess
+    from morgana.devtools.services import EmbeddedPostgres, EmbeddedValkey
+
+    pg = EmbeddedPostgres(workdir / "pg", delete_on_stop=True)
+    stack.callback(pg.stop)
+    pg.start()
+    valkey = EmbeddedValkey()
+    stack.callback(valkey.stop)
+    valkey.start()
+    fake = FakeOpenAIProcess(api_key=model_key)
+    stack.callback(fake.stop)
+    fake.start()
+    return pg, valkey, fake

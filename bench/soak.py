@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from bench.common import cell, render_table
+from bench.common import cell, render_table, start_services
 
 PASSWORD = "Soak_Passw0rd!"
 
@@ -62,6 +62,8 @@ class SoakReport:
         first, last = self._third(0), self._third(2)
         return {"bench": "soak", "seconds": round(self.seconds, 1), "warmup_seconds": self.warmup,
                 "requests": sum(self.requests.values()), "server_errors": self.server_errors,
+                "server_errors_by_request": {f"{what} {status}": n for (what, status), n in self.requests.items()
+                                             if status >= 500},
                 "rss_mib_first_third": round(first[0] / 2**20, 1), "rss_mib_last_third": round(last[0] / 2**20, 1),
                 "rss_growth_mib": round(self.rss_growth_mib, 1), "fds_first_third": first[1],
                 "fds_last_third": last[1], "fd_growth": self.fd_growth, "samples": len(self.samples)}
@@ -124,9 +126,7 @@ def soak(url: str, pid: int, seconds: float, clients: int = 4, warmup: float = 3
 
 def main(argv: list[str] | None = None) -> int:
     from bench.api_bench import morgana_env
-    from morgana.devtools.openai_server import FakeOpenAIProcess
     from morgana.devtools.processes import ApiProcess, migrate
-    from morgana.devtools.services import EmbeddedPostgres, EmbeddedValkey
 
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=3.0, help="how long the traffic runs (default 3)")
@@ -137,17 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     key = "sk-soak-" + secrets.token_hex(8)
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-        pg = EmbeddedPostgres(workdir / "pg", delete_on_stop=True)
-        stack.callback(pg.stop)
-        pg.start()
-        valkey = EmbeddedValkey()
-        stack.callback(valkey.stop)
-        valkey.start()
-        fake = FakeOpenAIProcess(api_key=key)
-        stack.callback(fake.stop)
-        fake.start()
+        pg, valkey, fake = start_services(stack, workdir, key)
         fake.set_scenario(tokens=20, delay_ms=5)
-        env = morgana_env(pg, valkey, fake, key)
+        # LiveKit tokens are signed here; no LiveKit server is needed for them.
+        env = {**morgana_env(pg, valkey, fake, key), "LIVEKIT_API_KEY": "APIsoak",
+               "LIVEKIT_API_SECRET": secrets.token_hex(32)}
         migrate(env)
         api = ApiProcess(env, workdir / "api.log", workers=1)
         stack.callback(api.stop)

@@ -59,7 +59,17 @@ import numpy as np
 import psutil
 from livekit import rtc
 
-from bench.common import ResultLines, cell, cpu_model, mem_total_mib, percentile, ratio, render_table, rounded
+from bench.common import (
+    ResultLines,
+    cell,
+    cpu_model,
+    mem_total_mib,
+    percentile,
+    ratio,
+    render_table,
+    rounded,
+    start_services,
+)
 from morgana.api.ratelimit import LIMIT_NAMES
 from morgana.devtools.livekit_server import LiveKitServer
 from morgana.devtools.openai_server import FakeOpenAIProcess
@@ -1294,15 +1304,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.callback(shutil.rmtree, workdir, ignore_errors=True)
         try:
             log("starting Postgres, Valkey, the fake OpenAI server and LiveKit")
-            pg = EmbeddedPostgres(workdir / "pg", delete_on_stop=True)
-            stack.callback(pg.stop)
-            pg.start()
-            valkey = EmbeddedValkey()
-            stack.callback(valkey.stop)
-            valkey.start()
-            fake = FakeOpenAIProcess(api_key=model_key)
-            stack.callback(fake.stop)
-            fake.start()
+            pg, valkey, fake = start_services(stack, workdir, model_key)
             livekit = LiveKitServer(
                 "APIvoicebench", "vb-" + secrets.token_hex(24), log_path=workdir / "livekit.log"
             )

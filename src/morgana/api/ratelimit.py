@@ -55,26 +55,20 @@ class RateLimiter:
 
     async def hit(self, name: str, key: str) -> Decision:
         """Count one request by `key` against the named limits."""
-        if not self.enabled:
-            return Decision(allowed=True)
-        retry_after = 0
-        try:
-            for item in self._limits[name]:
-                if not await self._strategy.hit(item, name, key):
-                    stats = await self._strategy.get_window_stats(item, name, key)
-                    retry_after = max(retry_after, math.ceil(stats.reset_time - time.time()), 1)
-        except StorageError as exc:
-            raise RateLimitBackendDown(str(exc)) from exc
-        return Decision(allowed=retry_after == 0, retry_after_seconds=retry_after)
+        return await self._check(name, key, count=True)
 
     async def exceeded(self, name: str, key: str) -> Decision:
         """Whether `key` is over the named limits already, without counting a request."""
+        return await self._check(name, key, count=False)
+
+    async def _check(self, name: str, key: str, *, count: bool) -> Decision:
         if not self.enabled:
             return Decision(allowed=True)
+        check = self._strategy.hit if count else self._strategy.test
         retry_after = 0
         try:
             for item in self._limits[name]:
-                if not await self._strategy.test(item, name, key):
+                if not await check(item, name, key):
                     stats = await self._strategy.get_window_stats(item, name, key)
                     retry_after = max(retry_after, math.ceil(stats.reset_time - time.time()), 1)
         except StorageError as exc:
