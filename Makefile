@@ -4,15 +4,16 @@
 SHELL := /bin/bash
 UV_VERSION := 0.13.8
 UV := $(shell command -v uv 2>/dev/null || echo .cache/uv/bin/uv)
-SYNC := $(UV) sync --frozen --extra api --extra agent --extra controller
-RUN := $(UV) run --frozen --extra api --extra agent --extra controller
+SYNC := $(UV) sync --frozen --extra api --extra agent
+RUN := $(UV) run --frozen --extra api --extra agent
 PYTEST_ARGS ?=
 
-.PHONY: help install test-tools run test bench migrate check-config clean
+.PHONY: help install test-tools lint run test bench migrate check-config clean
 
 help:
 	@echo "make run          start the API on http://localhost:$${PORT:-8000} (embedded Postgres, local model; voice once make test built LiveKit)"
-	@echo "make test         install test dependencies and run the whole suite"
+	@echo "make test         install test dependencies, lint and type-check, and run the whole suite"
+	@echo "make lint         ruff (lint and format check) and mypy --strict on the product code"
 	@echo "make bench        run the benchmarks (API beside a raw Starlette baseline; voice turn latency;"
 	@echo "                  autoscaler reaction beside KEDA/HPA defaults; a soak, SOAK_MINUTES=3)"
 	@echo "make migrate      apply database migrations to the configured database"
@@ -26,7 +27,7 @@ install: $(if $(filter .cache/uv/bin/uv,$(UV)),.cache/uv/bin/uv)
 	$(SYNC)
 
 run: install
-	.venv/bin/python -m morgana.devtools.run
+	.venv/bin/python -m morgana_devtools.run
 
 # Debian packages (espeak-ng for the speech stand-in, shellcheck, podman/buildah/runc/mmdebstrap
 # for the images), and from the Go module proxy at pinned releases a LiveKit server, helm, etcd,
@@ -38,7 +39,13 @@ test-tools:
 	bash scripts/build-livekit-server.sh
 	bash scripts/build-k8s-tools.sh
 
-test: install test-tools
+# ruff over the whole tree; mypy (strict) over the product code: src/ and controller/.
+lint: install
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+	$(RUN) mypy
+
+test: install lint test-tools
 	$(RUN) pytest $(PYTEST_ARGS)
 
 bench: install test-tools

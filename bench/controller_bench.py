@@ -34,28 +34,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import math
 import os
-import platform
 import random
-import shutil
-import signal
-import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from bench.common import ResultLines, cell, cpu_model, mem_total_mib, percentile, ratio, render_table, rounded
-from morgana.devtools.kube_apiserver import KubeApiServer
-from morgana.devtools.livekit_server import LiveKitServer
+from bench.common import (
+    REPO,
+    RESULTS_DIR,
+    ResultLines,
+    interrupt_on_sigterm,
+    load_average,
+    logger,
+    machine_info,
+    percentile,
+    rounded,
+    scratch_dir,
+)
+from morgana_devtools.kube_apiserver import KubeApiServer
+from morgana_devtools.livekit_server import LiveKitServer
 from tests.controller.harness import Cluster, ControllerProcess, Crowd, eventually, metric_value
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench-results" / "controller.jsonl"
+RESULTS = RESULTS_DIR / "controller.jsonl"
 COMMAND = "uv run python -m bench.controller_bench"
 NAMESPACE = "bench"
 SECRET = "livekit"
@@ -83,8 +86,7 @@ FULL = Plan(changes=12, stabilised=3)
 QUICK = Plan(changes=5, stabilised=1)
 
 
-def log(message: str) -> None:
-    print(f"[controller-bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+log = logger("controller-bench")
 
 
 class ReplicaWatch:
@@ -100,10 +102,15 @@ class ReplicaWatch:
 
     def _run(self) -> None:
         while not self.stopped:
-            with contextlib.suppress(Exception), self.cluster.http.stream(
-                    "GET", self.path, timeout=None,
+            with (
+                contextlib.suppress(Exception),
+                self.cluster.http.stream(
+                    "GET",
+                    self.path,
+                    timeout=None,
                     params={"watch": "true", "fieldSelector": f"metadata.name={self.name}", "timeoutSeconds": 600},
-            ) as response:
+                ) as response,
+            ):
                 for line in response.iter_lines():
                     replicas = json.loads(line)["object"]["spec"]["replicas"]
                     with self.changed:
@@ -122,26 +129,22 @@ class ReplicaWatch:
 
 
 class Results(ResultLines):
-    def add(self, bench: str, metric: str, value: float | None, anchor: float | None, unit: str, **extra: object) -> None:
-        record = {"bench": bench, "metric": metric, "value": rounded(value), "anchor": rounded(anchor),
-                  "ratio": rounded(ratio(value, anchor)), "unit": unit}
-        record.update({k: v for k, v in extra.items() if v is not None})
-        self.emit(record)
+    """`add(bench, metric, value, anchor, unit, **extra)`: ratio = value / anchor."""
 
-    def table(self) -> str:
-        rows = [("bench", "metric", "morgana", "anchor", "ratio", "unit", "note")]
-        for line in self.lines:
-            if "metric" in line:
-                rows.append((line["bench"], line["metric"], cell(line["value"]), cell(line["anchor"]),
-                             cell(line["ratio"]), line["unit"], line.get("note", "")))
-        return render_table(rows, left=(0, 1, 5, 6))
-
-
+    columns = ("value", "anchor")
+    headers = ("morgana", "anchor")
 
 
 class Bench:
-    def __init__(self, res: Results, plan: Plan, cluster: Cluster, watch_cluster: Cluster, livekit: LiveKitServer,
-                 controller: ControllerProcess) -> None:
+    def __init__(
+        self,
+        res: Results,
+        plan: Plan,
+        cluster: Cluster,
+        watch_cluster: Cluster,
+        livekit: LiveKitServer,
+        controller: ControllerProcess,
+    ) -> None:
         self.res, self.plan, self.cluster, self.livekit, self.controller = res, plan, cluster, livekit, controller
         self.watch_cluster = watch_cluster
         self.random = random.Random(20261126)
@@ -149,20 +152,39 @@ class Bench:
 
     def autoscaler(self, name: str, poll: int, window: int) -> ReplicaWatch:
         self.cluster.deployment(NAMESPACE, name, replicas=1)
-        self.cluster.autoscaler(NAMESPACE, name, {
-            "targetRef": {"name": name}, "agentName": "morgana-agent",
-            "livekit": {"url": self.livekit.url, "credentialsSecretRef": {"name": SECRET}},
-            "roomsPerWorker": 1, "headroom": 1, "minReplicas": 1, "maxReplicas": 4,
-            "pollIntervalSeconds": poll, "scaleDownStabilizationSeconds": window, "redispatch": {"enabled": False}})
-        eventually(lambda: self.cluster.condition(NAMESPACE, name, "Ready").get("status") == "True", 30,
-                   what=f"{name} Ready")
+        self.cluster.autoscaler(
+            NAMESPACE,
+            name,
+            {
+                "targetRef": {"name": name},
+                "agentName": "morgana-agent",
+                "livekit": {"url": self.livekit.url, "credentialsSecretRef": {"name": SECRET}},
+                "roomsPerWorker": 1,
+                "headroom": 1,
+                "minReplicas": 1,
+                "maxReplicas": 4,
+                "pollIntervalSeconds": poll,
+                "scaleDownStabilizationSeconds": window,
+                "redispatch": {"enabled": False},
+            },
+        )
+        eventually(
+            lambda: self.cluster.condition(NAMESPACE, name, "Ready").get("status") == "True", 30, what=f"{name} Ready"
+        )
         return ReplicaWatch(self.watch_cluster, NAMESPACE, name)
 
     def remove(self, name: str) -> None:
         self.cluster.delete(f"/apis/morgana.dev/v1alpha1/namespaces/{NAMESPACE}/agentautoscalers/{name}")
-        eventually(lambda: self.cluster.request(
-            "GET", f"/apis/morgana.dev/v1alpha1/namespaces/{NAMESPACE}/agentautoscalers/{name}",
-            ok=(200, 404)).status_code == 404, 30, what=f"{name} deleted")
+        eventually(
+            lambda: (
+                self.cluster.request(
+                    "GET", f"/apis/morgana.dev/v1alpha1/namespaces/{NAMESPACE}/agentautoscalers/{name}", ok=(200, 404)
+                ).status_code
+                == 404
+            ),
+            30,
+            what=f"{name} deleted",
+        )
 
     def reaction(self, poll: int) -> None:
         name = f"poll{poll}"
@@ -201,16 +223,43 @@ class Bench:
         keda_p50, keda_p95 = keda_hpa_quantile(0.5), keda_hpa_quantile(0.95)
         bench = f"reaction_poll{poll}"
         note = f"{len(ups)} changes; ideal poll/2 = {poll / 2:g} s"
-        self.res.add(bench, "up_p50", percentile(ups, 50), keda_p50, "s", note=note, samples=[rounded(x) for x in ups],
-                     missed=missed)
+        self.res.add(
+            bench,
+            "up_p50",
+            percentile(ups, 50),
+            keda_p50,
+            "s",
+            note=note,
+            samples=[rounded(x) for x in ups],
+            missed=missed,
+        )
         self.res.add(bench, "up_p95", percentile(ups, 95), keda_p95, "s", note=f"ideal 0.95 x poll = {0.95 * poll:g} s")
-        self.res.add(bench, "down_p50", percentile(downs, 50), None, "s", note="window 0 s: the raw reaction",
-                     samples=[rounded(x) for x in downs])
+        self.res.add(
+            bench,
+            "down_p50",
+            percentile(downs, 50),
+            None,
+            "s",
+            note="window 0 s: the raw reaction",
+            samples=[rounded(x) for x in downs],
+        )
         self.res.add(bench, "down_p95", percentile(downs, 95), None, "s")
-        self.res.add(bench, "connect_mean", 1000 * sum(connects) / len(connects) if connects else None, None, "ms",
-                     note="the caller's own connect(), included in `up`")
-        self.res.add(bench, "decision_mean", decision * 1000 if decision is not None else None, None, "ms",
-                     note="load read to scale patch (controller histogram)")
+        self.res.add(
+            bench,
+            "connect_mean",
+            1000 * sum(connects) / len(connects) if connects else None,
+            None,
+            "ms",
+            note="the caller's own connect(), included in `up`",
+        )
+        self.res.add(
+            bench,
+            "decision_mean",
+            decision * 1000 if decision is not None else None,
+            None,
+            "ms",
+            note="load read to scale patch (controller histogram)",
+        )
 
     def stabilised_down(self) -> None:
         window, poll = 10, 1
@@ -234,11 +283,23 @@ class Bench:
             crowd.close()
             watch.stopped = True
         self.remove("stabilised")
-        self.res.add("stabilised_down", "delay_p50", percentile(delays, 50), float(window), "s",
-                     note=f"the window counts from the last poll that saw the call: {window - poll}-{window + poll} s",
-                     samples=[rounded(x) for x in delays])
-        self.res.add("stabilised_down", "default_window", OUR_DOWN_STABILISATION_DEFAULT_S, HPA_DOWN_STABILISATION_S,
-                     "s", note="configured defaults: AgentAutoscaler vs HPA behavior")
+        self.res.add(
+            "stabilised_down",
+            "delay_p50",
+            percentile(delays, 50),
+            float(window),
+            "s",
+            note=f"the window counts from the last poll that saw the call: {window - poll}-{window + poll} s",
+            samples=[rounded(x) for x in delays],
+        )
+        self.res.add(
+            "stabilised_down",
+            "default_window",
+            OUR_DOWN_STABILISATION_DEFAULT_S,
+            HPA_DOWN_STABILISATION_S,
+            "s",
+            note="configured defaults: AgentAutoscaler vs HPA behavior",
+        )
 
     def decision_seconds(self, name: str) -> float | None:
         text = self.controller.metrics()
@@ -254,44 +315,47 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
 
-    def on_term(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
+    interrupt_on_sigterm()
     res = Results()
-    res.emit({
-        "bench": "meta", "command": COMMAND + (" --quick" if args.quick else ""), "quick": args.quick,
-        "cores": os.cpu_count(), "cpu": cpu_model(), "mem_total_mib": mem_total_mib(),
-        "loadavg": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
-        "platform": platform.platform(), "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "anchors": {"keda_polling_interval_s": KEDA_POLL_S, "hpa_sync_period_s": HPA_SYNC_S,
-                    "hpa_scale_down_stabilisation_s": HPA_DOWN_STABILISATION_S},
-    })
+    res.emit(
+        {
+            "bench": "meta",
+            "command": COMMAND + (" --quick" if args.quick else ""),
+            "quick": args.quick,
+            **machine_info(),
+            "anchors": {
+                "keda_polling_interval_s": KEDA_POLL_S,
+                "hpa_sync_period_s": HPA_SYNC_S,
+                "hpa_scale_down_stabilisation_s": HPA_DOWN_STABILISATION_S,
+            },
+        }
+    )
     began = time.monotonic()
-    workdir = Path(tempfile.mkdtemp(prefix="morgana-controller-bench-"))
     failed = False
     with contextlib.ExitStack() as stack:
-        if os.environ.get("CONTROLLER_BENCH_KEEP"):
-            stack.callback(log, f"logs kept in {workdir}")
-        else:
-            stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        workdir = scratch_dir(stack, "morgana-controller-bench-", "CONTROLLER_BENCH_KEEP", log)
         controller: ControllerProcess | None = None
         try:
             log("starting etcd + kube-apiserver and LiveKit")
             kube = KubeApiServer(log_dir=workdir / "kube")
             stack.callback(kube.stop)
             kube.start()
-            livekit = LiveKitServer("APIcontrollerbench", "cb-" + os.urandom(24).hex(),
-                                    log_path=workdir / "livekit.log",
-                                    config={"room": {"departure_timeout": 1, "empty_timeout": 5}})
+            livekit = LiveKitServer(
+                "APIcontrollerbench",
+                "cb-" + os.urandom(24).hex(),
+                log_path=workdir / "livekit.log",
+                config={"room": {"departure_timeout": 1, "empty_timeout": 5}},
+            )
             stack.callback(livekit.stop)
             livekit.start()
             cluster = Cluster(kube)
             cluster.install_crds()
             cluster.namespace(NAMESPACE)
             cluster.livekit_secret(NAMESPACE, SECRET, livekit)
-            controller = ControllerProcess({"KUBECONFIG": str(kube.kubeconfig), "WATCH_NAMESPACE": NAMESPACE,
-                                            "LOG_LEVEL": "WARNING"}, workdir / "controller.log")
+            controller = ControllerProcess(
+                {"KUBECONFIG": str(kube.kubeconfig), "WATCH_NAMESPACE": NAMESPACE, "LOG_LEVEL": "WARNING"},
+                workdir / "controller.log",
+            )
             stack.callback(controller.stop)
             controller.start()
             log(f"ready in {time.monotonic() - began:.1f} s")
@@ -299,14 +363,22 @@ def main(argv: list[str] | None = None) -> int:
             for poll in (5, 1):
                 bench.reaction(poll)
             bench.stabilised_down()
-            res.emit({"bench": "meta", "controller_log_error_lines": sum(  # kopf's retried requests aside
-                1 for line in controller.log().splitlines()
-                if "Traceback" in line or "ERROR" in line and "will retry" not in line),
-                "loadavg": [round(x, 2) for x in os.getloadavg()], "seconds": round(time.monotonic() - began, 1)})
+            res.emit(
+                {
+                    "bench": "meta",
+                    "controller_log_error_lines": sum(  # kopf's retried requests aside
+                        1
+                        for line in controller.log().splitlines()
+                        if "Traceback" in line or ("ERROR" in line and "will retry" not in line)
+                    ),
+                    "loadavg": load_average(),
+                    "seconds": round(time.monotonic() - began, 1),
+                }
+            )
         except KeyboardInterrupt:
             failed = True
             log("interrupted; stopping everything")
-        except Exception as exc:  # noqa: BLE001 - report any failure, then clean up
+        except Exception as exc:
             failed = True
             log(f"FAILED: {type(exc).__name__}: {exc}")
             if controller is not None:
@@ -316,8 +388,11 @@ def main(argv: list[str] | None = None) -> int:
             log("stopping everything")
     print(flush=True)
     print(res.table(), flush=True)
-    print(f"\n(results in {RESULTS.relative_to(REPO)}; total {time.monotonic() - began:.0f} s; ratio = morgana / "
-          f"anchor; KEDA + HPA anchor = U(0, {KEDA_POLL_S:g}) + U(0, {HPA_SYNC_S:g}) s)", flush=True)
+    print(
+        f"\n(results in {RESULTS.relative_to(REPO)}; total {time.monotonic() - began:.0f} s; ratio = morgana / "
+        f"anchor; KEDA + HPA anchor = U(0, {KEDA_POLL_S:g}) + U(0, {HPA_SYNC_S:g}) s)",
+        flush=True,
+    )
     return 1 if failed else 0
 
 

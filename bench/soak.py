@@ -16,19 +16,16 @@ import argparse
 import contextlib
 import json
 import secrets
-import shutil
 import statistics
-import tempfile
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 import psutil
 
-from bench.common import cell, render_table, start_services
+from bench.common import cell, morgana_env, render_table, scratch_dir, start_services
 
 PASSWORD = "Soak_Passw0rd!"
 
@@ -60,13 +57,23 @@ class SoakReport:
 
     def summary(self) -> dict:
         first, last = self._third(0), self._third(2)
-        return {"bench": "soak", "seconds": round(self.seconds, 1), "warmup_seconds": self.warmup,
-                "requests": sum(self.requests.values()), "server_errors": self.server_errors,
-                "server_errors_by_request": {f"{what} {status}": n for (what, status), n in self.requests.items()
-                                             if status >= 500},
-                "rss_mib_first_third": round(first[0] / 2**20, 1), "rss_mib_last_third": round(last[0] / 2**20, 1),
-                "rss_growth_mib": round(self.rss_growth_mib, 1), "fds_first_third": first[1],
-                "fds_last_third": last[1], "fd_growth": self.fd_growth, "samples": len(self.samples)}
+        return {
+            "bench": "soak",
+            "seconds": round(self.seconds, 1),
+            "warmup_seconds": self.warmup,
+            "requests": sum(self.requests.values()),
+            "server_errors": self.server_errors,
+            "server_errors_by_request": {
+                f"{what} {status}": n for (what, status), n in self.requests.items() if status >= 500
+            },
+            "rss_mib_first_third": round(first[0] / 2**20, 1),
+            "rss_mib_last_third": round(last[0] / 2**20, 1),
+            "rss_growth_mib": round(self.rss_growth_mib, 1),
+            "fds_first_third": first[1],
+            "fds_last_third": last[1],
+            "fd_growth": self.fd_growth,
+            "samples": len(self.samples),
+        }
 
 
 def _client_loop(url: str, stop: threading.Event, report: SoakReport, lock: threading.Lock) -> None:
@@ -93,8 +100,13 @@ def _client_loop(url: str, stop: threading.Event, report: SoakReport, lock: thre
                 count("chat_stream", stream)
             count("chat", http.post("/api/v1/chatbot/chat", json=body, headers=bearer))
             count("history", http.get("/api/v1/chatbot/messages", headers=bearer))
-            count("livekit", http.post("/api/v1/livekit/token",
-                                       headers={"Authorization": f"Bearer {voice_session['token']['access_token']}"}))
+            count(
+                "livekit",
+                http.post(
+                    "/api/v1/livekit/token",
+                    headers={"Authorization": f"Bearer {voice_session['token']['access_token']}"},
+                ),
+            )
             count("sessions", http.get("/api/v1/auth/sessions", headers=user))
             count("bad_token", http.get("/api/v1/chatbot/messages", headers={"Authorization": "Bearer nope"}))
             count("invalid", http.post("/api/v1/chatbot/chat", json={"messages": []}, headers=bearer))
@@ -104,13 +116,15 @@ def _client_loop(url: str, stop: threading.Event, report: SoakReport, lock: thre
                 count("delete_session", http.delete(f"/api/v1/auth/sessions/{session['session_id']}", headers=user))
 
 
-def soak(url: str, pid: int, seconds: float, clients: int = 4, warmup: float = 30.0,
-         sample_every: float = 5.0) -> SoakReport:
+def soak(
+    url: str, pid: int, seconds: float, clients: int = 4, warmup: float = 30.0, sample_every: float = 5.0
+) -> SoakReport:
     """Mixed traffic from `clients` threads for `seconds`, sampling process `pid`."""
     report = SoakReport(seconds=seconds, warmup=warmup)
     stop, lock = threading.Event(), threading.Lock()
-    threads = [threading.Thread(target=_client_loop, args=(url, stop, report, lock), daemon=True)
-               for _ in range(clients)]
+    threads = [
+        threading.Thread(target=_client_loop, args=(url, stop, report, lock), daemon=True) for _ in range(clients)
+    ]
     process = psutil.Process(pid)
     started = time.monotonic()
     for thread in threads:
@@ -125,23 +139,24 @@ def soak(url: str, pid: int, seconds: float, clients: int = 4, warmup: float = 3
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.api_bench import morgana_env
-    from morgana.devtools.processes import ApiProcess, migrate
+    from morgana_devtools.processes import ApiProcess, migrate
 
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=3.0, help="how long the traffic runs (default 3)")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
     args = parser.parse_args(argv)
     seconds = args.minutes * 60
-    workdir = Path(tempfile.mkdtemp(prefix="morgana-soak-"))
     key = "sk-soak-" + secrets.token_hex(8)
     with contextlib.ExitStack() as stack:
-        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        workdir = scratch_dir(stack, "morgana-soak-")
         pg, valkey, fake = start_services(stack, workdir, key)
         fake.set_scenario(tokens=20, delay_ms=5)
         # LiveKit tokens are signed here; no LiveKit server is needed for them.
-        env = {**morgana_env(pg, valkey, fake, key), "LIVEKIT_API_KEY": "APIsoak",
-               "LIVEKIT_API_SECRET": secrets.token_hex(32)}
+        env = {
+            **morgana_env(pg, valkey, fake, key),
+            "LIVEKIT_API_KEY": "APIsoak",
+            "LIVEKIT_API_SECRET": secrets.token_hex(32),
+        }
         migrate(env)
         api = ApiProcess(env, workdir / "api.log", workers=1)
         stack.callback(api.stop)

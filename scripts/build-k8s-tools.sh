@@ -5,7 +5,7 @@
 #   ${MORGANA_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/morgana/tools}/<tool>-<version>/<tool>
 #
 # for <tool> in helm, etcd, kube-apiserver, kube-controller-manager, kubectl (used by
-# morgana.devtools.kube_apiserver; kubectl for the deploy scripts' tests).
+# morgana_devtools.kube_apiserver; kubectl for the deploy scripts' tests).
 #
 # Idempotent: a cached binary whose version command runs is reused at once. A cold build takes
 # several minutes (module download + compile; kube-apiserver is by far the largest); a flock

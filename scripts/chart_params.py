@@ -32,7 +32,13 @@ def table() -> str:
     for line in text.splitlines():
         line = line.strip()
         if line.startswith("## @section "):
-            lines += ["", f"### {line.removeprefix('## @section ')}", "", "| Key | Description | Default |", "|---|---|---|"]
+            lines += [
+                "",
+                f"### {line.removeprefix('## @section ')}",
+                "",
+                "| Key | Description | Default |",
+                "|---|---|---|",
+            ]
         elif line.startswith("## @param "):
             key, description = line.removeprefix("## @param ").split(" ", 1)
             node = values

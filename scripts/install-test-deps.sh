@@ -2,7 +2,7 @@
 # Install the Debian/Ubuntu packages the test suite needs, and nothing else:
 #
 #   espeak-ng   real speech for the fake OpenAI server's POST /v1/audio/speech
-#               (src/morgana/devtools/openai_server.py)
+#               (devtools/morgana_devtools/openai_server/)
 #   the shellcheck linter, run on every shell script of the repo (tests/deploy)
 #   podman, buildah and runc to build the images from their Dockerfiles and run them as
 #   containers, and mmdebstrap to make the local stand-in for their Debian base image

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from morgana.devtools.openai_server import FakeOpenAIProcess
-from morgana.devtools.livekit_server import LiveKitServer
-from morgana.devtools.processes import AgentWorker, ApiProcess, migrate
-from morgana.devtools.services import EmbeddedPostgres, EmbeddedValkey
+from morgana_devtools.livekit_server import LiveKitServer
+from morgana_devtools.openai_server import FakeOpenAIProcess
+from morgana_devtools.processes import AgentWorker, ApiProcess, migrate
+from morgana_devtools.services import EmbeddedPostgres, EmbeddedValkey
 
 STRONG_PASSWORD = "A_Strong_Password123!"
 JWT_SECRET = secrets.token_hex(32)
@@ -136,16 +136,22 @@ VOICE_LIVEKIT_SECRET = "lk-test-secret-" + "9" * 32
 
 @pytest.fixture(scope="session")
 def livekit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveKitServer]:
-    with LiveKitServer("APIvoicetest", VOICE_LIVEKIT_SECRET,
-                       log_path=tmp_path_factory.mktemp("livekit") / "livekit.log") as server:
+    with LiveKitServer(
+        "APIvoicetest", VOICE_LIVEKIT_SECRET, log_path=tmp_path_factory.mktemp("livekit") / "livekit.log"
+    ) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def voice_env(api_env: dict, livekit: LiveKitServer) -> dict[str, str]:
-    env = {**api_env, "LIVEKIT_URL": livekit.url, "LIVEKIT_API_KEY": livekit.api_key,
-           "LIVEKIT_API_SECRET": livekit.api_secret, "API_USER_EMAIL": AGENT_EMAIL,
-           "API_USER_PASSWORD": AGENT_PASSWORD}
+    env = {
+        **api_env,
+        "LIVEKIT_URL": livekit.url,
+        "LIVEKIT_API_KEY": livekit.api_key,
+        "LIVEKIT_API_SECRET": livekit.api_secret,
+        "API_USER_EMAIL": AGENT_EMAIL,
+        "API_USER_PASSWORD": AGENT_PASSWORD,
+    }
     migrate(env)  # creates the agent's service account
     return env
 

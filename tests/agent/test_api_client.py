@@ -7,8 +7,8 @@ from livekit.agents import llm
 
 from morgana.agent.api_client import ApiError, MorganaApi
 from morgana.agent.llm import newest_user_text
-from morgana.devtools.openai_server import FakeOpenAIProcess
-from morgana.devtools.services import free_port
+from morgana_devtools.openai_server import FakeOpenAIProcess
+from morgana_devtools.services import free_port
 from tests.conftest import STRONG_PASSWORD, register
 
 

@@ -20,11 +20,11 @@ import pytest
 from prometheus_client import REGISTRY
 
 from morgana.agent.pod_cost import COST_ANNOTATION, PodDeletionCost
-from morgana.devtools.kube_apiserver import KubeApiServer, KubeClient
-from morgana.devtools.services import eventually
-from morgana.devtools.openai_server import FakeOpenAIProcess
-from morgana.devtools.processes import AgentWorker, ApiProcess
-from morgana.devtools.voice_client import Caller, speech_pcm, wait_for
+from morgana_devtools.kube_apiserver import KubeApiServer, KubeClient
+from morgana_devtools.openai_server import FakeOpenAIProcess
+from morgana_devtools.processes import AgentWorker, ApiProcess
+from morgana_devtools.services import Description, eventually, eventually_async, stays_async
+from morgana_devtools.voice_client import Caller, speech_pcm
 from tests.chart.helm import render
 from tests.conftest import OPENAI_KEY
 
@@ -42,31 +42,43 @@ class Cluster(KubeClient):
     """The API server through its REST API, with the Deployment's pods and their costs."""
 
     def bind(self, service_account: str, namespace: str = NAMESPACE) -> None:
-        self.create(f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings", {
-            "metadata": {"name": f"{service_account}-pod-deletion-cost"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": ROLE},
-            "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}],
-        })
+        self.create(
+            f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings",
+            {
+                "metadata": {"name": f"{service_account}-pod-deletion-cost"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": ROLE},
+                "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}],
+            },
+        )
 
     def pod_token(self, pod: str, service_account: str = SERVICE_ACCOUNT, namespace: str = NAMESPACE) -> str:
         """A token bound to `pod`, as the kubelet mounts one into it (the policy reads its pod name)."""
         uid = self.get(f"/api/v1/namespaces/{namespace}/pods/{pod}")["metadata"]["uid"]
         bound = {"apiVersion": "v1", "kind": "Pod", "name": pod, "uid": uid}
-        return self.create(f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token", {
-            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-            "spec": {"expirationSeconds": 3600, "boundObjectRef": bound}})["status"]["token"]
+        return self.create(
+            f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token",
+            {
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenRequest",
+                "spec": {"expirationSeconds": 3600, "boundObjectRef": bound},
+            },
+        )["status"]["token"]
 
     def pods(self, namespace: str = NAMESPACE) -> list[dict]:
         """The Deployment's live pods (those not being deleted)."""
-        response = self.http.get(f"/api/v1/namespaces/{namespace}/pods",
-                                 params={"labelSelector": ",".join(f"{k}={v}" for k, v in LABELS.items())})
+        response = self.http.get(
+            f"/api/v1/namespaces/{namespace}/pods",
+            params={"labelSelector": ",".join(f"{k}={v}" for k, v in LABELS.items())},
+        )
         response.raise_for_status()
         return [p for p in response.json()["items"] if not p["metadata"].get("deletionTimestamp")]
 
     def costs(self, namespace: str = NAMESPACE) -> dict[str, str | None]:
         """{pod name: its deletion-cost annotation (None when unset)}."""
-        return {p["metadata"]["name"]: (p["metadata"].get("annotations") or {}).get(COST_ANNOTATION)
-                for p in self.pods(namespace)}
+        return {
+            p["metadata"]["name"]: (p["metadata"].get("annotations") or {}).get(COST_ANNOTATION)
+            for p in self.pods(namespace)
+        }
 
     def cost(self, pod: str, namespace: str = NAMESPACE) -> str | None:
         response = self.http.get(f"/api/v1/namespaces/{namespace}/pods/{pod}")
@@ -74,8 +86,13 @@ class Cluster(KubeClient):
         return (response.json()["metadata"].get("annotations") or {}).get(COST_ANNOTATION)
 
     def scale(self, replicas: int, ok: tuple[int, ...] = (200,)) -> httpx.Response:
-        return self.request("PATCH", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/{DEPLOYMENT}/scale",
-                            {"spec": {"replicas": replicas}}, merge=True, ok=ok)
+        return self.request(
+            "PATCH",
+            f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/{DEPLOYMENT}/scale",
+            {"spec": {"replicas": replicas}},
+            merge=True,
+            ok=ok,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +105,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         # ServiceAccount is SERVICE_ACCOUNT.
         chart = render(sets=[f"agent.serviceAccount.name={SERVICE_ACCOUNT}"], namespace=NAMESPACE)
         (role,) = [o for o in chart if o["kind"] == "Role" and o["metadata"]["name"].endswith("-agent")]
-        admin.create(f"/apis/rbac.authorization.k8s.io/v1/namespaces/{NAMESPACE}/roles",
-                     {"metadata": {"name": ROLE}, "rules": role["rules"]})
-        for kind, plural in (("ValidatingAdmissionPolicy", "validatingadmissionpolicies"),
-                             ("ValidatingAdmissionPolicyBinding", "validatingadmissionpolicybindings")):
+        admin.create(
+            f"/apis/rbac.authorization.k8s.io/v1/namespaces/{NAMESPACE}/roles",
+            {"metadata": {"name": ROLE}, "rules": role["rules"]},
+        )
+        for kind, plural in (
+            ("ValidatingAdmissionPolicy", "validatingadmissionpolicies"),
+            ("ValidatingAdmissionPolicyBinding", "validatingadmissionpolicybindings"),
+        ):
             (policy,) = [o for o in chart if o["kind"] == kind]
             admin.create(f"/apis/admissionregistration.k8s.io/v1/{plural}", policy)
         admin.create(f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts", {"metadata": {"name": SERVICE_ACCOUNT}})
@@ -100,29 +121,44 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         admin.http.close()
 
 
-async def off_loop(function, *args):
+async def off_loop(function, *args, **kwargs):
     """A blocking call (the API server, a process) without stalling the caller's audio."""
-    return await asyncio.to_thread(function, *args)
+    return await asyncio.to_thread(function, *args, **kwargs)
 
 
 def test_scale_down_removes_the_idle_workers_and_the_call_goes_on(
     cluster: Cluster, agent_env: dict, voice_env: dict, fake_openai: FakeOpenAIProcess, tmp_path: Path
 ) -> None:
     started = time.monotonic()
-    cluster.create(f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments", {
-        "metadata": {"name": DEPLOYMENT, "labels": LABELS},
-        "spec": {"replicas": 3, "selector": {"matchLabels": LABELS},
-                 "template": {"metadata": {"labels": LABELS},
-                              "spec": {"serviceAccountName": SERVICE_ACCOUNT, "automountServiceAccountToken": False,
-                                       "containers": [{"name": "agent", "image": "registry.invalid/morgana-agent:test"}]}}},
-    })
-    assert eventually(lambda: len(cluster.pods()) == 3, 30), cluster.kube.log_tail("kube-controller-manager")
+    cluster.create(
+        f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments",
+        {
+            "metadata": {"name": DEPLOYMENT, "labels": LABELS},
+            "spec": {
+                "replicas": 3,
+                "selector": {"matchLabels": LABELS},
+                "template": {
+                    "metadata": {"labels": LABELS},
+                    "spec": {
+                        "serviceAccountName": SERVICE_ACCOUNT,
+                        "automountServiceAccountToken": False,
+                        "containers": [{"name": "agent", "image": "registry.invalid/morgana-agent:test"}],
+                    },
+                },
+            },
+        },
+    )
+    eventually(
+        lambda: len(cluster.pods()) == 3, 30, what=lambda: f"3 pods\n{cluster.kube.log_tail('kube-controller-manager')}"
+    )
     pods = sorted(cluster.costs())
     assert all(cost is None for cost in cluster.costs().values())
 
     # The workers' credentials: per pod, a token bound to it, as the kubelet mounts them.
-    kubeconfigs = {pod: cluster.kube.token_kubeconfig(cluster.pod_token(pod), tmp_path / f"kubeconfig-{pod}",
-                                                      namespace=NAMESPACE) for pod in pods}
+    kubeconfigs = {
+        pod: cluster.kube.token_kubeconfig(cluster.pod_token(pod), tmp_path / f"kubeconfig-{pod}", namespace=NAMESPACE)
+        for pod in pods
+    }
     worker_view = cluster.as_token(cluster.pod_token(pods[0]))
     assert worker_view.http.get(f"/api/v1/namespaces/{NAMESPACE}/pods/{pods[0]}").status_code == 403  # no reads
     assert worker_view.http.get(f"/api/v1/namespaces/{NAMESPACE}/pods").status_code == 403
@@ -131,13 +167,19 @@ def test_scale_down_removes_the_idle_workers_and_the_call_goes_on(
     assert worker_view.http.get("/api/v1/namespaces/default/pods/anything").status_code == 403
 
     def patch(pod: str, metadata: dict) -> int:
-        return worker_view.http.patch(f"/api/v1/namespaces/{NAMESPACE}/pods/{pod}", json={"metadata": metadata},
-                                      headers={"Content-Type": "application/merge-patch+json"}).status_code
+        return worker_view.http.patch(
+            f"/api/v1/namespaces/{NAMESPACE}/pods/{pod}",
+            json={"metadata": metadata},
+            headers={"Content-Type": "application/merge-patch+json"},
+        ).status_code
 
     # The admission policy: its own pod's deletion cost, and nothing else. (Once the new policy is
     # in force: until then RBAC alone lets this harmless probe through.)
-    eventually(lambda: patch(pods[1], {"annotations": {"example.com/probe": "x"}}) in (403, 422), 10,
-               what="the admission policy refusing a change to another pod")
+    eventually(
+        lambda: patch(pods[1], {"annotations": {"example.com/probe": "x"}}) in (403, 422),
+        10,
+        what="the admission policy refusing a change to another pod",
+    )
     assert patch(pods[1], {"annotations": {COST_ANNOTATION: "1"}}) in (403, 422)  # another pod
     assert patch(pods[0], {"annotations": {COST_ANNOTATION: "0"}}) == 200
     assert patch(pods[0], {"annotations": {COST_ANNOTATION: "lots"}}) in (403, 422)
@@ -145,16 +187,28 @@ def test_scale_down_removes_the_idle_workers_and_the_call_goes_on(
     assert patch(pods[0], {"labels": {"app.kubernetes.io/name": "hijacked"}}) in (403, 422)
     assert patch(pods[0], {"ownerReferences": None}) in (403, 422)
     assert set(cluster.costs().values()) == {"0", None}
-    cluster.request("PATCH", f"/api/v1/namespaces/{NAMESPACE}/pods/{pods[0]}",
-                    {"metadata": {"annotations": {COST_ANNOTATION: None}}}, merge=True)
+    cluster.request(
+        "PATCH",
+        f"/api/v1/namespaces/{NAMESPACE}/pods/{pods[0]}",
+        {"metadata": {"annotations": {COST_ANNOTATION: None}}},
+        merge=True,
+    )
     worker_view.http.close()
 
     # One worker per pod, and an API whose tokens dispatch this module's agent name.
     api = ApiProcess({**voice_env, "LIVEKIT_AGENT_NAME": AGENT_NAME}, tmp_path / "api.log")
     workers = {
-        pod: AgentWorker({**agent_env, "LIVEKIT_AGENT_NAME": AGENT_NAME, "POD_NAME": pod,
-                          "POD_NAMESPACE": NAMESPACE, "KUBECONFIG": str(kubeconfigs[pod]),
-                          "DRAIN_TIMEOUT_SECONDS": "60"}, tmp_path / f"agent-{i}.log")
+        pod: AgentWorker(
+            {
+                **agent_env,
+                "LIVEKIT_AGENT_NAME": AGENT_NAME,
+                "POD_NAME": pod,
+                "POD_NAMESPACE": NAMESPACE,
+                "KUBECONFIG": str(kubeconfigs[pod]),
+                "DRAIN_TIMEOUT_SECONDS": "60",
+            },
+            tmp_path / f"agent-{i}.log",
+        )
         for i, pod in enumerate(pods)
     }
     fake_openai.set_transcript("Are you still there")
@@ -164,40 +218,49 @@ def test_scale_down_removes_the_idle_workers_and_the_call_goes_on(
         info = httpx.get(f"http://127.0.0.1:{workers[pod].health_port}/worker", timeout=5).json()
         return info.get("active_jobs", 0)  # proto JSON leaves out zeros
 
-    async def talk(caller: Caller) -> bool:
+    async def talk(caller: Caller, what: Description) -> None:
         spoke_until = await caller.say(utterance)
-        return await wait_for(lambda: caller.first_audio_after(spoke_until) is not None, 30)
+        await eventually_async(lambda: caller.first_audio_after(spoke_until) is not None, 30, what=what)
 
     async def scenario() -> None:
         caller = Caller(api.url)
         await caller.join()
         try:
-            assert await wait_for(lambda: len(caller.room.remote_participants) > 0, 30), "no agent joined"
+            await eventually_async(lambda: len(caller.room.remote_participants) > 0, 30, what="an agent joined")
             joined = time.monotonic()
             # The worker that took the call has cost 1, the idle ones 0.
-            assert await off_loop(eventually, lambda: sorted(cluster.costs().values()) == ["0", "0", "1"], 10), \
-                cluster.costs()
+            await off_loop(
+                eventually,
+                lambda: sorted(cluster.costs().values()) == ["0", "0", "1"],
+                10,
+                what=lambda: f"costs 0, 0 and 1 (got {cluster.costs()})",
+            )
             print(f"cost 1 written {time.monotonic() - joined:.2f} s after the agent joined")
             busy = next(pod for pod, cost in (await off_loop(cluster.costs)).items() if cost == "1")
             assert {pod: await off_loop(active_jobs, pod) for pod in pods} == {p: int(p == busy) for p in pods}
             await caller.silence(0.5)
-            assert await talk(caller), workers[busy].log_tail()
+            await talk(caller, what=lambda: f"the agent's answer heard\n{workers[busy].log_tail()}")
 
             # The autoscaler scales down to 1: the ReplicaSet deletes the two idle pods.
             assert (await off_loop(cluster.scale, 1)).status_code == 200
-            assert await off_loop(eventually, lambda: list(cluster.costs()) == [busy], 20), cluster.costs()
+            await off_loop(
+                eventually,
+                lambda: list(cluster.costs()) == [busy],
+                20,
+                what=lambda: f"only the busy pod left (got {cluster.costs()})",
+            )
             # (the kubelet would now stop their containers)
             await asyncio.gather(*(off_loop(workers[pod].stop) for pod in pods if pod != busy))
 
             # The call goes on, its pod still marked busy.
-            assert await talk(caller), "the call did not survive the scale-down"
+            await talk(caller, what="an answer after the scale-down")
             assert await off_loop(cluster.cost, busy) == "1"
             metrics = (await off_loop(httpx.get, f"http://127.0.0.1:{workers[busy].metrics_port}/metrics")).text
             assert "morgana_agent_pod_cost_errors_total 0.0" in metrics
         finally:
             await caller.leave()
         hung_up = time.monotonic()
-        assert await off_loop(eventually, lambda: cluster.cost(busy) == "0", 10), cluster.cost(busy)
+        await off_loop(eventually, lambda: cluster.cost(busy) == "0", 10, what="cost 0 after the hang-up")
         print(f"cost 0 written {time.monotonic() - hung_up:.2f} s after the hang-up")
 
         # A second call, then SIGTERM (a rollout): the worker drains with its pod still marked
@@ -205,12 +268,12 @@ def test_scale_down_removes_the_idle_workers_and_the_call_goes_on(
         caller = Caller(api.url)
         await caller.join()
         try:
-            assert await wait_for(lambda: len(caller.room.remote_participants) > 0, 30), "no agent joined"
-            assert await off_loop(eventually, lambda: cluster.cost(busy) == "1", 10)
+            await eventually_async(lambda: len(caller.room.remote_participants) > 0, 30, what="an agent joined")
+            await off_loop(eventually, lambda: cluster.cost(busy) == "1", 10, what="cost 1 in the second call")
             workers[busy].process.terminate()
             await caller.silence(1.0)
             assert workers[busy].process.poll() is None, "the worker quit during a call"
-            assert await talk(caller), "the call did not survive the drain"
+            await talk(caller, what="an answer through the drain")
             assert await off_loop(cluster.cost, busy) == "1"
         finally:
             await caller.leave()
@@ -222,7 +285,11 @@ def test_scale_down_removes_the_idle_workers_and_the_call_goes_on(
             for started_process in [pool.submit(api.start), *(pool.submit(w.start) for w in workers.values())]:
                 started_process.result()
         # Each worker marks its pod idle as soon as it runs.
-        assert eventually(lambda: cluster.costs() == dict.fromkeys(pods, "0"), 10), cluster.costs()
+        eventually(
+            lambda: cluster.costs() == dict.fromkeys(pods, "0"),
+            10,
+            what=lambda: f"every pod at cost 0 (got {cluster.costs()})",
+        )
         asyncio.run(scenario())
     finally:
         fake_openai.set_transcript(None)
@@ -245,27 +312,34 @@ def test_failures_are_counted_and_retried_and_a_burst_is_one_write(
 ) -> None:
     """The annotator itself against the real API server, fed a count it can be told about."""
     cluster.create(f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts", {"metadata": {"name": "late"}})
-    cluster.create(f"/api/v1/namespaces/{NAMESPACE}/pods", {
-        "metadata": {"name": "solo", "labels": {"test": "solo"}},
-        "spec": {"serviceAccountName": "late", "automountServiceAccountToken": False,
-                 "containers": [{"name": "agent", "image": "registry.invalid/morgana-agent:test"}]},
-    })
+    cluster.create(
+        f"/api/v1/namespaces/{NAMESPACE}/pods",
+        {
+            "metadata": {"name": "solo", "labels": {"test": "solo"}},
+            "spec": {
+                "serviceAccountName": "late",
+                "automountServiceAccountToken": False,
+                "containers": [{"name": "agent", "image": "registry.invalid/morgana-agent:test"}],
+            },
+        },
+    )
     # Not bound to the Role yet: every request is forbidden.
     token = cluster.service_account_token(NAMESPACE, "late")
     monkeypatch.setenv("KUBECONFIG", str(cluster.kube.token_kubeconfig(token, tmp_path / "kubeconfig")))
     jobs = [0]
 
     async def scenario() -> None:
-        cost = PodDeletionCost("solo", NAMESPACE, debounce=0.3, poll_interval=0.1,
-                               retry_backoff=0.2, max_retry_backoff=0.4)
+        cost = PodDeletionCost(
+            "solo", NAMESPACE, debounce=0.3, poll_interval=0.1, retry_backoff=0.2, max_retry_backoff=0.4
+        )
         before = errors_total()
         task = asyncio.create_task(cost.run(lambda: jobs[0]))
-        assert await wait_for(lambda: errors_total() >= before + 2, 10), "no retry after a failure"
+        await eventually_async(lambda: errors_total() >= before + 2, 10, what="a retry after a failure")
         assert not task.done() and cost.written is None
 
         # Granted: the next retry succeeds, without any restart.
         await off_loop(cluster.bind, "late")
-        assert await wait_for(lambda: cost.written == 0, 10)
+        await eventually_async(lambda: cost.written == 0, 10, what="cost 0 written once allowed")
         assert await off_loop(cluster.cost, "solo") == "0"
 
         # Five calls start within the debounce window: one PATCH, of the final count.
@@ -274,9 +348,8 @@ def test_failures_are_counted_and_retried_and_a_burst_is_one_write(
             jobs[0] = n
             cost.notify()
             await asyncio.sleep(0.03)
-        assert await wait_for(lambda: cost.written == 5, 5)
-        await asyncio.sleep(0.5)
-        assert cost.writes == writes + 1
+        await eventually_async(lambda: cost.written == 5, 5, what="the burst's final count written")
+        await stays_async(lambda: cost.writes == writes + 1, 0.5, what="one write for the burst")
         assert await off_loop(cluster.cost, "solo") == "5"
 
         # The calls end just as the worker exits (its tasks are cancelled): a last write.

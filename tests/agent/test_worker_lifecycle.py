@@ -3,17 +3,16 @@
 import asyncio
 import re
 import signal
-import time
 
 import httpx
 import pytest
 
 from morgana.agent.worker import full_at, load_of
-from morgana.devtools.livekit_server import LiveKitServer
-from morgana.devtools.openai_server import FakeOpenAIProcess
-from morgana.devtools.processes import AgentWorker
-from morgana.devtools.services import free_port
-from morgana.devtools.voice_client import Caller, direct_token, speech_pcm, wait_for
+from morgana_devtools.livekit_server import LiveKitServer
+from morgana_devtools.openai_server import FakeOpenAIProcess
+from morgana_devtools.processes import AgentWorker
+from morgana_devtools.services import Description, eventually, eventually_async, free_port, stays_async
+from morgana_devtools.voice_client import Caller, direct_token, speech_pcm
 from tests.conftest import OPENAI_KEY
 
 pytestmark = pytest.mark.timeout(240)
@@ -36,26 +35,34 @@ def test_a_worker_is_full_exactly_at_its_maximum_of_calls(max_calls: int) -> Non
 
 @pytest.fixture(scope="module")
 def own_livekit(tmp_path_factory: pytest.TempPathFactory):
-    with LiveKitServer("APIlifecycle", "lifecycle-secret-" + "7" * 32,
-                       log_path=tmp_path_factory.mktemp("lk-lifecycle") / "livekit.log") as server:
+    with LiveKitServer(
+        "APIlifecycle", "lifecycle-secret-" + "7" * 32, log_path=tmp_path_factory.mktemp("lk-lifecycle") / "livekit.log"
+    ) as server:
         yield server
 
 
 def worker_env(agent_env: dict, livekit: LiveKitServer, agent_name: str, **extra: str) -> dict:
-    return {**agent_env, "LIVEKIT_URL": livekit.url, "LIVEKIT_API_KEY": livekit.api_key,
-            "LIVEKIT_API_SECRET": livekit.api_secret, "LIVEKIT_AGENT_NAME": agent_name, **extra}
+    return {
+        **agent_env,
+        "LIVEKIT_URL": livekit.url,
+        "LIVEKIT_API_KEY": livekit.api_key,
+        "LIVEKIT_API_SECRET": livekit.api_secret,
+        "LIVEKIT_AGENT_NAME": agent_name,
+        **extra,
+    }
 
 
-async def talk(caller: Caller, utterance, timeout: float = 30) -> bool:
+async def talk(caller: Caller, utterance, timeout: float = 30, what: Description = "the agent's answer heard") -> None:
     spoke_until = await caller.say(utterance)
-    return await wait_for(lambda: caller.first_audio_after(spoke_until) is not None, timeout)
+    await eventually_async(lambda: caller.first_audio_after(spoke_until) is not None, timeout, what=what)
 
 
 def test_health_metrics_drain_and_reregistration(
     own_livekit: LiveKitServer, agent_env: dict, fake_openai: FakeOpenAIProcess, tmp_path
 ) -> None:
-    worker = AgentWorker(worker_env(agent_env, own_livekit, "lifecycle-agent", DRAIN_TIMEOUT_SECONDS="60"),
-                         tmp_path / "agent.log").start()
+    worker = AgentWorker(
+        worker_env(agent_env, own_livekit, "lifecycle-agent", DRAIN_TIMEOUT_SECONDS="60"), tmp_path / "agent.log"
+    ).start()
     try:
         health = httpx.get(f"http://127.0.0.1:{worker.health_port}/", timeout=5)
         assert health.status_code == 200
@@ -65,11 +72,12 @@ def test_health_metrics_drain_and_reregistration(
         # LiveKit goes away and comes back: the worker registers again by itself.
         registrations = worker.log_path.read_text().count("registered worker")
         own_livekit.restart()
-        deadline = time.monotonic() + 60
-        while worker.log_path.read_text().count("registered worker") <= registrations:
-            assert time.monotonic() < deadline, worker.log_tail()
-            assert worker.process.poll() is None
-            time.sleep(0.5)
+
+        def registered_again() -> bool:
+            assert worker.process.poll() is None, worker.log_tail()
+            return worker.log_path.read_text().count("registered worker") > registrations
+
+        eventually(registered_again, 60, interval=0.5, what=lambda: f"registered again\n{worker.log_tail()}")
 
         fake_openai.set_transcript("Are you still there")
         utterance = speech_pcm(fake_openai.root_url, OPENAI_KEY, "Are you still there?")
@@ -78,10 +86,11 @@ def test_health_metrics_drain_and_reregistration(
             caller = Caller("")
             await caller.connect(own_livekit.url, direct_token(own_livekit, "drain-caller", "lifecycle-agent"))
             try:
-                assert await wait_for(lambda: len(caller.room.remote_participants) > 0, 30)
+                await eventually_async(lambda: len(caller.room.remote_participants) > 0, 30, what="an agent joined")
                 await caller.silence(1.0)
-                assert await talk(caller, utterance), worker.log_tail()
-                metrics = httpx.get(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5).text
+                await talk(caller, utterance, what=lambda: f"the agent's answer heard\n{worker.log_tail()}")
+                async with httpx.AsyncClient(timeout=5) as http:
+                    metrics = (await http.get(f"http://127.0.0.1:{worker.metrics_port}/metrics")).text
                 assert "lk_agents_worker_load" in metrics
                 assert "morgana_agent_active_calls 1.0" in metrics
                 # The framework's series survive its reset of the metrics directory at start-up.
@@ -89,11 +98,16 @@ def test_health_metrics_drain_and_reregistration(
                 assert "lk_agents_proc_initialize_duration_seconds_count" in metrics
                 # SIGTERM mid-call: the worker stops taking jobs but the call goes on.
                 worker.process.send_signal(signal.SIGTERM)
-                await asyncio.sleep(2)
-                assert worker.process.poll() is None, "the worker quit during a call"
-                assert await talk(caller, utterance), "the call did not survive the drain"
-                assert await wait_for(lambda: caller.agent_texts()[-1:] == ["You said: Are you still there"]
-                                      and len(caller.agent_texts()) == 2, 15), caller.agent_texts()
+                await stays_async(lambda: worker.process.poll() is None, 2, what="the worker running during a call")
+                await talk(caller, utterance, what="an answer through the drain")
+                await eventually_async(
+                    lambda: (
+                        caller.agent_texts()[-1:] == ["You said: Are you still there"]
+                        and len(caller.agent_texts()) == 2
+                    ),
+                    15,
+                    what=lambda: f"the second answer's transcript (got {caller.agent_texts()})",
+                )
             finally:
                 await caller.leave()
             return caller
@@ -119,13 +133,13 @@ def test_an_unreachable_api_gets_an_apology_not_a_dead_call(
         caller = Caller("")
         await caller.connect(own_livekit.url, direct_token(own_livekit, "lonely-caller", "no-api-agent"))
         try:
-            assert await wait_for(lambda: len(caller.room.remote_participants) > 0, 30)
+            await eventually_async(lambda: len(caller.room.remote_participants) > 0, 30, what="an agent joined")
             await caller.silence(1.0)
-            assert await talk(caller, utterance)
-            assert await wait_for(lambda: caller.agent_texts(), 15)
+            await talk(caller, utterance)
+            await eventually_async(lambda: caller.agent_texts(), 15, what="the apology's transcript")
             # Still connected, still answering (with the same apology) on the next turn.
-            assert await talk(caller, utterance)
-            assert await wait_for(lambda: len(caller.agent_texts()) >= 2, 15)
+            await talk(caller, utterance)
+            await eventually_async(lambda: len(caller.agent_texts()) >= 2, 15, what="the second apology's transcript")
         finally:
             await caller.leave()
         return caller
@@ -161,23 +175,22 @@ def test_a_crashed_call_does_not_take_the_worker_down(
     async def crash_then_call_again() -> Caller:
         doomed = Caller("")
         await doomed.connect(own_livekit.url, direct_token(own_livekit, "doomed-caller", "crash-agent"))
-        assert await wait_for(lambda: len(doomed.room.remote_participants) > 0, 30)
+        await eventually_async(lambda: len(doomed.room.remote_participants) > 0, 30, what="an agent joined")
         await doomed.silence(1.0)
-        assert await talk(doomed, utterance)
+        await talk(doomed, utterance)
         serving = serving_processes()
         assert len(serving) == 1
         serving[0].kill()  # the call's process dies as in a segfault or an OOM kill
-        await asyncio.sleep(3)
-        assert worker.process.poll() is None, "the worker died with its call"
+        await stays_async(lambda: worker.process.poll() is None, 3, what="the worker running after its call died")
         await doomed.leave()
 
         caller = Caller("")
         await caller.connect(own_livekit.url, direct_token(own_livekit, "next-caller", "crash-agent"))
         try:
-            assert await wait_for(lambda: len(caller.room.remote_participants) > 0, 30)
+            await eventually_async(lambda: len(caller.room.remote_participants) > 0, 30, what="an agent joined")
             await caller.silence(1.0)
-            assert await talk(caller, utterance), worker.log_tail()
-            await wait_for(lambda: caller.agent_texts(), 15)
+            await talk(caller, utterance, what=lambda: f"the agent's answer heard\n{worker.log_tail()}")
+            await eventually_async(lambda: caller.agent_texts(), 15, what="the answer's transcript")
         finally:
             await caller.leave()
         return caller
@@ -193,8 +206,9 @@ def test_a_crashed_call_does_not_take_the_worker_down(
 def test_a_full_worker_takes_no_more_calls_until_one_ends(
     own_livekit: LiveKitServer, agent_env: dict, tmp_path
 ) -> None:
-    worker = AgentWorker(worker_env(agent_env, own_livekit, "small-agent", MAX_CONCURRENT_CALLS="2"),
-                         tmp_path / "agent.log").start()
+    worker = AgentWorker(
+        worker_env(agent_env, own_livekit, "small-agent", MAX_CONCURRENT_CALLS="2"), tmp_path / "agent.log"
+    ).start()
 
     async def join(name: str) -> Caller:
         caller = Caller("")
@@ -209,18 +223,28 @@ def test_a_full_worker_takes_no_more_calls_until_one_ends(
 
     async def scenario() -> None:
         first, second = await join("cap-1"), await join("cap-2")
-        assert await wait_for(lambda: agent_in(first) and agent_in(second), 30), worker.log_tail()
+        await eventually_async(
+            lambda: agent_in(first) and agent_in(second),
+            30,
+            what=lambda: f"an agent in both calls\n{worker.log_tail()}",
+        )
         assert worker_load() == 1.0
         third = await join("cap-3")
-        assert not await wait_for(lambda: agent_in(third), 8), "a full worker took a third call"
+        await stays_async(lambda: not agent_in(third), 8, what="a full worker taking no third call")
         await third.leave()
         await first.leave()
         # The hung-up call frees its slot, and at the next load report (every 2.5 s) the worker
         # is available again. LiveKit does not queue a job that found every worker full, so
         # only rooms created from then on get the agent (the autoscaler re-dispatches others).
-        assert await wait_for(lambda: "below capacity, marking as available" in worker.log_tail(200), 15)
+        await eventually_async(
+            lambda: "below capacity, marking as available" in worker.log_tail(200),
+            15,
+            what="the worker available again",
+        )
         fourth = await join("cap-4")
-        assert await wait_for(lambda: agent_in(fourth), 30), worker.log_tail()
+        await eventually_async(
+            lambda: agent_in(fourth), 30, what=lambda: f"an agent in the fourth call\n{worker.log_tail()}"
+        )
         await fourth.leave()
         await second.leave()
 
@@ -240,20 +264,27 @@ def test_livekit_restarted_during_a_call_the_worker_registers_again_and_takes_th
     fake_openai.set_transcript("Still here")
     utterance = speech_pcm(fake_openai.root_url, OPENAI_KEY, "Are you still there?")
     try:
+
         async def call(identity: str, restart_midway: bool) -> Caller:
             caller = Caller("")
             await caller.connect(own_livekit.url, direct_token(own_livekit, identity, "restart-drill-agent"))
             try:
-                assert await wait_for(lambda: len(caller.room.remote_participants) > 0, 30), worker.log_tail()
+                await eventually_async(
+                    lambda: len(caller.room.remote_participants) > 0,
+                    30,
+                    what=lambda: f"an agent joined\n{worker.log_tail()}",
+                )
                 await caller.silence(1.0)
-                assert await talk(caller, utterance), worker.log_tail()
-                await wait_for(lambda: bool(caller.agent_texts()), 10)
+                await talk(caller, utterance, what=lambda: f"the agent's answer heard\n{worker.log_tail()}")
+                await eventually_async(lambda: caller.agent_texts(), 10, what="the answer's transcript")
                 if restart_midway:
                     registrations = worker.log_path.read_text().count("registered worker")
                     await asyncio.to_thread(own_livekit.restart)
-                    assert await wait_for(
-                        lambda: worker.log_path.read_text().count("registered worker") > registrations, 60), \
-                        worker.log_tail()
+                    await eventually_async(
+                        lambda: worker.log_path.read_text().count("registered worker") > registrations,
+                        60,
+                        what=lambda: f"registered again\n{worker.log_tail()}",
+                    )
             finally:
                 await caller.leave()
             return caller

@@ -25,8 +25,7 @@ class StreamResult:
 
 def stream_chat(http: httpx.Client, session_token: str, content: str, **extra) -> StreamResult:
     body = {"messages": [{"role": "user", "content": content}], **extra}
-    with connect_sse(http, "POST", "/api/v1/chatbot/chat/stream", json=body,
-                     headers=bearer(session_token)) as source:
+    with connect_sse(http, "POST", "/api/v1/chatbot/chat/stream", json=body, headers=bearer(session_token)) as source:
         if source.response.status_code != 200:
             source.response.read()
             return StreamResult(source.response.status_code, [("http", source.response.json())])

@@ -35,8 +35,13 @@ def test_register_rejects_invalid_email_and_weak_passwords(client: httpx.Client)
     assert bad_email.status_code == 422
     assert bad_email.json()["detail"][0]["loc"] == ["body", "email"]
 
-    for weak, missing in [("short1!A", None), ("alllowercase1!", "an uppercase letter"),
-                          ("NoDigits!!", "a digit"), ("NoSymbols123", "a symbol"), ("Ab1!", "at least 8")]:
+    for weak, missing in [
+        ("short1!A", None),
+        ("alllowercase1!", "an uppercase letter"),
+        ("NoDigits!!", "a digit"),
+        ("NoSymbols123", "a symbol"),
+        ("Ab1!", "at least 8"),
+    ]:
         response = client.post("/api/v1/auth/register", json={"email": unique_email(), "password": weak})
         if missing is None:
             assert response.status_code == 200, response.text
@@ -63,7 +68,7 @@ def test_login_is_form_encoded_and_returns_a_user_token(client: httpx.Client) ->
 
 
 def test_login_accepts_passwords_with_markup_characters(client: httpx.Client) -> None:
-    email, password = unique_email(), 'Tricky&<>"\'Pass1'
+    email, password = unique_email(), "Tricky&<>\"'Pass1"
     register(client, email, password)
     response = client.post("/api/v1/auth/login", data={"username": email, "password": password})
     assert response.status_code == 200, response.text
@@ -94,8 +99,11 @@ def test_tokens_are_only_accepted_where_they_belong(client: httpx.Client, user: 
     assert session_creating_session.status_code == 403
     assert "user token" in session_creating_session.json()["detail"]
 
-    user_chatting = client.post("/api/v1/chatbot/chat/stream", headers=bearer(user_token),
-                                json={"messages": [{"role": "user", "content": "hi"}]})
+    user_chatting = client.post(
+        "/api/v1/chatbot/chat/stream",
+        headers=bearer(user_token),
+        json={"messages": [{"role": "user", "content": "hi"}]},
+    )
     assert user_chatting.status_code == 403
     assert "session token" in user_chatting.json()["detail"]
 
@@ -123,7 +131,9 @@ def test_missing_forged_and_expired_tokens_are_401(client: httpx.Client, user: d
 
     # An unsigned token ("alg": "none") must never be accepted.
     header = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0"
-    import base64, json
+    import base64
+    import json
+
     payload = base64.urlsafe_b64encode(json.dumps({**claims, "exp": now + 3600}).encode()).rstrip(b"=").decode()
     assert client.post("/api/v1/auth/session", headers=bearer(f"{header}.{payload}.")).status_code == 401
 
@@ -140,12 +150,17 @@ def test_sessions_can_be_listed_renamed_and_deleted(client: httpx.Client, user: 
     assert listed.status_code == 200
     assert [s["session_id"] for s in listed.json()] == [second["session_id"], first["session_id"]]
 
-    renamed = client.patch(f"/api/v1/auth/sessions/{first['session_id']}", headers=bearer(token),
-                           json={"name": "  Trip planning "})
+    renamed = client.patch(
+        f"/api/v1/auth/sessions/{first['session_id']}", headers=bearer(token), json={"name": "  Trip planning "}
+    )
     assert renamed.status_code == 200
     assert renamed.json()["name"] == "Trip planning"
-    assert client.patch(f"/api/v1/auth/sessions/{first['session_id']}", headers=bearer(token),
-                        json={"name": "   "}).status_code == 422
+    assert (
+        client.patch(
+            f"/api/v1/auth/sessions/{first['session_id']}", headers=bearer(token), json={"name": "   "}
+        ).status_code
+        == 422
+    )
 
     deleted = client.delete(f"/api/v1/auth/sessions/{first['session_id']}", headers=bearer(token))
     assert deleted.status_code == 204
@@ -165,8 +180,10 @@ def test_users_cannot_touch_each_others_sessions(client: httpx.Client, user: dic
     assert client.patch(path, headers=bearer(stranger), json={"name": "mine now"}).status_code == 404
     assert client.delete(path, headers=bearer(stranger)).status_code == 404
     assert client.get("/api/v1/auth/sessions", headers=bearer(stranger)).json() == []
-    assert client.patch("/api/v1/auth/sessions/not-a-uuid", headers=bearer(stranger),
-                        json={"name": "x"}).status_code == 422
+    assert (
+        client.patch("/api/v1/auth/sessions/not-a-uuid", headers=bearer(stranger), json={"name": "x"}).status_code
+        == 422
+    )
 
 
 def test_logout_revokes_every_token_of_the_account(client: httpx.Client) -> None:
@@ -193,14 +210,23 @@ def test_a_password_change_revokes_the_old_tokens_and_the_old_password(client: h
     session_token = new_session(client, user_token)["token"]["access_token"]
     new_password = "A_New_Password_456?"
 
-    wrong = client.post("/api/v1/auth/password", headers=bearer(user_token),
-                        json={"current_password": "Not_The_Passw0rd!", "new_password": new_password})
+    wrong = client.post(
+        "/api/v1/auth/password",
+        headers=bearer(user_token),
+        json={"current_password": "Not_The_Passw0rd!", "new_password": new_password},
+    )
     assert wrong.status_code == 401 and wrong.json()["detail"] == "Incorrect current password"
-    weak = client.post("/api/v1/auth/password", headers=bearer(user_token),
-                       json={"current_password": STRONG_PASSWORD, "new_password": "weak"})
+    weak = client.post(
+        "/api/v1/auth/password",
+        headers=bearer(user_token),
+        json={"current_password": STRONG_PASSWORD, "new_password": "weak"},
+    )
     assert weak.status_code == 422
-    changed = client.post("/api/v1/auth/password", headers=bearer(user_token),
-                          json={"current_password": STRONG_PASSWORD, "new_password": new_password})
+    changed = client.post(
+        "/api/v1/auth/password",
+        headers=bearer(user_token),
+        json={"current_password": STRONG_PASSWORD, "new_password": new_password},
+    )
     assert changed.status_code == 200, changed.text
     assert client.get("/api/v1/auth/sessions", headers=bearer(changed.json()["access_token"])).status_code == 200
     assert client.get("/api/v1/auth/sessions", headers=bearer(user_token)).status_code == 401

@@ -61,10 +61,16 @@ def test_database_url_from_parts_or_url() -> None:
 
 
 def test_cli_explains_bad_configuration_and_exits_2(tmp_path: Path) -> None:
-    env = {"PATH": os.environ["PATH"], "ENVIRONMENT": "production", "JWT_SECRET_KEY": "secret",
-           "OPENAI_API_KEY": "sk-x", "HOME": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-m", "morgana.api.cli", "check-config"],
-                            env=env, cwd=tmp_path, capture_output=True, text=True)
+    env = {
+        "PATH": os.environ["PATH"],
+        "ENVIRONMENT": "production",
+        "JWT_SECRET_KEY": "secret",
+        "OPENAI_API_KEY": "sk-x",
+        "HOME": str(tmp_path),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "morgana.api.cli", "check-config"], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert "JWT_SECRET_KEY" in result.stderr
     assert "openssl rand -hex 32" in result.stderr
@@ -74,10 +80,12 @@ def test_cli_explains_bad_configuration_and_exits_2(tmp_path: Path) -> None:
 def test_env_example_documents_every_setting() -> None:
     documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", (ROOT / ".env.example").read_text(), re.M))
     from morgana.agent.config import AgentSettings
-    from morgana.controller.config import ControllerSettings
+    from morgana_controller.config import ControllerSettings
 
-    settings = {name.upper() for name in
-                [*ApiSettings.model_fields, *AgentSettings.model_fields, *ControllerSettings.model_fields]}
+    settings = {
+        name.upper()
+        for name in [*ApiSettings.model_fields, *AgentSettings.model_fields, *ControllerSettings.model_fields]
+    }
     assert settings - documented == set()
     # And the variables the spec names for the whole system.
     assert {"MORGANA_BACKEND_URL", "API_USER_EMAIL", "API_USER_PASSWORD", "OPENAI_API_KEY"} <= documented
@@ -86,11 +94,12 @@ def test_env_example_documents_every_setting() -> None:
 def test_the_agents_password_is_a_long_random_secret_without_character_classes() -> None:
     """`openssl rand -hex 16`, the chart README's recipe, is accepted; short or placeholder ones are not."""
     account = {**SAFE, "environment": "production", "api_user_email": "agent@example.com"}
-    generated = subprocess.run(["openssl", "rand", "-hex", "16"], capture_output=True, text=True,
-                               check=True).stdout.strip()
+    generated = subprocess.run(
+        ["openssl", "rand", "-hex", "16"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert ApiSettings(**account, api_user_password=generated).unsafe_settings() == []
     for weak in ("Sh0rt_Passw0rd!", "changeme"):
-        with pytest.raises((ConfigurationError, ValidationError), match="API_USER_PASSWORD .* openssl rand -hex 16"):
+        with pytest.raises((ConfigurationError, ValidationError), match=r"API_USER_PASSWORD .* openssl rand -hex 16"):
             ApiSettings(**account, api_user_password=weak)
     with pytest.raises((ConfigurationError, ValidationError), match="API_USER_EMAIL is set without API_USER_PASSWORD"):
         ApiSettings(**account)

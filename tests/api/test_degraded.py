@@ -3,8 +3,8 @@
 import httpx
 import pytest
 
-from morgana.devtools.processes import ApiProcess
-from morgana.devtools.services import free_port
+from morgana_devtools.processes import ApiProcess
+from morgana_devtools.services import free_port
 from tests.conftest import STRONG_PASSWORD, bearer, new_session, register, unique_email
 
 

@@ -40,9 +40,9 @@ def test_token_grants_the_sessions_room_and_dispatches_the_agent(
 def test_token_lifetime_is_bounded(client: httpx.Client, chat_session: dict) -> None:
     """A participant token only has to be valid when its holder joins: 10 minutes by default, and
     at most 15 whatever is configured (it outlives a deleted session or a logout by that much)."""
-    token = client.post(
-        "/api/v1/livekit/token", headers=bearer(chat_session["token"]["access_token"])
-    ).json()["participantToken"]
+    token = client.post("/api/v1/livekit/token", headers=bearer(chat_session["token"]["access_token"])).json()[
+        "participantToken"
+    ]
     from jose import jwt
 
     payload = jwt.get_unverified_claims(token)

@@ -3,15 +3,15 @@
 import json
 import secrets
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from morgana.devtools.processes import ApiProcess, migrate
-from morgana.devtools.services import eventually, free_port
+from morgana_devtools.processes import ApiProcess, migrate
+from morgana_devtools.services import eventually, free_port
 from tests.api.sse import stream_chat
 from tests.conftest import bearer, new_session, register, unique_email
 
@@ -28,8 +28,12 @@ def test_an_open_chat_stream_is_counted_in_flight(client: httpx.Client, chat_ses
     token = chat_session["token"]["access_token"]
     stream = 'handler="/api/v1/chatbot/chat/stream",method="POST"'
     fake_openai.queue_scenario(tokens=40, delay_ms=50)
-    with client.stream("POST", "/api/v1/chatbot/chat/stream", headers=bearer(token),
-                       json={"messages": [{"role": "user", "content": "a slow one"}]}) as response:
+    with client.stream(
+        "POST",
+        "/api/v1/chatbot/chat/stream",
+        headers=bearer(token),
+        json={"messages": [{"role": "user", "content": "a slow one"}]},
+    ) as response:
         lines = response.iter_lines()
         next(line for line in lines if line.startswith("data:"))  # the reply is streaming now
         during = client.get("/metrics").text
@@ -37,12 +41,12 @@ def test_an_open_chat_stream_is_counted_in_flight(client: httpx.Client, chat_ses
         assert metric_value(during, "morgana_api_chat_streams_open") == 1
         for _ in lines:
             pass
-    deadline = time.monotonic() + 3
-    after = client.get("/metrics").text
-    while metric_value(after, "morgana_api_http_requests_inprogress", stream) and time.monotonic() < deadline:
-        time.sleep(0.05)
-        after = client.get("/metrics").text
-    assert metric_value(after, "morgana_api_http_requests_inprogress", stream) == 0
+
+    def idle() -> str:
+        text = client.get("/metrics").text
+        return text if metric_value(text, "morgana_api_http_requests_inprogress", stream) == 0 else ""
+
+    after = eventually(idle, 3, interval=0.05, what="no chat stream request in progress")
     assert metric_value(after, "morgana_api_chat_streams_open") == 0
 
 
@@ -55,15 +59,18 @@ def test_metrics_cover_routes_streams_model_and_pool(client: httpx.Client, chat_
     client.get("/api/v1/chatbot/messages", headers=bearer(token))
 
     # Metrics of a request are recorded just after its response is sent: poll briefly.
-    def settled(text: str) -> bool:
-        return ('handler="/api/v1/chatbot/messages"' in text
-                and metric_value(text, "morgana_api_db_pool_checked_out") == 0)
+    def settled() -> str:
+        text = client.get("/metrics").text
+        return (
+            text
+            if (
+                'handler="/api/v1/chatbot/messages"' in text
+                and metric_value(text, "morgana_api_db_pool_checked_out") == 0
+            )
+            else ""
+        )
 
-    deadline = time.monotonic() + 3
-    after = client.get("/metrics").text
-    while not settled(after) and time.monotonic() < deadline:
-        time.sleep(0.05)
-        after = client.get("/metrics").text
+    after = eventually(settled, 3, interval=0.05, what="the history request's metrics, the pool idle")
     assert metric_value(after, "morgana_api_llm_time_to_first_token_seconds_count") == ttft_before + 1
     # The stand-in reports usage like OpenAI: "You said: count my tokens please" is 6 tokens.
     assert metric_value(after, "morgana_api_llm_tokens_streamed_total") == tokens_before + 6
@@ -90,12 +97,23 @@ def test_logs_are_json_with_request_ids_and_never_hold_secrets(api: ApiProcess, 
     login = client.post("/api/v1/auth/login", data={"username": email, "password": password}).json()
     session = new_session(client, login["access_token"])
     stream_chat(client, session["token"]["access_token"], "hello logs")
-    client.post("/api/v1/auth/login", data={"username": email, "password": "Wrong_" + password})
-    time.sleep(0.3)
+    wrong = client.post("/api/v1/auth/login", data={"username": email, "password": "Wrong_" + password})
 
-    text = api.log_path.read_text()
-    for secret in (password, user["token"]["access_token"], login["access_token"],
-                   session["token"]["access_token"]):
+    def logged() -> str:
+        """The log, once it has the wrong login's access line (written just after the response)."""
+        text = api.log_path.read_text()
+        records = [json.loads(line) for line in text.splitlines() if line.startswith("{") and line.endswith("}")]
+        return (
+            text
+            if any(
+                r.get("logger") == "morgana.api.access" and r.get("request_id") == wrong.headers["x-request-id"]
+                for r in records
+            )
+            else ""
+        )
+
+    text = eventually(logged, 5, interval=0.05, what="the wrong login's access log line")
+    for secret in (password, user["token"]["access_token"], login["access_token"], session["token"]["access_token"]):
         assert secret not in text
     records = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     requests = [r for r in records if r.get("logger") == "morgana.api.access"]
@@ -111,20 +129,19 @@ def test_redaction_filter_masks_tokens_and_passwords() -> None:
     jwt_like = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl"
     assert jwt_like not in redact(f"got {jwt_like}")
     assert "hunter2" not in redact("password=hunter2&user=x")
-    assert "abc123" not in redact('Authorization: Bearer abc123')
+    assert "abc123" not in redact("Authorization: Bearer abc123")
     assert redact("nothing secret here") == "nothing secret here"
 
 
 class _Collector(BaseHTTPRequestHandler):
-    spans: list = []
+    spans: ClassVar[list[tuple[str, str]]] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["content-length"]))
         request = ExportTraceServiceRequest()
         request.ParseFromString(body)
         for resource_spans in request.resource_spans:
-            service = next(a.value.string_value for a in resource_spans.resource.attributes
-                           if a.key == "service.name")
+            service = next(a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name")
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
                     _Collector.spans.append((service, span.name))
@@ -154,9 +171,9 @@ def test_traces_of_requests_db_and_model_calls_are_exported_over_otlp(
         user = register(http)
         session = new_session(http, user["token"]["access_token"])
         stream_chat(http, session["token"]["access_token"], "trace me")
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not {"llm.chat"} <= {n for _, n in _Collector.spans}:
-            time.sleep(0.2)
+        eventually(
+            lambda: "llm.chat" in {n for _, n in _Collector.spans}, 10, interval=0.2, what="an llm.chat span exported"
+        )
     names = {name for _, name in _Collector.spans}
     assert {service for service, _ in _Collector.spans} == {"morgana-api"}
     assert "llm.chat" in names
@@ -166,8 +183,10 @@ def test_traces_of_requests_db_and_model_calls_are_exported_over_otlp(
 
 def test_gunicorn_with_uvicorn_workers_serves_and_sums_metrics(api_env: dict, tmp_path) -> None:
     env = {**api_env, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")}
-    with ApiProcess(env, tmp_path / "api.log", workers=2) as process, \
-            httpx.Client(base_url=process.url, timeout=20) as http:
+    with (
+        ApiProcess(env, tmp_path / "api.log", workers=2) as process,
+        httpx.Client(base_url=process.url, timeout=20) as http,
+    ):
         labels = 'handler="/health",method="GET",status="200"'
         before = metric_value(http.get("/metrics").text, "morgana_api_http_requests_total", labels)
         for _ in range(20):
@@ -187,8 +206,13 @@ def test_every_command_starts_with_an_empty_tmp_and_no_home(api_env: dict, tmp_p
     gunicorn's own lines are JSON like every other line, once each, with no control socket."""
     home = tmp_path / "not-a-directory"
     home.touch()
-    env = {**api_env, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "migrate-tmp" / "prometheus"), "HOME": str(home),
-           "API_USER_EMAIL": f"agent-{secrets.token_hex(4)}@example.com", "API_USER_PASSWORD": secrets.token_hex(16)}
+    env = {
+        **api_env,
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "migrate-tmp" / "prometheus"),
+        "HOME": str(home),
+        "API_USER_EMAIL": f"agent-{secrets.token_hex(4)}@example.com",
+        "API_USER_PASSWORD": secrets.token_hex(16),
+    }
     migrate(env)  # creating the agent's account imports the API's metrics
     env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "serve-tmp" / "prometheus")
     log = tmp_path / "api.log"
@@ -208,10 +232,16 @@ def test_metrics_port_keeps_metrics_and_docs_off_the_api_port(api_env: dict, tmp
     """As the chart runs it: API_METRICS_PORT serves /metrics (every gunicorn worker's, summed), the
     API's own port, the one an Ingress routes to, serves neither metrics nor docs."""
     metrics_port = free_port()
-    env = {**api_env, "API_METRICS_PORT": str(metrics_port), "DOCS_ENABLED": "false",
-           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prometheus")}
-    with ApiProcess(env, tmp_path / "api.log", workers=workers) as process, \
-            httpx.Client(base_url=process.url, timeout=20) as http:
+    env = {
+        **api_env,
+        "API_METRICS_PORT": str(metrics_port),
+        "DOCS_ENABLED": "false",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prometheus"),
+    }
+    with (
+        ApiProcess(env, tmp_path / "api.log", workers=workers) as process,
+        httpx.Client(base_url=process.url, timeout=20) as http,
+    ):
         for path in ("/metrics", "/docs", "/redoc", "/openapi.json"):
             assert http.get(path).status_code == 404, path
         labels = 'handler="/health",method="GET",status="200"'

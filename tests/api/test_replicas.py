@@ -3,7 +3,7 @@
 import httpx
 import pytest
 
-from morgana.devtools.processes import ApiProcess
+from morgana_devtools.processes import ApiProcess
 from tests.api.sse import stream_chat
 from tests.conftest import STRONG_PASSWORD, bearer, new_session, register, unique_email
 
@@ -29,7 +29,10 @@ def test_history_written_through_one_replica_is_read_through_the_other(replicas)
         seen_by_b = b.get("/api/v1/chatbot/messages", headers=bearer(token)).json()["messages"]
         assert seen_by_a == seen_by_b
         assert [m["content"] for m in seen_by_a] == [
-            "written via A", "You said: written via A", "written via B", "You said: written via B",
+            "written via A",
+            "You said: written via A",
+            "written via B",
+            "You said: written via B",
         ]
 
 
@@ -38,8 +41,7 @@ def test_rate_limits_are_shared_by_the_replicas(replicas) -> None:
     with httpx.Client(base_url=first.url, timeout=20) as a, httpx.Client(base_url=second.url, timeout=20) as b:
         token = register(a)["token"]["access_token"]
         statuses = [
-            (a if n % 2 == 0 else b).post("/api/v1/auth/session", headers=bearer(token)).status_code
-            for n in range(4)
+            (a if n % 2 == 0 else b).post("/api/v1/auth/session", headers=bearer(token)).status_code for n in range(4)
         ]
         assert statuses == [200, 200, 200, 200]
         refused = b.post("/api/v1/auth/session", headers=bearer(token))
@@ -86,11 +88,17 @@ def test_behind_a_trusted_proxy_limits_count_per_forwarded_client(api_env: dict,
     its own limit, and the client is the right-most hop the proxy did not vouch for, so what a
     client writes into X-Forwarded-For itself (to the left) changes nothing."""
     env = {**api_env, "RATE_LIMIT_LOGIN": "2/minute", "FORWARDED_ALLOW_IPS": "127.0.0.0/8"}
-    with ApiProcess(env, tmp_path / "api.log", workers=workers) as api, \
-            httpx.Client(base_url=api.url, timeout=20) as client:
+    with (
+        ApiProcess(env, tmp_path / "api.log", workers=workers) as api,
+        httpx.Client(base_url=api.url, timeout=20) as client,
+    ):
+
         def login(forwarded_for: str) -> int:
-            return client.post("/api/v1/auth/login", data={"username": unique_email(), "password": "nope"},
-                               headers={"X-Forwarded-For": forwarded_for}).status_code
+            return client.post(
+                "/api/v1/auth/login",
+                data={"username": unique_email(), "password": "nope"},
+                headers={"X-Forwarded-For": forwarded_for},
+            ).status_code
 
         first, second = f"203.0.113.{workers}", f"198.51.100.{workers}"
         # A client rotating a forged first entry is still the address the proxy appended.
@@ -102,8 +110,14 @@ def test_forwarded_headers_are_ignored_unless_the_proxy_is_trusted(api_env: dict
     # Only some other address is a trusted proxy (uvicorn's default trusts loopback, i.e. us).
     env = {**api_env, "RATE_LIMIT_LOGIN": "2/minute", "FORWARDED_ALLOW_IPS": "10.255.255.1"}
     with ApiProcess(env, tmp_path / "api.log") as api, httpx.Client(base_url=api.url, timeout=20) as client:
-        statuses = [client.post("/api/v1/auth/login", data={"username": unique_email(), "password": "nope"},
-                                headers={"X-Forwarded-For": f"192.0.2.{n}"}).status_code for n in range(3)]
+        statuses = [
+            client.post(
+                "/api/v1/auth/login",
+                data={"username": unique_email(), "password": "nope"},
+                headers={"X-Forwarded-For": f"192.0.2.{n}"},
+            ).status_code
+            for n in range(3)
+        ]
         assert statuses == [401, 401, 429], "a client escaped its limit by forging X-Forwarded-For"
 
 
@@ -113,9 +127,13 @@ def test_failed_logins_lock_the_account_from_every_address_and_tell_nothing(api_
     not exist is refused the same way, so the lockout tells no one which accounts exist."""
     env = {**api_env, "RATE_LIMIT_LOGIN_ACCOUNT": "3/minute", "FORWARDED_ALLOW_IPS": "127.0.0.0/8"}
     with ApiProcess(env, tmp_path / "api.log") as api, httpx.Client(base_url=api.url, timeout=20) as client:
+
         def login(email: str, password: str, n: int) -> httpx.Response:
-            return client.post("/api/v1/auth/login", data={"username": email, "password": password},
-                               headers={"X-Forwarded-For": f"198.51.100.{n}"})
+            return client.post(
+                "/api/v1/auth/login",
+                data={"username": email, "password": password},
+                headers={"X-Forwarded-For": f"198.51.100.{n}"},
+            )
 
         victim, nobody, bystander = unique_email(), unique_email(), unique_email()
         register(client, victim)
@@ -144,8 +162,13 @@ def test_a_login_flood_queues_then_sheds_and_keeps_memory_and_the_pool(api_env: 
 
     import psutil
 
-    env = {**api_env, "PASSWORD_HASH_CONCURRENCY": "2", "PASSWORD_HASH_QUEUE": "8", "DB_POOL_SIZE": "2",
-           "DB_MAX_OVERFLOW": "0"}
+    env = {
+        **api_env,
+        "PASSWORD_HASH_CONCURRENCY": "2",
+        "PASSWORD_HASH_QUEUE": "8",
+        "DB_POOL_SIZE": "2",
+        "DB_MAX_OVERFLOW": "0",
+    }
     with ApiProcess(env, tmp_path / "api.log") as api:
         email = unique_email()
         with httpx.Client(base_url=api.url, timeout=20) as client:
@@ -165,9 +188,12 @@ def test_a_login_flood_queues_then_sheds_and_keeps_memory_and_the_pool(api_env: 
         async def flood() -> list[httpx.Response]:
             limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
             async with httpx.AsyncClient(base_url=api.url, timeout=60, limits=limits) as http:
-                return await asyncio.gather(*(http.post("/api/v1/auth/login",
-                                                        data={"username": email, "password": "Wrong_Passw0rd!"})
-                                              for _ in range(200)))
+                return await asyncio.gather(
+                    *(
+                        http.post("/api/v1/auth/login", data={"username": email, "password": "Wrong_Passw0rd!"})
+                        for _ in range(200)
+                    )
+                )
 
         responses = asyncio.run(flood())
         flooding.set()
@@ -178,11 +204,14 @@ def test_a_login_flood_queues_then_sheds_and_keeps_memory_and_the_pool(api_env: 
     assert statuses.count(401) >= 10, statuses.count(401)  # 2 running + 8 waiting, at the least
     assert busy, "200 at once must overflow a queue of 8"
     from collections import Counter
+
     details = Counter(r.json()["detail"] for r in busy)
     assert set(details) == {"Server busy checking passwords; retry shortly"}, details
     for response in busy:
         assert response.headers["retry-after"] == "1"
     grown = (peak[0] - baseline) / 2**20
-    print(f"\nlogin flood: {statuses.count(401)} checked (401), {len(busy)} shed (503 busy); "
-          f"the worker grew by {grown:.0f} MiB at its peak")
+    print(
+        f"\nlogin flood: {statuses.count(401)} checked (401), {len(busy)} shed (503 busy); "
+        f"the worker grew by {grown:.0f} MiB at its peak"
+    )
     assert grown < 2 * 64 + 96, f"the worker grew by {grown:.0f} MiB under the flood"

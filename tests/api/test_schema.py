@@ -12,8 +12,13 @@ from morgana.api.models import Base
 
 
 def test_migrations_produce_exactly_the_models_schema(api_env: dict) -> None:
-    url = ApiSettings(_env_file=None, database_url=api_env["DATABASE_URL"], environment="development",
-                      jwt_secret_key="x", openai_api_key="x").sqlalchemy_url
+    url = ApiSettings(
+        _env_file=None,
+        database_url=api_env["DATABASE_URL"],
+        environment="development",
+        jwt_secret_key="x",
+        openai_api_key="x",
+    ).sqlalchemy_url
 
     async def diff() -> list:
         engine = create_async_engine(url)
@@ -31,13 +36,20 @@ def test_openapi_documents_every_endpoint_with_examples(client: httpx.Client) ->
     spec = client.get("/openapi.json").json()
     paths = spec["paths"]
     expected = {
-        ("/health", "get"), ("/ready", "get"),
-        ("/api/v1/auth/register", "post"), ("/api/v1/auth/login", "post"),
-        ("/api/v1/auth/logout", "post"), ("/api/v1/auth/password", "post"),
-        ("/api/v1/auth/session", "post"), ("/api/v1/auth/sessions", "get"),
-        ("/api/v1/auth/sessions/{session_id}", "patch"), ("/api/v1/auth/sessions/{session_id}", "delete"),
-        ("/api/v1/chatbot/chat/stream", "post"), ("/api/v1/chatbot/chat", "post"),
-        ("/api/v1/chatbot/messages", "get"), ("/api/v1/chatbot/messages", "delete"),
+        ("/health", "get"),
+        ("/ready", "get"),
+        ("/api/v1/auth/register", "post"),
+        ("/api/v1/auth/login", "post"),
+        ("/api/v1/auth/logout", "post"),
+        ("/api/v1/auth/password", "post"),
+        ("/api/v1/auth/session", "post"),
+        ("/api/v1/auth/sessions", "get"),
+        ("/api/v1/auth/sessions/{session_id}", "patch"),
+        ("/api/v1/auth/sessions/{session_id}", "delete"),
+        ("/api/v1/chatbot/chat/stream", "post"),
+        ("/api/v1/chatbot/chat", "post"),
+        ("/api/v1/chatbot/messages", "get"),
+        ("/api/v1/chatbot/messages", "delete"),
         ("/api/v1/livekit/token", "post"),
     }
     assert {(p, m) for p, ops in paths.items() for m in ops} == expected
@@ -45,8 +57,14 @@ def test_openapi_documents_every_endpoint_with_examples(client: httpx.Client) ->
     assert "text/event-stream" in stream["responses"]["200"]["content"]
     assert {"401", "403", "422", "429", "503"} <= set(stream["responses"])
     schemas = spec["components"]["schemas"]
-    for name in ("RegisterRequest", "PasswordChange", "UserResponse", "SessionResponse", "ChatRequest",
-                 "LiveKitTokenResponse"):
+    for name in (
+        "RegisterRequest",
+        "PasswordChange",
+        "UserResponse",
+        "SessionResponse",
+        "ChatRequest",
+        "LiveKitTokenResponse",
+    ):
         assert schemas[name].get("examples"), name
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
     docs = client.get("/docs")

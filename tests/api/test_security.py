@@ -33,8 +33,9 @@ def test_passwords_are_hashed_with_argon2id_and_verified() -> None:
 def test_unknown_accounts_cost_one_password_check_too(monkeypatch: pytest.MonkeyPatch) -> None:
     checks: list[str] = []
     real_verify = security._passwords.verify
-    monkeypatch.setattr(security._passwords, "verify",
-                        lambda secret, hashed: checks.append(hashed) or real_verify(secret, hashed))
+    monkeypatch.setattr(
+        security._passwords, "verify", lambda secret, hashed: checks.append(hashed) or real_verify(secret, hashed)
+    )
     assert verify_password("whatever-Pass1!", None) is False
     assert checks == [security._DUMMY_HASH]
 
@@ -44,8 +45,7 @@ def test_user_and_session_tokens_carry_their_kind() -> None:
     user = decode_token(SETTINGS, issue_user_token(SETTINGS, 7, 3).access_token)
     session = decode_token(SETTINGS, issue_session_token(SETTINGS, 7, session_id, 3).access_token)
     assert (user.type, user.user_id, user.session_id, user.version) == (TokenType.USER, 7, None, 3)
-    assert (session.type, session.user_id, session.session_id, session.version) == (
-        TokenType.SESSION, 7, session_id, 3)
+    assert (session.type, session.user_id, session.session_id, session.version) == (TokenType.SESSION, 7, session_id, 3)
 
 
 def test_tokens_signed_with_another_algorithm_are_refused() -> None:
@@ -70,8 +70,14 @@ def test_login_path_checks_a_password_even_for_unknown_emails(monkeypatch: pytes
         async def __aexit__(self, *_: object) -> None:
             return None
 
-    result = asyncio.run(users.authenticate(NoUsers, PasswordHasher(1, 0),  # type: ignore[arg-type]
-                                            "nobody@example.com", "Pass_word1"))
+    result = asyncio.run(
+        users.authenticate(
+            NoUsers,
+            PasswordHasher(1, 0),  # type: ignore[arg-type]
+            "nobody@example.com",
+            "Pass_word1",
+        )
+    )
     assert result is None
     assert calls == [None]  # verify_password(…, None) burns one argon2 check
 

@@ -7,14 +7,13 @@
 - `agent_metrics_text`: the real voice worker (the session fixtures of tests/conftest.py) on a
   real LiveKit server, scraped on its METRICS_PORT during and after a call with a failed turn
   (apology) and an answered one.
-- `controller_metrics_text`: the controller's registry (morgana.controller.metrics), every
+- `controller_metrics_text`: the controller's registry (morgana_controller.metrics), every
   labelled metric touched once.
 """
 
 import asyncio
 import os
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,9 +22,10 @@ import prometheus_client
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
-from morgana.devtools.openai_server import FakeOpenAIProcess
-from morgana.devtools.processes import AgentWorker, ApiProcess
-from morgana.devtools.voice_client import Caller, speech_pcm, wait_for
+from morgana_devtools.openai_server import FakeOpenAIProcess
+from morgana_devtools.processes import AgentWorker, ApiProcess
+from morgana_devtools.services import eventually, eventually_async
+from morgana_devtools.voice_client import Caller, speech_pcm
 from tests.api.sse import stream_chat
 from tests.conftest import (
     OPENAI_KEY,
@@ -45,13 +45,12 @@ def _scrape(url: str) -> str:
 
 def _settled_api_metrics(http: httpx.Client) -> str:
     """/metrics once the last request's metrics are recorded (just after its response)."""
-    deadline = time.monotonic() + 5
-    text = http.get("/metrics").text
-    while 'handler="/api/v1/chatbot/messages",method="GET",status="200"' not in text \
-            and time.monotonic() < deadline:
-        time.sleep(0.05)
+
+    def recorded() -> str:
         text = http.get("/metrics").text
-    return text
+        return text if 'handler="/api/v1/chatbot/messages",method="GET",status="200"' in text else ""
+
+    return eventually(recorded, 5, interval=0.05, what="the last request's metrics")
 
 
 def _api_traffic(http: httpx.Client, fake_openai: FakeOpenAIProcess) -> None:
@@ -65,8 +64,9 @@ def _api_traffic(http: httpx.Client, fake_openai: FakeOpenAIProcess) -> None:
     fake_openai.queue_scenario(status=503)
     failed = stream_chat(http, token, "this one fails upstream")
     assert failed.last.get("error"), failed.events
-    reply = http.post("/api/v1/chatbot/chat", headers=bearer(token),
-                      json={"messages": [{"role": "user", "content": "and as JSON"}]})
+    reply = http.post(
+        "/api/v1/chatbot/chat", headers=bearer(token), json={"messages": [{"role": "user", "content": "and as JSON"}]}
+    )
     assert reply.status_code == 200, reply.text
     assert http.get("/api/v1/chatbot/messages").status_code == 401
     assert http.get("/api/v1/no-such-route").status_code == 404
@@ -86,8 +86,9 @@ def api_metrics_text(api: ApiProcess, fake_openai: FakeOpenAIProcess) -> str:
 
 
 @pytest.fixture(scope="session")
-def api_gunicorn_metrics_text(api_env: dict, fake_openai: FakeOpenAIProcess,
-                              tmp_path_factory: pytest.TempPathFactory) -> str:
+def api_gunicorn_metrics_text(
+    api_env: dict, fake_openai: FakeOpenAIProcess, tmp_path_factory: pytest.TempPathFactory
+) -> str:
     """The API as the image runs it: gunicorn, two workers summed through PROMETHEUS_MULTIPROC_DIR.
 
     Only series with a sample appear there, so the same traffic plus 429s from a tight login
@@ -95,17 +96,25 @@ def api_gunicorn_metrics_text(api_env: dict, fake_openai: FakeOpenAIProcess,
     """
     logs = tmp_path_factory.mktemp("dashboards-api")
     env = {key: value for key, value in api_env.items() if key != "REDIS_URL"}
-    env.update(PROMETHEUS_MULTIPROC_DIR=str(logs / "prom"), RATE_LIMIT_LOGIN="1/minute",
-               # gunicorn is a console script of this environment (on PATH under `uv run`).
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    env.update(
+        PROMETHEUS_MULTIPROC_DIR=str(logs / "prom"),
+        RATE_LIMIT_LOGIN="1/minute",
+        # gunicorn is a console script of this environment (on PATH under `uv run`).
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    )
     try:
-        with ApiProcess(env, logs / "api.log", workers=2) as process, \
-                httpx.Client(base_url=process.url, timeout=30) as http:
+        with (
+            ApiProcess(env, logs / "api.log", workers=2) as process,
+            httpx.Client(base_url=process.url, timeout=30) as http,
+        ):
             _api_traffic(http, fake_openai)
             # One login per worker is allowed a minute: at least 4 of these 6 are refused.
-            statuses = [http.post("/api/v1/auth/login",
-                                  data={"username": unique_email(), "password": "Wrong_Passw0rd!"}).status_code
-                        for _ in range(6)]
+            statuses = [
+                http.post(
+                    "/api/v1/auth/login", data={"username": unique_email(), "password": "Wrong_Passw0rd!"}
+                ).status_code
+                for _ in range(6)
+            ]
             assert statuses.count(429) >= 4, statuses
             return _settled_api_metrics(http)
     finally:
@@ -113,8 +122,7 @@ def api_gunicorn_metrics_text(api_env: dict, fake_openai: FakeOpenAIProcess,
 
 
 @pytest.fixture(scope="session")
-def agent_metrics_text(voice_api: ApiProcess, agent_worker: AgentWorker,  # noqa: F811
-                       fake_openai: FakeOpenAIProcess) -> str:
+def agent_metrics_text(voice_api: ApiProcess, agent_worker: AgentWorker, fake_openai: FakeOpenAIProcess) -> str:
     """The worker's /metrics during a call (live gauges) and after it (histograms, counters).
 
     The first turn fails upstream twice (the try and its one retry: an apology and
@@ -132,12 +140,20 @@ def agent_metrics_text(voice_api: ApiProcess, agent_worker: AgentWorker,  # noqa
         caller = Caller(voice_api.url)
         await caller.join()
         try:
-            assert await wait_for(lambda: len(caller.room.remote_participants) > 0, 30), agent_worker.log_tail()
+            await eventually_async(
+                lambda: len(caller.room.remote_participants) > 0,
+                30,
+                what=lambda: f"an agent in the room\n{agent_worker.log_tail()}",
+            )
             await caller.silence(1.0)
             await caller.say(utterance)
-            assert await wait_for(lambda: len(caller.agent_texts()) >= 1, 30), agent_worker.log_tail()
+            await eventually_async(
+                lambda: len(caller.agent_texts()) >= 1, 30, what=lambda: f"the first reply\n{agent_worker.log_tail()}"
+            )
             await caller.say(utterance)
-            assert await wait_for(lambda: len(caller.agent_texts()) >= 2, 30), agent_worker.log_tail()
+            await eventually_async(
+                lambda: len(caller.agent_texts()) >= 2, 30, what=lambda: f"the second reply\n{agent_worker.log_tail()}"
+            )
             await caller.silence(1.0)
             scrapes.append(await asyncio.to_thread(_scrape, metrics_url))
         finally:
@@ -149,17 +165,23 @@ def agent_metrics_text(voice_api: ApiProcess, agent_worker: AgentWorker,  # noqa
     finally:
         fake_openai.reset()
     assert caller.agent_texts()[-1] == "You said: Second try", caller.agent_texts()
-    # And once the call's process has recorded its last turn and the call has ended.
-    time.sleep(2)
-    scrapes.append(_scrape(metrics_url))
+    # And once the call has ended (its process has recorded its last turn by then).
+    scrapes.append(
+        eventually(
+            lambda: "morgana_agent_active_calls 0.0" in (text := _scrape(metrics_url)) and text,
+            10,
+            interval=0.2,
+            what="the call's end in the worker's /metrics",
+        )
+    )
     return "\n".join(scrapes)
 
 
 def _controller_metrics() -> list[MetricWrapperBase]:
-    from morgana.controller import metrics as module
+    from morgana_controller import metrics as module
 
     found = [value for value in vars(module).values() if isinstance(value, MetricWrapperBase)]
-    assert found, "morgana.controller.metrics defines no prometheus_client metrics"
+    assert found, "morgana_controller.metrics defines no prometheus_client metrics"
     return found
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from morgana.devtools.kube_apiserver import KUBERNETES_VERSION, ensure_binaries
+from morgana_devtools.kube_apiserver import KUBERNETES_VERSION, ensure_binaries
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "morgana"
@@ -23,8 +23,9 @@ def helm_binary() -> Path:
     return ensure_binaries()["helm"]
 
 
-def helm(*args: str | Path, kubeconfig: Path | None = None, check: bool = True,
-         timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def helm(
+    *args: str | Path, kubeconfig: Path | None = None, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     command = [str(helm_binary()), *map(str, args)]
     if kubeconfig:
         command += ["--kubeconfig", str(kubeconfig)]
@@ -43,12 +44,28 @@ def value_args(values: Iterable[Path] = (), sets: Iterable[str] = ()) -> list[st
     return args
 
 
-def template(values: Iterable[Path] = (DEFAULT_VALUES,), sets: Iterable[str] = (), *,
-             release: str = "morgana", namespace: str = "voice", check: bool = True,
-             extra: Iterable[str] = ()) -> subprocess.CompletedProcess[str]:
+def template(
+    values: Iterable[Path] = (DEFAULT_VALUES,),
+    sets: Iterable[str] = (),
+    *,
+    release: str = "morgana",
+    namespace: str = "voice",
+    check: bool = True,
+    extra: Iterable[str] = (),
+) -> subprocess.CompletedProcess[str]:
     """`helm template` as the API server version the tests run (what `helm install` would see)."""
-    return helm("template", release, CHART, "--namespace", namespace,
-                "--kube-version", KUBERNETES_VERSION, *value_args(values, sets), *extra, check=check)
+    return helm(
+        "template",
+        release,
+        CHART,
+        "--namespace",
+        namespace,
+        "--kube-version",
+        KUBERNETES_VERSION,
+        *value_args(values, sets),
+        *extra,
+        check=check,
+    )
 
 
 def render(values: Iterable[Path] = (DEFAULT_VALUES,), sets: Iterable[str] = (), **kwargs) -> list[dict]:
@@ -76,7 +93,8 @@ def secret_values(objects: list[dict], extra: dict[str, dict[str, str]] | None =
     """{secret name: {key: decoded value}} for the rendered Secrets plus `extra` ones."""
     secrets = {
         o["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in (o.get("data") or {}).items()}
-        for o in objects if o["kind"] == "Secret"
+        for o in objects
+        if o["kind"] == "Secret"
     }
     return secrets | (extra or {})
 
@@ -94,8 +112,12 @@ def env_names(container: dict, objects: list[dict]) -> set[str]:
     return names
 
 
-def resolve_env(container: dict, objects: list[dict], fields: dict[str, str] | None = None,
-                extra_secrets: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
+def resolve_env(
+    container: dict,
+    objects: list[dict],
+    fields: dict[str, str] | None = None,
+    extra_secrets: dict[str, dict[str, str]] | None = None,
+) -> dict[str, str]:
     """A container's environment as the kubelet builds it: envFrom ConfigMaps, then env entries
     (secretKeyRef, fieldRef, $(VAR) expansion of earlier entries), from the rendered objects."""
     secrets = secret_values(objects, extra_secrets)

@@ -21,8 +21,8 @@ import httpx
 import pytest
 import yaml
 
-from morgana.devtools.kube_apiserver import KubeApiServer, servicemonitor_crd
-from morgana.devtools.services import eventually
+from morgana_devtools.kube_apiserver import KubeApiServer, servicemonitor_crd
+from morgana_devtools.services import eventually
 from tests.chart.helm import CHART, DEFAULT_VALUES, helm
 
 NAMESPACE = "voice"
@@ -31,7 +31,9 @@ MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
 
 
 def ok(response: httpx.Response) -> dict:
-    assert response.is_success, f"{response.request.method} {response.request.url}: {response.status_code} {response.text}"
+    assert response.is_success, (
+        f"{response.request.method} {response.request.url}: {response.status_code} {response.text}"
+    )
     return response.json()
 
 
@@ -58,12 +60,24 @@ class HookRunner(threading.Thread):
             if "helm.sh/hook" not in meta.get("annotations", {}) or job.get("status", {}).get("conditions"):
                 continue
             now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            condition = {"status": "True", "lastProbeTime": now, "lastTransitionTime": now,
-                         "reason": "CompletionsReached", "message": "Reached expected number of succeeded pods"}
-            status = {"startTime": now, "completionTime": now, "succeeded": 1, "conditions": [
-                {"type": "SuccessCriteriaMet", **condition}, {"type": "Complete", **condition}]}
-            self.client.patch(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{meta['name']}/status",
-                              json={"status": status}, headers=MERGE_PATCH)
+            condition = {
+                "status": "True",
+                "lastProbeTime": now,
+                "lastTransitionTime": now,
+                "reason": "CompletionsReached",
+                "message": "Reached expected number of succeeded pods",
+            }
+            status = {
+                "startTime": now,
+                "completionTime": now,
+                "succeeded": 1,
+                "conditions": [{"type": "SuccessCriteriaMet", **condition}, {"type": "Complete", **condition}],
+            }
+            self.client.patch(
+                f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{meta['name']}/status",
+                json={"status": status},
+                headers=MERGE_PATCH,
+            )
             self.completed.append(f"job/{meta['name']}")
 
     def _succeed_test_pods(self) -> None:
@@ -71,8 +85,11 @@ class HookRunner(threading.Thread):
             meta = pod["metadata"]
             if meta.get("annotations", {}).get("helm.sh/hook") != "test" or pod["status"].get("phase") != "Pending":
                 continue
-            self.client.patch(f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status",
-                              json={"status": {"phase": "Succeeded"}}, headers=MERGE_PATCH)
+            self.client.patch(
+                f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status",
+                json={"status": {"phase": "Succeeded"}},
+                headers=MERGE_PATCH,
+            )
             self.completed.append(f"pod/{meta['name']}")
 
 
@@ -84,8 +101,12 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeApiServer]:
 
 @pytest.fixture(scope="module")
 def client(kube: KubeApiServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=kube.url, headers={"Authorization": f"Bearer {kube.token}"},
-                      verify=ssl.create_default_context(cafile=kube.ca_file), timeout=30) as c:
+    with httpx.Client(
+        base_url=kube.url,
+        headers={"Authorization": f"Bearer {kube.token}"},
+        verify=ssl.create_default_context(cafile=kube.ca_file),
+        timeout=30,
+    ) as c:
         yield c
 
 
@@ -109,8 +130,20 @@ def release(kube: KubeApiServer, client: httpx.Client, hooks: HookRunner) -> str
     ok(client.post("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", json=crd))
     eventually(lambda: established(client, crd["metadata"]["name"]), 30, what="the ServiceMonitor CRD")
     create_namespace(client, NAMESPACE)
-    helm("install", RELEASE, CHART, "--namespace", NAMESPACE, "-f", DEFAULT_VALUES,
-         "--set", "metrics.serviceMonitor.enabled=true", "--timeout", "2m", kubeconfig=kube.kubeconfig)
+    helm(
+        "install",
+        RELEASE,
+        CHART,
+        "--namespace",
+        NAMESPACE,
+        "-f",
+        DEFAULT_VALUES,
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--timeout",
+        "2m",
+        kubeconfig=kube.kubeconfig,
+    )
     return RELEASE
 
 
@@ -131,10 +164,15 @@ def names(client: httpx.Client, path: str) -> set[str]:
 def test_install_creates_every_component(release: str, client: httpx.Client) -> None:
     ns = f"/namespaces/{NAMESPACE}"
     assert names(client, f"/apis/apps/v1{ns}/deployments") == {"morgana-api", "morgana-agent", "morgana-controller"}
-    assert {"morgana-api", "morgana-agent-metrics", "morgana-controller-metrics"} <= names(client, f"/api/v1{ns}/services")
+    assert {"morgana-api", "morgana-agent-metrics", "morgana-controller-metrics"} <= names(
+        client, f"/api/v1{ns}/services"
+    )
     assert names(client, f"/apis/policy/v1{ns}/poddisruptionbudgets") == {"morgana-api", "morgana-agent"}
     assert names(client, f"/apis/monitoring.coreos.com/v1{ns}/servicemonitors") == {
-        "morgana-api", "morgana-agent", "morgana-controller"}
+        "morgana-api",
+        "morgana-agent",
+        "morgana-controller",
+    }
     dashboards = get(client, f"/api/v1{ns}/configmaps?labelSelector=grafana_dashboard%3D1")["items"]
     assert len(dashboards) == len(list((CHART / "dashboards").glob("*.json")))
     assert {"morgana-api", "morgana-agent"} <= names(client, f"/api/v1{ns}/configmaps")
@@ -159,8 +197,12 @@ def test_crd_is_established_and_the_autoscaler_accepted(release: str, client: ht
 
 def test_the_api_server_enforces_the_crd_schema(release: str, client: httpx.Client) -> None:
     bad = get(client, f"/apis/morgana.dev/v1alpha1/namespaces/{NAMESPACE}/agentautoscalers/morgana-agent")
-    bad = {"apiVersion": bad["apiVersion"], "kind": bad["kind"], "metadata": {"name": "broken"},
-           "spec": {**bad["spec"], "minReplicas": 5, "maxReplicas": 2}}
+    bad = {
+        "apiVersion": bad["apiVersion"],
+        "kind": bad["kind"],
+        "metadata": {"name": "broken"},
+        "spec": {**bad["spec"], "minReplicas": 5, "maxReplicas": 2},
+    }
     response = client.post(f"/apis/morgana.dev/v1alpha1/namespaces/{NAMESPACE}/agentautoscalers", json=bad)
     assert response.status_code == 422, response.text
 
@@ -189,15 +231,31 @@ def test_controller_manager_creates_pods_from_the_deployments(release: str, clie
         assert pod["spec"]["automountServiceAccountToken"] is False
 
 
-def can(client: httpx.Client, service_account: str, verb: str, resource: str, *, group: str = "",
-        subresource: str = "", name: str = "", namespace: str = NAMESPACE) -> bool:
+def can(
+    client: httpx.Client,
+    service_account: str,
+    verb: str,
+    resource: str,
+    *,
+    group: str = "",
+    subresource: str = "",
+    name: str = "",
+    namespace: str = NAMESPACE,
+) -> bool:
     review = {
-        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SubjectAccessReview",
         "spec": {
             "user": f"system:serviceaccount:{NAMESPACE}:{service_account}",
             "groups": ["system:serviceaccounts", f"system:serviceaccounts:{NAMESPACE}", "system:authenticated"],
-            "resourceAttributes": {"namespace": namespace, "verb": verb, "group": group, "resource": resource,
-                                   "subresource": subresource, "name": name},
+            "resourceAttributes": {
+                "namespace": namespace,
+                "verb": verb,
+                "group": group,
+                "resource": resource,
+                "subresource": subresource,
+                "name": name,
+            },
         },
     }
     return ok(client.post("/apis/authorization.k8s.io/v1/subjectaccessreviews", json=review))["status"]["allowed"]
@@ -229,7 +287,9 @@ def test_agent_may_only_annotate_pods(release: str, client: httpx.Client) -> Non
     assert not can(client, "morgana-agent", "get", "pods")
     assert not can(client, "morgana-agent", "list", "pods")
     assert not can(client, "morgana-agent", "delete", "pods")
-    policy = get(client, "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies/voice-morgana-agent-pod-cost")
+    policy = get(
+        client, "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies/voice-morgana-agent-pod-cost"
+    )
     assert "system:serviceaccount:voice:morgana-agent" in policy["spec"]["matchConditions"][0]["expression"]
     assert not can(client, "morgana-agent", "get", "secrets", name="morgana")
     assert not can(client, "morgana-api", "get", "pods")
@@ -244,9 +304,24 @@ def test_upgrade_reruns_migrations_and_keeps_the_controllers_replicas(
     # What the autoscaler does: scale the workers through the scale subresource.
     ok(client.patch(f"{deployments}/morgana-agent/scale", json={"spec": {"replicas": 5}}, headers=MERGE_PATCH))
 
-    helm("upgrade", RELEASE, CHART, "--namespace", NAMESPACE, "-f", DEFAULT_VALUES,
-         "--set", "metrics.serviceMonitor.enabled=true", "--set", "api.replicaCount=3",
-         "--set", "logLevel=DEBUG", "--timeout", "2m", kubeconfig=kube.kubeconfig)
+    helm(
+        "upgrade",
+        RELEASE,
+        CHART,
+        "--namespace",
+        NAMESPACE,
+        "-f",
+        DEFAULT_VALUES,
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "api.replicaCount=3",
+        "--set",
+        "logLevel=DEBUG",
+        "--timeout",
+        "2m",
+        kubeconfig=kube.kubeconfig,
+    )
 
     assert get(client, f"{deployments}/morgana-agent")["spec"]["replicas"] == 5
     assert get(client, f"{deployments}/morgana-api")["spec"]["replicas"] == 3
@@ -258,16 +333,18 @@ def test_upgrade_reruns_migrations_and_keeps_the_controllers_replicas(
     assert [h["status"] for h in yaml.safe_load(history.stdout)] == ["superseded", "deployed"]
 
 
-def test_helm_test_runs_the_health_check_pod(release: str, kube: KubeApiServer, client: httpx.Client,
-                                             hooks: HookRunner) -> None:
+def test_helm_test_runs_the_health_check_pod(
+    release: str, kube: KubeApiServer, client: httpx.Client, hooks: HookRunner
+) -> None:
     result = helm("test", RELEASE, "--namespace", NAMESPACE, "--timeout", "1m", kubeconfig=kube.kubeconfig)
     assert "morgana-test-api-health" in result.stdout and "Succeeded" in result.stdout
     pod = get(client, f"/api/v1/namespaces/{NAMESPACE}/pods/morgana-test-api-health")
     assert pod["spec"]["containers"][0]["env"][0] == {"name": "MORGANA_URL", "value": "http://morgana-api:8000"}
 
 
-def test_uninstall_removes_the_release_but_keeps_the_crd(release: str, kube: KubeApiServer,
-                                                          client: httpx.Client) -> None:
+def test_uninstall_removes_the_release_but_keeps_the_crd(
+    release: str, kube: KubeApiServer, client: httpx.Client
+) -> None:
     helm("uninstall", RELEASE, "--namespace", NAMESPACE, "--wait", "--timeout", "1m", kubeconfig=kube.kubeconfig)
     ns = f"/namespaces/{NAMESPACE}"
     assert names(client, f"/apis/apps/v1{ns}/deployments") == set()
@@ -279,8 +356,9 @@ def test_uninstall_removes_the_release_but_keeps_the_crd(release: str, kube: Kub
     assert established(client, "agentautoscalers.morgana.dev")
 
 
-def test_production_values_install_with_existing_secrets(kube: KubeApiServer, client: httpx.Client,
-                                                         hooks: HookRunner, release: str) -> None:
+def test_production_values_install_with_existing_secrets(
+    kube: KubeApiServer, client: httpx.Client, hooks: HookRunner, release: str
+) -> None:
     """Ingress, HPA, ServiceMonitors and every credential from Secrets the operator made."""
     namespace = "prod"
     create_namespace(client, namespace)
@@ -292,11 +370,25 @@ def test_production_values_install_with_existing_secrets(kube: KubeApiServer, cl
         "morgana-auth": {"jwt-secret": "j" * 64},
         "morgana-agent-user": {"agent-password": "Agent_Passw0rd_prod"},
     }.items():
-        ok(client.post(f"/api/v1/namespaces/{namespace}/secrets", json={
-            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data}))
+        ok(
+            client.post(
+                f"/api/v1/namespaces/{namespace}/secrets",
+                json={"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data},
+            )
+        )
     create_namespace(client, "monitoring")
-    helm("install", "morgana", CHART, "--namespace", namespace, "-f", CHART / "ci" / "production-values.yaml",
-         "--timeout", "2m", kubeconfig=kube.kubeconfig)
+    helm(
+        "install",
+        "morgana",
+        CHART,
+        "--namespace",
+        namespace,
+        "-f",
+        CHART / "ci" / "production-values.yaml",
+        "--timeout",
+        "2m",
+        kubeconfig=kube.kubeconfig,
+    )
     assert names(client, f"/apis/networking.k8s.io/v1/namespaces/{namespace}/ingresses") == {"morgana-api"}
     assert names(client, f"/apis/autoscaling/v2/namespaces/{namespace}/horizontalpodautoscalers") == {"morgana-api"}
     assert client.get(f"/api/v1/namespaces/{namespace}/secrets/morgana").status_code == 404

@@ -61,9 +61,11 @@ def referenced_variables(text: str) -> set[str]:
 
 def substitute(text: str) -> str:
     """Grafana's variables replaced by values that keep the PromQL valid."""
+
     def value(match: re.Match) -> str:
         name = next(group for group in match.groups() if group)
         return DURATION_VARIABLES.get(name, "grafana-variable")
+
     return VARIABLE.sub(value, text)
 
 
@@ -100,6 +102,7 @@ def _metrics_below(expr: promql_parser.Expr) -> set[str]:
     def visit(node: promql_parser.Expr) -> None:
         if isinstance(node, promql_parser.VectorSelector):
             found.add(_selector_name(node))
+
     promql_parser.walk(expr, visit)
     return found
 
@@ -114,14 +117,19 @@ def analyse(expr_text: str) -> Usage:
             name = _selector_name(node)
             usage.metrics.add(name)
             usage.matcher_labels.setdefault(name, set()).update(
-                m.name for m in node.matchers.matchers if m.name != "__name__")
-        elif isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None \
-                and node.modifier.type == promql_parser.AggModifierType.By:
+                m.name for m in node.matchers.matchers if m.name != "__name__"
+            )
+        elif (
+            isinstance(node, promql_parser.AggregateExpr)
+            and node.modifier is not None
+            and node.modifier.type == promql_parser.AggModifierType.By
+        ):
             labels = set(node.modifier.labels)
             usage.grouping.append((labels, _metrics_below(node.expr)))
             usage.by_labels |= labels
         elif isinstance(node, promql_parser.Call) and node.func.name == "label_replace":
             usage.produced_labels.add(node.args[1].val)
+
     promql_parser.walk(tree, visit)
     return usage
 
@@ -138,8 +146,13 @@ def queries(dashboard: dict) -> list[Query]:
     found = []
     for panel in query_panels(dashboard):
         for target in panel.get("targets", []):
-            found.append(Query(f"panel {panel['title']!r} target {target.get('refId')}", target.get("expr", ""),
-                               target.get("legendFormat")))
+            found.append(
+                Query(
+                    f"panel {panel['title']!r} target {target.get('refId')}",
+                    target.get("expr", ""),
+                    target.get("legendFormat"),
+                )
+            )
     for name, variable in variables(dashboard).items():
         if variable["type"] != "query":
             continue
@@ -155,7 +168,7 @@ def dashboard_usage(dashboard: dict) -> Usage:
     usage = Usage()
     for query in queries(dashboard):
         usage.merge(analyse(query.expr))
-    for name, variable in variables(dashboard).items():
+    for variable in variables(dashboard).values():
         if variable["type"] == "query":
             match = LABEL_VALUES.match(variable_query(variable))
             metric = _metrics_below(promql_parser.parse(substitute(match["selector"])))
@@ -221,8 +234,9 @@ def test_dashboard_model(name: str) -> None:
             legend = panel["options"]["legend"]
             assert legend["showLegend"] and legend["displayMode"] in {"table", "list"}, where
             for target in targets:
-                assert target.get("legendFormat") not in (None, "", "__auto"), \
+                assert target.get("legendFormat") not in (None, "", "__auto"), (
                     f"{where} target {target['refId']}: name the series"
+                )
 
 
 @pytest.mark.parametrize("name", DASHBOARD_FILES)
@@ -258,16 +272,22 @@ def test_every_expression_is_valid_promql_with_defined_variables(name: str) -> N
 
 def test_variable_substitution_and_metric_collection() -> None:
     """The helpers themselves: variables become valid PromQL and nested selectors are all found."""
-    usage = analyse('histogram_quantile(0.9, sum by (le, handler) (rate(a_bucket{job=~"$job", x="${x:regex}"}'
-                    '[$__rate_interval]))) / on() group_left sum(increase(b_total{y="[[y]]"}[$__range]))'
-                    ' or label_replace(vector(0), "code", "llm_$1", "reason", "(.*)")')
+    usage = analyse(
+        'histogram_quantile(0.9, sum by (le, handler) (rate(a_bucket{job=~"$job", x="${x:regex}"}'
+        '[$__rate_interval]))) / on() group_left sum(increase(b_total{y="[[y]]"}[$__range]))'
+        ' or label_replace(vector(0), "code", "llm_$1", "reason", "(.*)")'
+    )
     assert usage.metrics == {"a_bucket", "b_total"}
     assert usage.matcher_labels["a_bucket"] == {"job", "x"}
     assert usage.by_labels == {"le", "handler"}
     assert usage.produced_labels == {"code"}
-    assert referenced_variables("rate(x{a=~\"$a\", b=\"${b:pipe}\"}[$__rate_interval]) [[c]] $1") == \
-        {"a", "b", "__rate_interval", "c"}
-    with pytest.raises(Exception):
+    assert referenced_variables('rate(x{a=~"$a", b="${b:pipe}"}[$__rate_interval]) [[c]] $1') == {
+        "a",
+        "b",
+        "__rate_interval",
+        "c",
+    }
+    with pytest.raises(ValueError):
         analyse("sum(rate(x_total[5m])")
 
 
@@ -275,8 +295,12 @@ def test_variable_substitution_and_metric_collection() -> None:
 def exposed(*texts: str) -> dict[str, set[str] | None]:
     """Exposed sample names -> their label names (None: a family declared without samples yet)."""
     names: dict[str, set[str] | None] = {}
-    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"],
-                "summary": ["_sum", "_count"], "gauge": [""]}
+    suffixes = {
+        "counter": ["_total"],
+        "histogram": ["_bucket", "_sum", "_count"],
+        "summary": ["_sum", "_count"],
+        "gauge": [""],
+    }
     for text in texts:
         for family in text_string_to_metric_families(text):
             for suffix in suffixes.get(family.type, []):
@@ -327,11 +351,13 @@ def test_dashboard_names_only_metrics_the_processes_expose(name: str, request: p
 
 
 def test_autoscaler_dashboard_names_controller_metrics(controller_metrics_text: str) -> None:
-    used = assert_dashboard_uses_only("morgana-autoscaler.json", exposed(controller_metrics_text),
-                                      "the controller")
+    used = assert_dashboard_uses_only("morgana-autoscaler.json", exposed(controller_metrics_text), "the controller")
     assert used == dashboard_usage(load("morgana-autoscaler.json")).metrics
     # Every metric the controller declares has a panel.
-    declared = {family.name for family in text_string_to_metric_families(controller_metrics_text)
-                if family.name.startswith("morgana_controller_") and not family.name.endswith("_created")}
+    declared = {
+        family.name
+        for family in text_string_to_metric_families(controller_metrics_text)
+        if family.name.startswith("morgana_controller_") and not family.name.endswith("_created")
+    }
     shown = {re.sub(r"_(bucket|sum|count|total)$", "", metric) for metric in used}
     assert declared and declared <= shown, sorted(declared - shown)

@@ -1,12 +1,13 @@
 """The scaling policy on its own: examples, then properties over arbitrary load histories."""
 
 import math
+from itertools import pairwise
 
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from morgana.controller.policy import (
+from morgana_controller.policy import (
     Direction,
     PolicyParams,
     ScalePolicy,
@@ -14,8 +15,9 @@ from morgana.controller.policy import (
     recommended_replicas,
 )
 
-PARAMS = PolicyParams(rooms_per_worker=4, min_replicas=1, max_replicas=10, headroom=1,
-                      scale_down_stabilization_seconds=120)
+PARAMS = PolicyParams(
+    rooms_per_worker=4, min_replicas=1, max_replicas=10, headroom=1, scale_down_stabilization_seconds=120
+)
 
 
 def run(policy: ScalePolicy, params: PolicyParams, steps: list[tuple[float, int]], current: int) -> list:
@@ -30,11 +32,12 @@ def run(policy: ScalePolicy, params: PolicyParams, steps: list[tuple[float, int]
 
 # --- examples ---------------------------------------------------------------------------------
 
+
 def test_recommendation_is_rooms_plus_headroom_over_rooms_per_worker_within_bounds() -> None:
-    assert recommended_replicas(0, PARAMS) == 1       # headroom alone needs one worker
-    assert recommended_replicas(3, PARAMS) == 1       # 3 calls + 1 free slot fit in 4
-    assert recommended_replicas(4, PARAMS) == 2       # the 5th slot needs a second worker
-    assert recommended_replicas(200, PARAMS) == 10    # max bound
+    assert recommended_replicas(0, PARAMS) == 1  # headroom alone needs one worker
+    assert recommended_replicas(3, PARAMS) == 1  # 3 calls + 1 free slot fit in 4
+    assert recommended_replicas(4, PARAMS) == 2  # the 5th slot needs a second worker
+    assert recommended_replicas(200, PARAMS) == 10  # max bound
     assert recommended_replicas(0, PolicyParams(min_replicas=3)) == 3  # min bound
     assert recommended_replicas(0, PolicyParams(min_replicas=0, headroom=0)) == 0
     assert needed_replicas(9, 4) == 3
@@ -54,9 +57,9 @@ def test_scale_up_is_immediate_and_scale_down_waits_for_the_window() -> None:
 
 def test_scale_down_goes_only_to_the_highest_need_of_the_window() -> None:
     policy = ScalePolicy()
-    policy.decide(0.0, 20, current=1, params=PARAMS)            # 6 workers
-    policy.decide(60.0, 10, current=6, params=PARAMS)           # need 3, remembered
-    down = policy.decide(125.0, 0, current=6, params=PARAMS)    # the 6 has left the window, the 3 has not
+    policy.decide(0.0, 20, current=1, params=PARAMS)  # 6 workers
+    policy.decide(60.0, 10, current=6, params=PARAMS)  # need 3, remembered
+    down = policy.decide(125.0, 0, current=6, params=PARAMS)  # the 6 has left the window, the 3 has not
     assert down.desired == 3
     # ... and the next step down waits a full window after this one.
     assert policy.decide(185.0, 0, current=3, params=PARAMS).desired == 3
@@ -91,8 +94,9 @@ def test_holding_still_enforces_bounds() -> None:
 def test_bounds_changed_under_a_remembered_window_still_hold() -> None:
     policy = ScalePolicy()
     policy.decide(0.0, 36, current=1, params=PARAMS)  # 10 workers remembered
-    tighter = PolicyParams(rooms_per_worker=4, min_replicas=1, max_replicas=4, headroom=1,
-                           scale_down_stabilization_seconds=120)
+    tighter = PolicyParams(
+        rooms_per_worker=4, min_replicas=1, max_replicas=4, headroom=1, scale_down_stabilization_seconds=120
+    )
     assert policy.decide(5.0, 36, current=10, params=tighter).desired == 4
 
 
@@ -107,9 +111,16 @@ def test_invalid_params_are_refused() -> None:
 
 params_strategy = st.builds(
     lambda rpw, lo, span, headroom, window: PolicyParams(
-        rooms_per_worker=rpw, min_replicas=lo, max_replicas=max(lo + span, 1), headroom=headroom,
-        scale_down_stabilization_seconds=window),
-    rpw=st.integers(1, 8), lo=st.integers(0, 5), span=st.integers(0, 20), headroom=st.integers(0, 6),
+        rooms_per_worker=rpw,
+        min_replicas=lo,
+        max_replicas=max(lo + span, 1),
+        headroom=headroom,
+        scale_down_stabilization_seconds=window,
+    ),
+    rpw=st.integers(1, 8),
+    lo=st.integers(0, 5),
+    span=st.integers(0, 20),
+    headroom=st.integers(0, 6),
     window=st.sampled_from([0.0, 1.0, 10.0, 60.0, 120.0, 300.0]),
 )
 
@@ -155,11 +166,12 @@ def test_never_below_what_the_load_needs(params: PolicyParams, steps: list[tuple
 @settings(max_examples=300, deadline=None)
 @given(params=params_strategy, steps=load_histories(), start=st.integers(0, 40))
 def test_scale_downs_are_a_window_apart_and_a_window_after_any_higher_need(
-        params: PolicyParams, steps: list[tuple[float, int]], start: int) -> None:
+    params: PolicyParams, steps: list[tuple[float, int]], start: int
+) -> None:
     window = params.scale_down_stabilization_seconds
     trace = run(ScalePolicy(), params, steps, start)
     downs = [now for now, _, d in trace if d.direction is Direction.DOWN]
-    assert all(later - earlier >= window for earlier, later in zip(downs, downs[1:]))
+    assert all(later - earlier >= window for earlier, later in pairwise(downs))
     # A scale-down to N only happens if no tick of the last window needed more than N.
     for i, (now, _, decision) in enumerate(trace):
         if decision.direction is Direction.DOWN:
@@ -168,10 +180,16 @@ def test_scale_downs_are_a_window_apart_and_a_window_after_any_higher_need(
 
 
 @settings(max_examples=200, deadline=None)
-@given(params=params_strategy, low=st.integers(0, 60), width=st.integers(0, 40),
-       noise=st.lists(st.floats(0, 1), min_size=200, max_size=200), poll=st.sampled_from([1.0, 5.0, 15.0]))
-def test_noisy_load_in_a_band_does_not_oscillate(params: PolicyParams, low: int, width: int,
-                                                 noise: list[float], poll: float) -> None:
+@given(
+    params=params_strategy,
+    low=st.integers(0, 60),
+    width=st.integers(0, 40),
+    noise=st.lists(st.floats(0, 1), min_size=200, max_size=200),
+    poll=st.sampled_from([1.0, 5.0, 15.0]),
+)
+def test_noisy_load_in_a_band_does_not_oscillate(
+    params: PolicyParams, low: int, width: int, noise: list[float], poll: float
+) -> None:
     """Load jumping around inside [low, low+width]: at most one scale-down per window, so at most
     one down-and-up-again per window."""
     assume(params.scale_down_stabilization_seconds > 0)
@@ -182,7 +200,7 @@ def test_noisy_load_in_a_band_does_not_oscillate(params: PolicyParams, low: int,
     downs = [now for now, _, d in trace if d.direction is Direction.DOWN]
     assert len(downs) <= windows
     directions = [d.direction for _, _, d in trace if d.changes]
-    reversals = sum(1 for a, b in zip(directions, directions[1:]) if (a, b) == (Direction.DOWN, Direction.UP))
+    reversals = sum(1 for a, b in pairwise(directions) if (a, b) == (Direction.DOWN, Direction.UP))
     assert reversals <= windows
 
 

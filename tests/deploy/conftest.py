@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from morgana.devtools.kube_apiserver import ensure_binaries
+from morgana_devtools.kube_apiserver import ensure_binaries
 from tests.deploy.tiltfile_sim import ROOT, TiltRun, evaluate
 
 DEPLOY = ROOT / "deploy"

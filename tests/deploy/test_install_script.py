@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from morgana.api.config import service_password_problem
-from morgana.devtools.kube_apiserver import KubeApiServer, ensure_binaries
+from morgana_devtools.kube_apiserver import KubeApiServer, ensure_binaries
 from tests.deploy.conftest import (
     INSTALL_SH,
     ROOT,

@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from morgana.devtools.kube_apiserver import KUBERNETES_VERSION
+from morgana_devtools.kube_apiserver import KUBERNETES_VERSION
 from tests.chart.helm import declared_env
 from tests.deploy.conftest import INSTALL_SH, ROOT, VALUES, load_yaml
 

@@ -9,7 +9,6 @@ import json
 import os
 import ssl
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from morgana.devtools.kube_apiserver import KubeApiServer, ensure_binaries
+from morgana_devtools.kube_apiserver import KubeApiServer, ensure_binaries
+from morgana_devtools.services import eventually
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,9 @@ def client(kube: KubeApiServer) -> Iterator[httpx.Client]:
 
 
 def ok(response: httpx.Response) -> dict:
-    assert response.is_success, f"{response.request.method} {response.request.url}: {response.status_code} {response.text}"
+    assert response.is_success, (
+        f"{response.request.method} {response.request.url}: {response.status_code} {response.text}"
+    )
     return response.json()
 
 
@@ -99,9 +101,7 @@ def test_crd_becomes_established_and_serves_custom_objects(client: httpx.Client,
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",
-                            "properties": {
-                                "spec": {"type": "object", "properties": {"size": {"type": "integer"}}}
-                            },
+                            "properties": {"spec": {"type": "object", "properties": {"size": {"type": "integer"}}}},
                         }
                     },
                 }
@@ -109,20 +109,32 @@ def test_crd_becomes_established_and_serves_custom_objects(client: httpx.Client,
         },
     }
     ok(client.post("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", json=crd))
-    deadline = time.monotonic() + 30
-    while True:
+
+    def conditions() -> dict[str, str]:
         status = ok(client.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{plural}.{group}"))
-        conditions = {c["type"]: c["status"] for c in (status.get("status") or {}).get("conditions") or []}
-        if conditions.get("Established") == "True":
-            break
-        assert time.monotonic() < deadline, f"CRD not Established: {conditions}"
-        time.sleep(0.2)
+        return {c["type"]: c["status"] for c in (status.get("status") or {}).get("conditions") or []}
+
+    eventually(
+        lambda: conditions().get("Established") == "True",
+        30,
+        interval=0.2,
+        what=lambda: f"CRD Established (conditions: {conditions()})",
+    )
 
     path = f"/apis/{group}/v1/namespaces/{namespace}/{plural}"
-    obj = {"apiVersion": f"{group}/v1", "kind": crd["spec"]["names"]["kind"], "metadata": {"name": "w1"}, "spec": {"size": 3}}
-    deadline = time.monotonic() + 30
-    while (response := client.post(path, json=obj)).status_code == 404 and time.monotonic() < deadline:
-        time.sleep(0.2)  # discovery of the new resource can lag Established by a moment
+    obj = {
+        "apiVersion": f"{group}/v1",
+        "kind": crd["spec"]["names"]["kind"],
+        "metadata": {"name": "w1"},
+        "spec": {"size": 3},
+    }
+    # Discovery of the new resource can lag Established by a moment.
+    response = eventually(
+        lambda: (r := client.post(path, json=obj)).status_code != 404 and r,
+        30,
+        interval=0.2,
+        what=f"POST {path} answered (not 404)",
+    )
     ok(response)
     assert ok(client.get(f"{path}/w1"))["spec"] == {"size": 3}
     # The schema is enforced.

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 from livekit import api
 
-from morgana.devtools.livekit_server import (
+from morgana_devtools.livekit_server import (
     LIVEKIT_SERVER_VERSION,
     LiveKitServer,
     cached_binary,
@@ -37,9 +37,7 @@ def run(coro_fn, server: LiveKitServer, secret: str | None = None):
     """Run `coro_fn(client)` against `server` with a fresh LiveKitAPI (it needs a running loop)."""
 
     async def main():
-        client = api.LiveKitAPI(
-            url=server.http_url, api_key=server.api_key, api_secret=secret or server.api_secret
-        )
+        client = api.LiveKitAPI(url=server.http_url, api_key=server.api_key, api_secret=secret or server.api_secret)
         try:
             return await coro_fn(client)
         finally:

@@ -28,7 +28,8 @@ from livekit.agents.utils import http_context
 from livekit.plugins import openai as lk_openai
 from openai.types.audio import Transcription, TranscriptionVerbose
 
-from morgana.devtools.openai_server import FakeOpenAIProcess, analyze_audio, espeak_available
+from morgana_devtools.openai_server import FakeOpenAIProcess, analyze_audio, espeak_available
+from morgana_devtools.services import eventually
 
 API_KEY = "sk-test-fake-openai-audio"
 DEFAULT_TRANSCRIPT = "Default words"
@@ -105,15 +106,6 @@ def tone_wav(seconds: float = 0.5, rate: int = 16000, amplitude: float = 0.3) ->
 def transcribe(c: openai.OpenAI, data: bytes, name: str = "speech.wav", **kwargs: Any) -> Any:
     kwargs.setdefault("model", STT_MODEL)
     return c.audio.transcriptions.create(file=(name, data, "audio/wav"), **kwargs)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 # --------------------------------------------------------------------------- speech
@@ -230,7 +222,12 @@ def test_speech_first_delay_and_dropped_stream(fake: FakeOpenAIProcess) -> None:
     fake.queue_scenario(endpoint="speech", fail_after=1)
     with pytest.raises(openai.APIConnectionError):
         c.audio.speech.create(model=TTS_MODEL, voice="alloy", input=SENTENCE, response_format="pcm")
-    assert wait_for(lambda: fake.audio_requests("speech")[-1]["outcome"] == "failed")
+    eventually(
+        lambda: fake.audio_requests("speech")[-1]["outcome"] == "failed",
+        3,
+        interval=0.05,
+        what="the dropped speech stream recorded as failed",
+    )
     assert fake.audio_requests("speech")[-1]["chunks_sent"] == 1
 
 
@@ -341,7 +338,12 @@ def test_transcription_status_and_delay_scenarios(fake: FakeOpenAIProcess) -> No
     fake.set_scenario(endpoint="transcriptions", first_delay_ms=1000)
     with pytest.raises(openai.APITimeoutError):
         transcribe(client(fake, timeout=0.3), audio)
-    assert wait_for(lambda: fake.audio_requests("transcriptions")[-1]["outcome"] == "client_disconnected")
+    eventually(
+        lambda: fake.audio_requests("transcriptions")[-1]["outcome"] == "client_disconnected",
+        3,
+        interval=0.05,
+        what="the timed-out transcription recorded as client_disconnected",
+    )
     assert fake.transcripts()["queue"] == ["survives the failures"]  # nothing answered, nothing consumed
 
     fake.set_scenario(endpoint="transcriptions", first_delay_ms=300)

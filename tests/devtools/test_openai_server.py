@@ -7,7 +7,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -16,7 +16,8 @@ from langchain_openai import ChatOpenAI
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 from pydantic import SecretStr
 
-from morgana.devtools.openai_server import FakeOpenAIProcess, Scenario, parse_directive, tokenize
+from morgana_devtools.openai_server import FakeOpenAIProcess, Scenario, parse_directive, tokenize
+from morgana_devtools.services import eventually
 
 API_KEY = "sk-test-fake-openai-key"
 MODEL = "gpt-fake"
@@ -55,15 +56,6 @@ def drain(response: Any, received: list[str]) -> None:
     for chunk in response:
         if chunk.choices and chunk.choices[0].delta.content:
             received.append(chunk.choices[0].delta.content)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def last_outcome(fake: FakeOpenAIProcess) -> str:
@@ -314,7 +306,7 @@ def test_stall_after_times_out_client(fake: FakeOpenAIProcess) -> None:
         drain(stream(client(fake, timeout=0.5), "one two three four"), received)
     assert time.monotonic() - started < 3
     assert len(received) == 2
-    assert wait_for(lambda: last_outcome(fake) == "client_disconnected")
+    eventually(lambda: last_outcome(fake) == "client_disconnected", 3, interval=0.05, what="client_disconnected")
     assert fake.stats()["open_streams"] == 0
 
 
@@ -329,7 +321,7 @@ def test_client_closing_stream_is_recorded(fake: FakeOpenAIProcess) -> None:
         next(iterator)
     assert fake.stats()["open_streams"] == 1
     response.close()
-    assert wait_for(lambda: last_outcome(fake) == "client_disconnected")
+    eventually(lambda: last_outcome(fake) == "client_disconnected", 3, interval=0.05, what="client_disconnected")
     stats = fake.stats()
     assert stats["client_disconnected"] == 1
     assert stats["open_streams"] == 0
@@ -340,14 +332,14 @@ def test_disconnect_detected_during_first_delay(fake: FakeOpenAIProcess) -> None
     fake.queue_scenario(first_delay_ms=60_000)
     response = stream(client(fake), "x")
     response.close()
-    assert wait_for(lambda: last_outcome(fake) == "client_disconnected")
+    eventually(lambda: last_outcome(fake) == "client_disconnected", 3, interval=0.05, what="client_disconnected")
 
 
 def test_disconnect_detected_for_non_streaming_request(fake: FakeOpenAIProcess) -> None:
     fake.queue_scenario(first_delay_ms=60_000)
     with pytest.raises(openai.APITimeoutError):
         client(fake, timeout=0.3).chat.completions.create(model=MODEL, messages=user("x"))
-    assert wait_for(lambda: last_outcome(fake) == "client_disconnected")
+    eventually(lambda: last_outcome(fake) == "client_disconnected", 3, interval=0.05, what="client_disconnected")
 
 
 # --------------------------------------------------------------------------- scenario selection

@@ -6,13 +6,13 @@ session's shared ones), so the rest of the suite is not disturbed.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx
 import pytest
 
-from morgana.devtools.services import EmbeddedPostgres
+from morgana_devtools.services import EmbeddedPostgres
 from tests.api.sse import StreamResult, stream_chat
 from tests.conftest import bearer, new_session, register
 
@@ -36,8 +36,12 @@ class Turn:
     @property
     def acknowledged(self) -> bool:
         """The client saw `done: true` without an error: the turn must be in the history."""
-        return self.result is not None and self.result.status_code == 200 and self.result.events[-1][1].get(
-            "done") is True and "error" not in self.result.events[-1][1]
+        return (
+            self.result is not None
+            and self.result.status_code == 200
+            and self.result.events[-1][1].get("done") is True
+            and "error" not in self.result.events[-1][1]
+        )
 
 
 @dataclass
@@ -51,8 +55,9 @@ class Streams:
     def prepare(self, count: int) -> None:
         with httpx.Client(base_url=self.url, timeout=30) as http:
             user_token = register(http)["token"]["access_token"]
-            self.turns = [Turn(new_session(http, user_token)["token"]["access_token"], f"drill turn {n}")
-                          for n in range(count)]
+            self.turns = [
+                Turn(new_session(http, user_token)["token"]["access_token"], f"drill turn {n}") for n in range(count)
+            ]
 
     def start(self) -> None:
         def send(turn: Turn) -> None:
@@ -90,16 +95,9 @@ def outcome(turn: Turn) -> str:
     return "completed" if last.get("done") else "unfinished"
 
 
-def until(check: Callable[[], bool], timeout: float, interval: float = 0.1) -> float | None:
-    """Seconds until `check()` held, or None if it did not within `timeout`."""
-    import time
-
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        try:
-            if check():
-                return time.monotonic() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(interval)
-    return None
+def ready(http: httpx.Client) -> bool:
+    """Whether /ready answers 200; False too if the request itself fails (a drill breaks things)."""
+    try:
+        return http.get("/ready").status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -9,15 +9,16 @@ from pathlib import Path
 import pytest
 
 from bench.soak import soak
-from morgana.devtools.openai_server import FakeOpenAIProcess
-from morgana.devtools.processes import ApiProcess
+from morgana_devtools.openai_server import FakeOpenAIProcess
+from morgana_devtools.processes import ApiProcess
 
 SECONDS = float(os.environ.get("SOAK_SECONDS", "180"))
 
 
 @pytest.mark.timeout(SECONDS + 180)
 def test_a_soak_of_mixed_traffic_grows_neither_memory_nor_open_files(
-        api_env: dict, fake_openai: FakeOpenAIProcess, tmp_path: Path) -> None:
+    api_env: dict, fake_openai: FakeOpenAIProcess, tmp_path: Path
+) -> None:
     fake_openai.set_scenario(tokens=20, delay_ms=5)
     try:
         with ApiProcess(api_env, tmp_path / "api.log") as api:

@@ -23,9 +23,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from morgana.devtools.livekit_server import LiveKitServer
-from morgana.devtools.openai_server import FakeOpenAIProcess
-from morgana.devtools.services import EmbeddedPostgres, EmbeddedValkey, free_port
+from morgana_devtools.livekit_server import LiveKitServer
+from morgana_devtools.openai_server import FakeOpenAIProcess
+from morgana_devtools.services import EmbeddedPostgres, EmbeddedValkey, free_port
 from tests.chart.helm import find, render, resolve_env
 from tests.conftest import OPENAI_KEY
 from tests.images.containers import IMAGE_TAG, BuiltImages, Container, build_images
@@ -36,8 +36,10 @@ DATABASE = "morgana_images"
 @pytest.fixture(scope="session")
 def images() -> BuiltImages:
     built = build_images()
-    print(f"\nimages built in {built.seconds:.0f} s: "
-          + ", ".join(f"{c} {size / 1e6:.0f} MB" for c, size in built.sizes.items()))
+    print(
+        f"\nimages built in {built.seconds:.0f} s: "
+        + ", ".join(f"{c} {size / 1e6:.0f} MB" for c, size in built.sizes.items())
+    )
     return built
 
 
@@ -93,15 +95,17 @@ def postgres_tcp(postgres: EmbeddedPostgres) -> Iterator[int]:
 @pytest.fixture(scope="session")
 def images_livekit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveKitServer]:
     """A LiveKit server of this tier's own, so that its agent never takes another test's calls."""
-    with LiveKitServer("APIimages", secrets.token_hex(32),
-                       log_path=tmp_path_factory.mktemp("images-livekit") / "livekit.log") as server:
+    with LiveKitServer(
+        "APIimages", secrets.token_hex(32), log_path=tmp_path_factory.mktemp("images-livekit") / "livekit.log"
+    ) as server:
         yield server
 
 
 def openssl_hex(size: int) -> str:
     """What `openssl rand -hex SIZE` prints: the README's recipe for the chart's credentials."""
-    return subprocess.run(["openssl", "rand", "-hex", str(size)], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        ["openssl", "rand", "-hex", str(size)], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 @dataclass
@@ -123,11 +127,11 @@ class Release:
         return spec, container
 
     def env(self, container: dict, pod_name: str) -> dict[str, str]:
-        return resolve_env(container, self.objects, {"metadata.name": pod_name, "metadata.namespace": "voice"},
-                           self.secrets)
+        return resolve_env(
+            container, self.objects, {"metadata.name": pod_name, "metadata.namespace": "voice"}, self.secrets
+        )
 
-    def container(self, kind: str, suffix: str, images: BuiltImages, workdir: Path,
-                  **overrides: str) -> Container:
+    def container(self, kind: str, suffix: str, images: BuiltImages, workdir: Path, **overrides: str) -> Container:
         spec, container = self.pod(kind, suffix)
         name = f"morgana{suffix}-{secrets.token_hex(3)}"
         env = {**self.env(container, name), **overrides}
@@ -136,22 +140,35 @@ class Release:
 
 
 @pytest.fixture(scope="session")
-def release(postgres_tcp: int, valkey: EmbeddedValkey, fake_openai: FakeOpenAIProcess,
-            images_livekit: LiveKitServer) -> Release:
+def release(
+    postgres_tcp: int, valkey: EmbeddedValkey, fake_openai: FakeOpenAIProcess, images_livekit: LiveKitServer
+) -> Release:
     credentials = {
         "morgana-db-app": {"username": "postgres", "password": openssl_hex(16)},
         "morgana-livekit": {"api-key": images_livekit.api_key, "api-secret": images_livekit.api_secret},
-        "morgana-secrets": {"jwt-secret": openssl_hex(32), "openai-api-key": OPENAI_KEY,
-                            "agent-password": openssl_hex(16)},
+        "morgana-secrets": {
+            "jwt-secret": openssl_hex(32),
+            "openai-api-key": OPENAI_KEY,
+            "agent-password": openssl_hex(16),
+        },
     }
     sets = [
-        "image.registry=localhost", f"image.tag={IMAGE_TAG}", "image.pullPolicy=Never",
-        "postgres.host=127.0.0.1", f"postgres.port={postgres_tcp}", f"postgres.database={DATABASE}",
-        "postgres.existingSecret=morgana-db-app", "postgres.secretKeys.username=username",
-        "redis.host=127.0.0.1", f"redis.port={valkey.port}",
-        f"livekit.url={images_livekit.url}", "livekit.existingSecret=morgana-livekit",
-        f"llm.baseUrl={fake_openai.base_url}", "llm.existingSecret=morgana-secrets",
-        "auth.existingSecret=morgana-secrets", "agentUser.existingSecret=morgana-secrets",
+        "image.registry=localhost",
+        f"image.tag={IMAGE_TAG}",
+        "image.pullPolicy=Never",
+        "postgres.host=127.0.0.1",
+        f"postgres.port={postgres_tcp}",
+        f"postgres.database={DATABASE}",
+        "postgres.existingSecret=morgana-db-app",
+        "postgres.secretKeys.username=username",
+        "redis.host=127.0.0.1",
+        f"redis.port={valkey.port}",
+        f"livekit.url={images_livekit.url}",
+        "livekit.existingSecret=morgana-livekit",
+        f"llm.baseUrl={fake_openai.base_url}",
+        "llm.existingSecret=morgana-secrets",
+        "auth.existingSecret=morgana-secrets",
+        "agentUser.existingSecret=morgana-secrets",
     ]
     return Release(sets, credentials)
 

@@ -22,16 +22,20 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from morgana_devtools.services import eventually
+
 ROOT = Path(__file__).resolve().parents[2]
 PODMAN = ["bash", str(ROOT / "scripts" / "podman.sh")]
 IMAGE_TAG = "test"
 COMPONENTS = ("api", "agent", "controller")
 
 
-def podman(*args: str, env: dict[str, str] | None = None, check: bool = True,
-           timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([*PODMAN, *args], capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, **(env or {})})
+def podman(
+    *args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [*PODMAN, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"podman {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
@@ -47,11 +51,16 @@ class BuiltImages:
 def build_images(tag: str = IMAGE_TAG) -> BuiltImages:
     """The three images, built (or found unchanged in podman's layer cache) by scripts/build-images.sh."""
     started = time.monotonic()
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "build-images.sh"), *COMPONENTS],
-                            capture_output=True, text=True, timeout=3600, env={**os.environ, "IMAGE_TAG": tag})
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build-images.sh"), *COMPONENTS],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        env={**os.environ, "IMAGE_TAG": tag},
+    )
     if result.returncode != 0:
         raise AssertionError(f"scripts/build-images.sh failed ({result.returncode}):\n{result.stderr[-6000:]}")
-    lines = [line.split() for line in result.stdout.strip().splitlines()[-len(COMPONENTS):]]
+    lines = [line.split() for line in result.stdout.strip().splitlines()[-len(COMPONENTS) :]]
     refs = {component: ref for component, (ref, _) in zip(COMPONENTS, lines, strict=True)}
     assert refs == {c: f"localhost/morgana-{c}:{tag}" for c in COMPONENTS}, result.stdout
     sizes = {component: int(size) for component, (_, size) in zip(COMPONENTS, lines, strict=True)}
@@ -65,8 +74,17 @@ def image_config(ref: str) -> dict:
 
 def run_in_image(ref: str, *command: str) -> subprocess.CompletedProcess[str]:
     """A one-off command in a throwaway container of the image (its own entry point bypassed)."""
-    return podman("run", "--rm", "--network", "none", "--entrypoint", json.dumps(list(command[:1])), ref,
-                  *command[1:], check=False)
+    return podman(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--entrypoint",
+        json.dumps(list(command[:1])),
+        ref,
+        *command[1:],
+        check=False,
+    )
 
 
 def security_args(pod_spec: dict, container: dict) -> list[str]:
@@ -100,14 +118,34 @@ class Container:
     volumes: list[Path] = field(default_factory=list)
 
     @classmethod
-    def from_pod(cls, pod_spec: dict, container: dict, *, image: str, env: dict[str, str], workdir: Path,
-                 name: str | None = None, volumes: dict[str, Path] | None = None) -> Container:
+    def from_pod(
+        cls,
+        pod_spec: dict,
+        container: dict,
+        *,
+        image: str,
+        env: dict[str, str],
+        workdir: Path,
+        name: str | None = None,
+        volumes: dict[str, Path] | None = None,
+    ) -> Container:
         """`container` of `pod_spec` as the kubelet would run it. Each emptyDir is a fresh host
         directory; `volumes` gives the host directory of any other volume, by name (read-only)."""
         name = name or f"morgana-test-{container['name']}-{uuid.uuid4().hex[:8]}"
         declared = {v["name"]: v for v in pod_spec.get("volumes", [])}
-        args = ["run", "--detach", "--name", name, "--hostname", name, "--network", "host",
-                "--log-driver", "k8s-file", *security_args(pod_spec, container)]
+        args = [
+            "run",
+            "--detach",
+            "--name",
+            name,
+            "--hostname",
+            name,
+            "--network",
+            "host",
+            "--log-driver",
+            "k8s-file",
+            *security_args(pod_spec, container),
+        ]
         made: list[Path] = []
         for mount in container.get("volumeMounts", []):
             if "emptyDir" in declared[mount["name"]]:
@@ -153,11 +191,11 @@ class Container:
 
     def wait(self, timeout: float) -> int:
         """Its exit code once it has exited; AssertionError (with its logs) after `timeout`."""
-        deadline = time.monotonic() + timeout
-        while (code := self.exit_code()) is None:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name} still running after {timeout} s:\n{self.logs()[-6000:]}")
-            time.sleep(0.2)
+        eventually(
+            lambda: not self.running, timeout, interval=0.2, what=lambda: f"{self.name} exited\n{self.logs()[-6000:]}"
+        )
+        code = self.exit_code()
+        assert code is not None
         return code
 
     def stop(self, grace: float = 30) -> int:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from morgana.devtools.kube_apiserver import KubeApiServer, KubeClient
+from morgana_devtools.kube_apiserver import KubeApiServer, KubeClient
 from tests.chart.helm import resolve_env
 from tests.images.containers import Container
 
@@ -97,22 +97,47 @@ class PodmanKubelet(threading.Thread):
         namespace, name = meta["namespace"], meta["name"]
         base = f"/api/v1/namespaces/{namespace}/pods/{name}"
         if not spec.get("nodeName"):
-            self.client.create(f"{base}/binding", {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
-                                                   "target": {"apiVersion": "v1", "kind": "Node", "name": NODE}})
+            self.client.create(
+                f"{base}/binding",
+                {
+                    "apiVersion": "v1",
+                    "kind": "Binding",
+                    "metadata": {"name": name},
+                    "target": {"apiVersion": "v1", "kind": "Node", "name": NODE},
+                },
+            )
         (container_spec,) = spec["containers"]
-        fields = {"metadata.name": name, "metadata.namespace": namespace, "spec.nodeName": NODE,
-                  "status.podIP": "127.0.0.1", "spec.serviceAccountName": spec.get("serviceAccountName", "default")}
-        objects = [*({"kind": "ConfigMap", **o} for o in
-                     self.client.get(f"/api/v1/namespaces/{namespace}/configmaps")["items"]),
-                   *({"kind": "Secret", **o} for o in
-                     self.client.get(f"/api/v1/namespaces/{namespace}/secrets")["items"])]
+        fields = {
+            "metadata.name": name,
+            "metadata.namespace": namespace,
+            "spec.nodeName": NODE,
+            "status.podIP": "127.0.0.1",
+            "spec.serviceAccountName": spec.get("serviceAccountName", "default"),
+        }
+        objects = [
+            *(
+                {"kind": "ConfigMap", **o}
+                for o in self.client.get(f"/api/v1/namespaces/{namespace}/configmaps")["items"]
+            ),
+            *({"kind": "Secret", **o} for o in self.client.get(f"/api/v1/namespaces/{namespace}/secrets")["items"]),
+        ]
         env = resolve_env(container_spec, objects, fields)
         env |= {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(self.kube.port)}
         # The API server's admission adds the token volume unless automountServiceAccountToken is false.
-        volumes = {volume["name"]: self._token_dir(pod) for volume in spec.get("volumes", [])
-                   if any("serviceAccountToken" in source for source in volume.get("projected", {}).get("sources", []))}
-        container = Container.from_pod(spec, container_spec, image=container_spec["image"], env=env,
-                                       workdir=self.workdir, name=f"k8s-{namespace}-{name}", volumes=volumes)
+        volumes = {
+            volume["name"]: self._token_dir(pod)
+            for volume in spec.get("volumes", [])
+            if any("serviceAccountToken" in source for source in volume.get("projected", {}).get("sources", []))
+        }
+        container = Container.from_pod(
+            spec,
+            container_spec,
+            image=container_spec["image"],
+            env=env,
+            workdir=self.workdir,
+            name=f"k8s-{namespace}-{name}",
+            volumes=volumes,
+        )
         self.containers[meta["uid"]] = container
         self.pods[meta["uid"]] = pod
         container.start()
@@ -123,8 +148,11 @@ class PodmanKubelet(threading.Thread):
         directory = self.workdir / f"{meta['uid']}-serviceaccount"
         directory.mkdir(parents=True, exist_ok=True)
         token = self.client.service_account_token(meta["namespace"], pod["spec"].get("serviceAccountName", "default"))
-        for file, content in (("token", token), ("ca.crt", self.kube.ca_file.read_text()),
-                              ("namespace", meta["namespace"])):
+        for file, content in (
+            ("token", token),
+            ("ca.crt", self.kube.ca_file.read_text()),
+            ("namespace", meta["namespace"]),
+        ):
             (directory / file).write_text(content)
             (directory / file).chmod(0o644)
         directory.chmod(0o755)
@@ -137,52 +165,101 @@ class PodmanKubelet(threading.Thread):
         try:
             if container is not None and container.running:
                 container.stop(grace)
-            self.client.request("DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
-                                {"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}}, ok=(200, 404, 409))
+            self.client.request(
+                "DELETE",
+                f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
+                {"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}},
+                ok=(200, 404, 409),
+            )
         except Exception as exc:
             self.errors.append(f"{meta['name']}: stopping: {type(exc).__name__}: {exc}")
 
     def _patch_status(self, pod: dict, status: dict) -> None:
         meta = pod["metadata"]
-        self.client.request("PATCH", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status",
-                            {"status": status}, merge=True, ok=(200, 404))
+        self.client.request(
+            "PATCH",
+            f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status",
+            {"status": status},
+            merge=True,
+            ok=(200, 404),
+        )
 
     def _report_running(self, pod: dict, container: Container) -> None:
         at = now()
-        conditions = [{"type": kind, "status": "True", "lastTransitionTime": at}
-                      for kind in ("PodScheduled", "Initialized", "ContainersReady", "Ready")]
-        self._patch_status(pod, {
-            "phase": "Running", "hostIP": "127.0.0.1", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
-            "startTime": at, "conditions": conditions,
-            "containerStatuses": [{"name": pod["spec"]["containers"][0]["name"], "ready": True, "started": True,
-                                   "restartCount": container.restarts, "image": pod["spec"]["containers"][0]["image"],
-                                   "imageID": "", "state": {"running": {"startedAt": at}}}],
-        })
+        conditions = [
+            {"type": kind, "status": "True", "lastTransitionTime": at}
+            for kind in ("PodScheduled", "Initialized", "ContainersReady", "Ready")
+        ]
+        self._patch_status(
+            pod,
+            {
+                "phase": "Running",
+                "hostIP": "127.0.0.1",
+                "podIP": "127.0.0.1",
+                "podIPs": [{"ip": "127.0.0.1"}],
+                "startTime": at,
+                "conditions": conditions,
+                "containerStatuses": [
+                    {
+                        "name": pod["spec"]["containers"][0]["name"],
+                        "ready": True,
+                        "started": True,
+                        "restartCount": container.restarts,
+                        "image": pod["spec"]["containers"][0]["image"],
+                        "imageID": "",
+                        "state": {"running": {"startedAt": at}},
+                    }
+                ],
+            },
+        )
 
     def _report_exited(self, pod: dict, code: int | None) -> None:
         at = now()
-        conditions = [{"type": kind, "status": "False", "lastTransitionTime": at, "reason": "PodCompleted"}
-                      for kind in ("ContainersReady", "Ready")]
-        self._patch_status(pod, {
-            "phase": "Succeeded" if code == 0 else "Failed", "conditions": conditions,
-            "containerStatuses": [{"name": pod["spec"]["containers"][0]["name"], "ready": False, "started": False,
-                                   "restartCount": 0, "image": pod["spec"]["containers"][0]["image"], "imageID": "",
-                                   "state": {"terminated": {"exitCode": code, "reason": "Completed" if code == 0
-                                                            else "Error", "finishedAt": at}}}],
-        })
+        conditions = [
+            {"type": kind, "status": "False", "lastTransitionTime": at, "reason": "PodCompleted"}
+            for kind in ("ContainersReady", "Ready")
+        ]
+        self._patch_status(
+            pod,
+            {
+                "phase": "Succeeded" if code == 0 else "Failed",
+                "conditions": conditions,
+                "containerStatuses": [
+                    {
+                        "name": pod["spec"]["containers"][0]["name"],
+                        "ready": False,
+                        "started": False,
+                        "restartCount": 0,
+                        "image": pod["spec"]["containers"][0]["image"],
+                        "imageID": "",
+                        "state": {
+                            "terminated": {
+                                "exitCode": code,
+                                "reason": "Completed" if code == 0 else "Error",
+                                "finishedAt": at,
+                            }
+                        },
+                    }
+                ],
+            },
+        )
 
     # --- for tests -----------------------------------------------------------------------------
 
     def container(self, component: str) -> Container:
         """The container of the one pod labelled app.kubernetes.io/component=`component`."""
-        found = [self.containers[uid] for uid, pod in self.pods.items()
-                 if pod["metadata"].get("labels", {}).get("app.kubernetes.io/component") == component]
+        found = [
+            self.containers[uid]
+            for uid, pod in self.pods.items()
+            if pod["metadata"].get("labels", {}).get("app.kubernetes.io/component") == component
+        ]
         assert len(found) == 1, f"{component}: {[p['metadata']['name'] for p in self.pods.values()]}"
         return found[0]
 
     def logs(self) -> str:
-        return "\n".join(f"--- {self.pods[uid]['metadata']['name']}\n{c.logs()[-4000:]}"
-                         for uid, c in self.containers.items())
+        return "\n".join(
+            f"--- {self.pods[uid]['metadata']['name']}\n{c.logs()[-4000:]}" for uid, c in self.containers.items()
+        )
 
     def stop(self) -> None:
         self.halt.set()

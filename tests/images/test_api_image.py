@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from morgana.devtools.services import eventually, free_port
+from morgana_devtools.services import eventually, free_port
 from tests.api.sse import stream_chat
 from tests.conftest import STRONG_PASSWORD, new_session, register, unique_email
 from tests.images.conftest import Release
@@ -25,8 +25,11 @@ def test_the_image_holds_the_api_and_runs_it_as_a_non_root_user(images: BuiltIma
     assert (config["Entrypoint"], config["Cmd"]) == (["morgana-api"], ["serve"])
     assert "8000/tcp" in config["ExposedPorts"]
     assert run_in_image(images.refs["api"], "python", "-c", "import morgana.api.main").returncode == 0
-    for module, why in (("pytest", "test dependencies"), ("livekit.agents", "the voice worker's framework"),
-                        ("kopf", "the controller's framework")):
+    for module, why in (
+        ("pytest", "test dependencies"),
+        ("livekit.agents", "the voice worker's framework"),
+        ("kopf", "the controller's framework"),
+    ):
         leaked = run_in_image(images.refs["api"], "python", "-c", f"import {module}")
         assert leaked.returncode != 0, f"{why} ({module}) leaked into the API image"
 
@@ -49,8 +52,9 @@ def json_lines(logs: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_the_api_serves_as_the_chart_runs_it(workers: int, migrated: str, images: BuiltImages, release: Release,
-                                             tmp_path: Path) -> None:
+def test_the_api_serves_as_the_chart_runs_it(
+    workers: int, migrated: str, images: BuiltImages, release: Release, tmp_path: Path
+) -> None:
     rendered = release.rendered(f"api.workers={workers}")
     # The chart's 8000 and 9101, moved: every container here shares the host's network.
     port, metrics_port = free_port(), free_port()
@@ -67,8 +71,7 @@ def test_the_api_serves_as_the_chart_runs_it(workers: int, migrated: str, images
 
         eventually(healthy, 60, what="the API container's /health")
         with httpx.Client(base_url=url, timeout=30) as http:
-            assert http.get("/ready").json() == {"status": "ready",
-                                                 "components": {"postgres": "ok", "redis": "ok"}}
+            assert http.get("/ready").json() == {"status": "ready", "components": {"postgres": "ok", "redis": "ok"}}
             # The account the migration Job made, with the password from the operator's Secret.
             password = release.secrets["morgana-secrets"]["agent-password"]
             login = http.post("/api/v1/auth/login", data={"username": AGENT_EMAIL, "password": password})

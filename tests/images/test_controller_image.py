@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from morgana.devtools.kube_apiserver import KubeApiServer, KubeClient
-from morgana.devtools.livekit_server import LiveKitServer
-from morgana.devtools.services import eventually
+from morgana_devtools.kube_apiserver import KubeApiServer, KubeClient
+from morgana_devtools.livekit_server import LiveKitServer
+from morgana_devtools.services import eventually
 from tests.chart.helm import CHART, helm
 from tests.images.conftest import openssl_hex
 from tests.images.containers import IMAGE_TAG, BuiltImages, image_config, run_in_image
@@ -34,17 +34,22 @@ def test_the_image_holds_the_controller_and_nothing_else(images: BuiltImages) ->
     assert config["User"] == "10001:10001"
     assert config["Entrypoint"] == ["morgana-controller"] and not config.get("Cmd")
     assert {"8080/tcp", "9102/tcp"} <= set(config["ExposedPorts"])
-    for module, why in (("pytest", "test dependencies"), ("sqlalchemy", "the API's database stack"),
-                        ("fastapi", "the API's web framework"), ("livekit.agents", "the voice worker's framework"),
-                        ("onnxruntime", "the voice worker's VAD runtime")):
+    for module, why in (
+        ("pytest", "test dependencies"),
+        ("sqlalchemy", "the API's database stack"),
+        ("fastapi", "the API's web framework"),
+        ("livekit.agents", "the voice worker's framework"),
+        ("onnxruntime", "the voice worker's VAD runtime"),
+    ):
         leaked = run_in_image(ref, "python", "-c", f"import {module}")
         assert leaked.returncode != 0, f"{why} ({module}) leaked into the controller image"
 
 
 @pytest.fixture
 def kube(tmp_path: Path) -> Iterator[KubeApiServer]:
-    with KubeApiServer(log_dir=tmp_path / "kube", controller_manager=True,
-                       extra_controllers=("job-controller",)) as server:
+    with KubeApiServer(
+        log_dir=tmp_path / "kube", controller_manager=True, extra_controllers=("job-controller",)
+    ) as server:
         yield server
 
 
@@ -57,45 +62,89 @@ def names(client: KubeClient, path: str) -> set[str]:
 
 
 def test_uninstall_with_the_controller_running_stops_it_first_and_leaves_nothing(
-        images: BuiltImages, kube: KubeApiServer, images_livekit: LiveKitServer, tmp_path: Path) -> None:
+    images: BuiltImages, kube: KubeApiServer, images_livekit: LiveKitServer, tmp_path: Path
+) -> None:
     client = KubeClient(kube)
     client.namespace(NAMESPACE)
     credentials = {
         "morgana-db-app": {"username": "morgana", "password": openssl_hex(16)},
         "morgana-livekit": {"api-key": images_livekit.api_key, "api-secret": images_livekit.api_secret},
-        "morgana-secrets": {"jwt-secret": openssl_hex(32), "openai-api-key": "sk-unused",
-                            "agent-password": openssl_hex(16)},
+        "morgana-secrets": {
+            "jwt-secret": openssl_hex(32),
+            "openai-api-key": "sk-unused",
+            "agent-password": openssl_hex(16),
+        },
     }
     for name, data in credentials.items():
-        client.create(f"/api/v1/namespaces/{NAMESPACE}/secrets",
-                      {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data})
+        client.create(
+            f"/api/v1/namespaces/{NAMESPACE}/secrets",
+            {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data},
+        )
     # Only the controller and the uninstall hook run here; the API and agent pods stay Pending.
     kubelet = PodmanKubelet(kube, lambda pod: component(pod) in ("controller", "controller-stop"), tmp_path / "pods")
     kubelet.start()
     try:
-        helm("install", RELEASE, CHART, "--namespace", NAMESPACE, "--timeout", "2m",
-             "--set", "image.registry=localhost", "--set", f"image.tag={IMAGE_TAG}",
-             "--set", "image.pullPolicy=Never", "--set", f"livekit.url={images_livekit.url}",
-             "--set", "livekit.existingSecret=morgana-livekit", "--set", "postgres.existingSecret=morgana-db-app",
-             "--set", "auth.existingSecret=morgana-secrets", "--set", "llm.existingSecret=morgana-secrets",
-             "--set", "agentUser.existingSecret=morgana-secrets", "--set", "api.migration.enabled=false",
-             "--set", "tests.enabled=false", "--set", "controller.autoscaler.pollIntervalSeconds=1",
-             kubeconfig=kube.kubeconfig)
+        helm(
+            "install",
+            RELEASE,
+            CHART,
+            "--namespace",
+            NAMESPACE,
+            "--timeout",
+            "2m",
+            "--set",
+            "image.registry=localhost",
+            "--set",
+            f"image.tag={IMAGE_TAG}",
+            "--set",
+            "image.pullPolicy=Never",
+            "--set",
+            f"livekit.url={images_livekit.url}",
+            "--set",
+            "livekit.existingSecret=morgana-livekit",
+            "--set",
+            "postgres.existingSecret=morgana-db-app",
+            "--set",
+            "auth.existingSecret=morgana-secrets",
+            "--set",
+            "llm.existingSecret=morgana-secrets",
+            "--set",
+            "agentUser.existingSecret=morgana-secrets",
+            "--set",
+            "api.migration.enabled=false",
+            "--set",
+            "tests.enabled=false",
+            "--set",
+            "controller.autoscaler.pollIntervalSeconds=1",
+            kubeconfig=kube.kubeconfig,
+        )
 
         def serving() -> bool:
             assert not kubelet.errors, kubelet.errors
             autoscaler = client.request("GET", f"{AAS}/morgana-agent", ok=(200, 404)).json()
             ready = [c for c in (autoscaler.get("status") or {}).get("conditions", []) if c["type"] == "Ready"]
-            return bool(ready and ready[0]["status"] == "True"
-                        and "morgana.dev/autoscaler" in autoscaler["metadata"].get("finalizers", []))
+            return bool(
+                ready
+                and ready[0]["status"] == "True"
+                and "morgana.dev/autoscaler" in autoscaler["metadata"].get("finalizers", [])
+            )
 
         eventually(serving, 60, interval=0.5, what=f"the controller serving its AgentAutoscaler:\n{kubelet.logs()}")
         peering = client.get(f"/apis/kopf.dev/v1/namespaces/{NAMESPACE}/kopfpeerings/morgana-controller")
         assert peering["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
         assert any(peer.startswith("morgana-controller-") for peer in peering.get("status") or {}), peering
 
-        uninstall = helm("uninstall", RELEASE, "--namespace", NAMESPACE, "--wait", "--timeout", "2m",
-                         kubeconfig=kube.kubeconfig, check=False)
+        uninstall = helm(
+            "uninstall",
+            RELEASE,
+            "--namespace",
+            NAMESPACE,
+            "--wait",
+            "--timeout",
+            "2m",
+            kubeconfig=kube.kubeconfig,
+            check=False,
+        )
         assert uninstall.returncode == 0, f"{uninstall.stderr}\n{kubelet.logs()}"
 
         # The hook stopped the controller while its RBAC still existed, and it let go by itself.
@@ -125,7 +174,10 @@ def test_uninstall_with_the_controller_running_stops_it_first_and_leaves_nothing
         eventually(lambda: not names(client, f"/api/v1{ns}/pods"), 30, what="every pod gone")
         # Nothing holds the namespace up any more.
         client.delete(f"/api/v1/namespaces/{NAMESPACE}")
-        eventually(lambda: client.request("GET", f"/api/v1/namespaces/{NAMESPACE}", ok=(200, 404)).status_code
-                   == 404, 60, what="the namespace deleted")
+        eventually(
+            lambda: client.request("GET", f"/api/v1/namespaces/{NAMESPACE}", ok=(200, 404)).status_code == 404,
+            60,
+            what="the namespace deleted",
+        )
     finally:
         kubelet.stop()

@@ -192,7 +192,6 @@ the inline env of the migration Job (a pre-install hook runs before the ConfigMa
 ENVIRONMENT: {{ .Values.environment | quote }}
 LOG_LEVEL: {{ .Values.logLevel | quote }}
 LOG_FORMAT: {{ .Values.logFormat | quote }}
-OTEL_EXPORTER_OTLP_ENDPOINT: {{ .Values.otelExporterOtlpEndpoint | quote }}
 LIVEKIT_URL: {{ .Values.livekit.url | quote }}
 LIVEKIT_AGENT_NAME: {{ .Values.livekit.agentName | quote }}
 {{- with .Values.llm.baseUrl }}
@@ -203,6 +202,7 @@ OPENAI_BASE_URL: {{ . | quote }}
 {{- define "morgana.apiConfig" -}}
 {{- $v := .Values -}}
 {{ include "morgana.commonConfig" . }}
+OTEL_EXPORTER_OTLP_ENDPOINT: {{ .Values.otelExporterOtlpEndpoint | quote }}
 OTEL_SERVICE_NAME: "morgana-api"
 POSTGRES_HOST: {{ $v.postgres.host | quote }}
 POSTGRES_PORT: {{ $v.postgres.port | quote }}
@@ -241,7 +241,6 @@ RATE_LIMIT_LIVEKIT: {{ $v.api.rateLimits.livekit | quote }}
 {{- define "morgana.agentConfig" -}}
 {{- $v := .Values -}}
 {{ include "morgana.commonConfig" . }}
-OTEL_SERVICE_NAME: "morgana-agent"
 API_USER_EMAIL: {{ $v.agentUser.email | quote }}
 MORGANA_BACKEND_URL: {{ $v.agent.backendUrl | default (printf "http://%s:%v" (include "morgana.componentName" (dict "ctx" . "component" "api")) $v.api.service.port) | quote }}
 {{- with $v.agent.speech.baseUrl }}

@@ -3,7 +3,7 @@
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -30,8 +30,9 @@ class ChatSession:
 class MorganaApi:
     """One HTTP client per job process; the user token is renewed on expiry (401)."""
 
-    def __init__(self, base_url: str, email: str, password: str, timeout: float = 30.0,
-                 tls: ssl.SSLContext | bool = True) -> None:
+    def __init__(
+        self, base_url: str, email: str, password: str, timeout: float = 30.0, tls: ssl.SSLContext | bool = True
+    ) -> None:
         self._email = email
         self._password = password
         self._user_token: str | None = None
@@ -52,9 +53,7 @@ class MorganaApi:
             if self._user_token is None:
                 await self.login()
             try:
-                response = await self._request(
-                    "POST", "/api/v1/auth/session", headers=_bearer(self._user_token or "")
-                )
+                response = await self._request("POST", "/api/v1/auth/session", headers=_bearer(self._user_token or ""))
             except ApiError as exc:
                 if exc.status == 401 and attempt == 0:
                     self._user_token = None
@@ -64,7 +63,7 @@ class MorganaApi:
             return ChatSession(session_id=body["session_id"], token=body["token"]["access_token"])
         raise ApiError("could not create a session", retryable=False)
 
-    async def stream_reply(self, session: ChatSession, text: str) -> AsyncIterator[str]:
+    async def stream_reply(self, session: ChatSession, text: str) -> AsyncGenerator[str, None]:
         """Send one user turn and yield the reply's text as the API streams it.
 
         Closing the generator closes the HTTP stream, which cancels the model call upstream.
@@ -72,7 +71,10 @@ class MorganaApi:
         body = {"messages": [{"role": "user", "content": text}]}
         try:
             async with aconnect_sse(
-                self._http, "POST", "/api/v1/chatbot/chat/stream", json=body,
+                self._http,
+                "POST",
+                "/api/v1/chatbot/chat/stream",
+                json=body,
                 headers=_bearer(session.token),
             ) as source:
                 if source.response.status_code != 200:
@@ -90,9 +92,16 @@ class MorganaApi:
         except httpx.HTTPError as exc:
             raise ApiError(f"API unreachable: {type(exc).__name__}") from exc
 
-    async def _request(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        data: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
         try:
-            response = await self._http.request(method, path, **kwargs)  # type: ignore[arg-type]
+            response = await self._http.request(method, path, data=data, headers=headers)
         except httpx.HTTPError as exc:
             raise ApiError(f"API unreachable: {type(exc).__name__}") from exc
         if response.status_code >= 400:
@@ -110,5 +119,4 @@ def _status_error(response: httpx.Response) -> ApiError:
     except ValueError:
         detail = response.text[:200]
     status = response.status_code
-    return ApiError(f"API answered {status}: {detail}", status=status,
-                    retryable=status in (408, 429) or status >= 500)
+    return ApiError(f"API answered {status}: {detail}", status=status, retryable=status in (408, 429) or status >= 500)

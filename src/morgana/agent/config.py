@@ -8,8 +8,6 @@ from morgana.core.settings import CoreSettings
 
 
 class AgentSettings(CoreSettings):
-    otel_service_name: str = "morgana-agent"
-
     # The API, reached over HTTP only, with the service account `morgana-api migrate` creates.
     morgana_backend_url: str = "http://localhost:8000"
     api_user_email: str = "agent@example.com"

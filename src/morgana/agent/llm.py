@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from contextlib import aclosing
+from typing import Any, Never
 
 from livekit.agents import APIConnectOptions, llm
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, NotGivenOr
@@ -31,9 +32,10 @@ def newest_user_text(chat_ctx: llm.ChatContext) -> str:
     return "\n".join(reversed(parts)).strip()
 
 
-class MorganaLLM(llm.LLM):
-    def __init__(self, api: MorganaApi, session: ChatSession | None, *, retries: int,
-                 backoff: float, apology: str) -> None:
+class MorganaLLM(llm.LLM[Never]):  # no events beyond the base LLM's
+    def __init__(
+        self, api: MorganaApi, session: ChatSession | None, *, retries: int, backoff: float, apology: str
+    ) -> None:
         super().__init__()
         self._api = api
         # None when the API was down as the caller joined: opened at the first turn instead.
@@ -65,7 +67,7 @@ class MorganaLLM(llm.LLM):
         conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
         parallel_tool_calls: NotGivenOr[bool] = NOT_GIVEN,
         tool_choice: NotGivenOr[llm.ToolChoice] = NOT_GIVEN,
-        extra_kwargs: NotGivenOr[dict] = NOT_GIVEN,
+        extra_kwargs: NotGivenOr[dict[str, Any]] = NOT_GIVEN,
     ) -> "MorganaStream":
         return MorganaStream(self, chat_ctx=chat_ctx, tools=tools or [], conn_options=conn_options)
 
@@ -102,9 +104,7 @@ class MorganaStream(llm.LLMStream):
         self._send(request_id, (" " if sent_any else "") + owner._apology)
 
     def _send(self, request_id: str, text: str) -> None:
-        self._event_ch.send_nowait(
-            llm.ChatChunk(id=request_id, delta=llm.ChoiceDelta(role="assistant", content=text))
-        )
+        self._event_ch.send_nowait(llm.ChatChunk(id=request_id, delta=llm.ChoiceDelta(role="assistant", content=text)))
 
 
 def _error_kind(exc: ApiError) -> str:

@@ -9,7 +9,9 @@ and `lk_agents_proc_initialize_duration_seconds` with it. So job processes creat
 call first records one, and the main process (`POD_COST_ERRORS`) when the worker has started.
 """
 
+from collections.abc import Callable
 from functools import cache
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -21,25 +23,46 @@ def _histogram(name: str, documentation: str) -> Histogram:
     return Histogram(name, documentation, namespace=NAMESPACE, buckets=_LATENCY)
 
 
-_FACTORIES = {
-    "ACTIVE_CALLS": lambda: Gauge("active_calls", "Calls this worker process is serving.", namespace=NAMESPACE,
-                                  multiprocess_mode="livesum"),
+_FACTORIES: dict[str, Callable[[], Counter | Gauge | Histogram]] = {
+    "ACTIVE_CALLS": lambda: Gauge(
+        "active_calls", "Calls this worker process is serving.", namespace=NAMESPACE, multiprocess_mode="livesum"
+    ),
     "END_OF_TURN_DELAY": lambda: _histogram(
-        "end_of_turn_delay_seconds", "From the end of the caller's speech to the decision that the turn ended."),
+        "end_of_turn_delay_seconds", "From the end of the caller's speech to the decision that the turn ended."
+    ),
     "API_TIME_TO_FIRST_TOKEN": lambda: _histogram(
-        "api_time_to_first_token_seconds", "From sending a turn to the API until its first reply text."),
+        "api_time_to_first_token_seconds", "From sending a turn to the API until its first reply text."
+    ),
     "TTS_TIME_TO_FIRST_BYTE": lambda: _histogram(
-        "tts_time_to_first_byte_seconds", "From sending text to speech synthesis until its first audio."),
+        "tts_time_to_first_byte_seconds", "From sending text to speech synthesis until its first audio."
+    ),
     "TURN_LATENCY": lambda: _histogram(
-        "turn_latency_seconds", "From the end of the caller's speech to the agent's first audio (end to end)."),
-    "API_ERRORS": lambda: Counter("api_errors_total", "Failed calls to the Morgana API by kind.", ["kind"],
-                                  namespace=NAMESPACE),
-    "APOLOGIES": lambda: Counter("apologies_total", "Turns answered with the apology because the API failed.",
-                                 namespace=NAMESPACE),
+        "turn_latency_seconds", "From the end of the caller's speech to the agent's first audio (end to end)."
+    ),
+    "API_ERRORS": lambda: Counter(
+        "api_errors_total", "Failed calls to the Morgana API by kind.", ["kind"], namespace=NAMESPACE
+    ),
+    "APOLOGIES": lambda: Counter(
+        "apologies_total", "Turns answered with the apology because the API failed.", namespace=NAMESPACE
+    ),
     "POD_COST_ERRORS": lambda: Counter(
-        "pod_cost_errors_total", "Failed reads or writes of this worker's pod-deletion-cost annotation (retried).",
-        namespace=NAMESPACE),
+        "pod_cost_errors_total",
+        "Failed reads or writes of this worker's pod-deletion-cost annotation (retried).",
+        namespace=NAMESPACE,
+    ),
 }
+
+
+if TYPE_CHECKING:
+    # What `__getattr__` gives for each name in _FACTORIES.
+    ACTIVE_CALLS: Gauge
+    END_OF_TURN_DELAY: Histogram
+    API_TIME_TO_FIRST_TOKEN: Histogram
+    TTS_TIME_TO_FIRST_BYTE: Histogram
+    TURN_LATENCY: Histogram
+    API_ERRORS: Counter
+    APOLOGIES: Counter
+    POD_COST_ERRORS: Counter
 
 
 @cache

@@ -59,6 +59,7 @@ FIELD_MANAGER = "morgana-agent"
 # livekit-agents' process pool events around a job (internal: only used to wake up early).
 _POOL_EVENTS = ("process_job_launched", "process_closed")
 
+
 def _describe(exc: BaseException) -> dict[str, Any]:
     """Log fields for a failure: the API's status code and message when there is one."""
     status = getattr(exc, "status", None)
@@ -115,7 +116,8 @@ class PodDeletionCost:
                 for event in _POOL_EVENTS:
                     pool.on(event, self.notify)
             self._task = asyncio.get_running_loop().create_task(
-                self.run(lambda: len(server.active_jobs)), name="pod_deletion_cost")
+                self.run(lambda: len(server.active_jobs)), name="pod_deletion_cost"
+            )
 
         server.on("worker_started", started)
 
@@ -130,8 +132,10 @@ class PodDeletionCost:
         """Until cancelled: keep the annotation equal to `count()`; never raises but on cancel."""
         self._wake = asyncio.Event()
         metrics.POD_COST_ERRORS.inc(0)  # exported from the start (created after the worker's metrics reset)
-        log.info("keeping the pod deletion cost equal to the active calls",
-                 extra={"pod": self.pod_name, "namespace": self.namespace})
+        log.info(
+            "keeping the pod deletion cost equal to the active calls",
+            extra={"pod": self.pod_name, "namespace": self.namespace},
+        )
         attempted: int | None = None
         retry_at = 0.0
         try:
@@ -171,7 +175,7 @@ class PodDeletionCost:
             if target != self.written:
                 log.info("exiting: a last pod deletion cost write", extra={"cost": target})
                 await asyncio.wait_for(self._write(target), self.final_write_timeout)
-        except BaseException as exc:  # noqa: BLE001 - exiting anyway; say so and go
+        except BaseException as exc:
             log.warning("last pod deletion cost write skipped", extra=_describe(exc))
 
     # -- the API -------------------------------------------------------------------------------
@@ -184,20 +188,31 @@ class PodDeletionCost:
         from lightkube.types import PatchType
 
         self._pod_type, self._merge_patch = Pod, PatchType.MERGE
-        return AsyncClient(KubeConfig.from_env(), namespace=self.namespace, field_manager=FIELD_MANAGER,
-                           timeout=httpx2.Timeout(self.request_timeout))
+        return AsyncClient(
+            KubeConfig.from_env(),
+            namespace=self.namespace,
+            field_manager=FIELD_MANAGER,
+            timeout=httpx2.Timeout(self.request_timeout),
+        )
 
     async def _connect(self) -> Any:
         if self._client is None:
             client = await asyncio.to_thread(self._make_client)
             try:  # a write the server checks (RBAC, admission) and discards: the pod may not be read
-                await client.patch(self._pod_type, self.pod_name, self._body(0), namespace=self.namespace,
-                                   patch_type=self._merge_patch, dry_run=True)
+                await client.patch(
+                    self._pod_type,
+                    self.pod_name,
+                    self._body(0),
+                    namespace=self.namespace,
+                    patch_type=self._merge_patch,
+                    dry_run=True,
+                )
             except BaseException:
                 await client.close()
                 raise
-            log.info("pod deletion cost: pod found and writable",
-                     extra={"pod": self.pod_name, "namespace": self.namespace})
+            log.info(
+                "pod deletion cost: pod found and writable", extra={"pod": self.pod_name, "namespace": self.namespace}
+            )
             self._client = client
         return self._client
 
@@ -209,16 +224,24 @@ class PodDeletionCost:
         """PATCH the annotation to `cost`; True on success. Failures are logged and counted."""
         try:
             client = await self._connect()
-            await client.patch(self._pod_type, self.pod_name, self._body(cost),
-                               namespace=self.namespace, patch_type=self._merge_patch)
+            await client.patch(
+                self._pod_type, self.pod_name, self._body(cost), namespace=self.namespace, patch_type=self._merge_patch
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self.failures += 1
             metrics.POD_COST_ERRORS.inc()
-            log.warning("could not set the pod deletion cost; will retry",
-                        extra={"pod": self.pod_name, "namespace": self.namespace, "cost": cost,
-                               "failures": self.failures, **_describe(exc)})
+            log.warning(
+                "could not set the pod deletion cost; will retry",
+                extra={
+                    "pod": self.pod_name,
+                    "namespace": self.namespace,
+                    "cost": cost,
+                    "failures": self.failures,
+                    **_describe(exc),
+                },
+            )
             return False
         if self.failures:
             log.info("pod deletion cost set again after failures", extra={"failures": self.failures})
@@ -233,5 +256,5 @@ class PodDeletionCost:
         if client is not None:
             try:
                 await client.close()
-            except BaseException:  # noqa: BLE001 - closing at exit
+            except BaseException:
                 pass

@@ -7,10 +7,10 @@ Run with `morgana-agent start` (production: drains on SIGTERM) or `morgana-agent
 import logging
 import os
 import ssl
+from collections.abc import Callable
 
 import httpx
 import openai as openai_sdk
-
 from livekit.agents import Agent, AgentServer, AgentSession, JobContext, JobProcess, room_io
 from livekit.agents.llm import ChatMessage
 from livekit.agents.voice import ConversationItemAddedEvent
@@ -47,7 +47,8 @@ def speech_client(settings: AgentSettings, base_url: str | None, tls: ssl.SSLCon
         api_key=settings.speech_api_key,
         base_url=base_url or settings.openai_base_url,
         max_retries=0,
-        http_client=httpx.AsyncClient(
+        # openai types `http_client` as an httpx2.AsyncClient only, yet accepts an httpx one (checked at run time).
+        http_client=httpx.AsyncClient(  # type: ignore[arg-type]
             verify=tls,
             follow_redirects=True,
             timeout=httpx.Timeout(connect=15.0, read=5.0, write=5.0, pool=5.0),
@@ -55,7 +56,7 @@ def speech_client(settings: AgentSettings, base_url: str | None, tls: ssl.SSLCon
     )
 
 
-def load_of(max_calls: int):
+def load_of(max_calls: int) -> Callable[[AgentServer], float]:
     """LiveKit sends no more jobs to a worker whose load reaches the threshold."""
 
     def load(server: AgentServer) -> float:
@@ -85,8 +86,9 @@ def build_server(settings: AgentSettings) -> AgentServer:
     )
     server.rtc_session(entrypoint, agent_name=settings.livekit_agent_name)
     if settings.pod_name and settings.pod_namespace:
-        PodDeletionCost(settings.pod_name, settings.pod_namespace,
-                        debounce=settings.pod_cost_debounce_seconds).attach(server)
+        PodDeletionCost(settings.pod_name, settings.pod_namespace, debounce=settings.pod_cost_debounce_seconds).attach(
+            server
+        )
     return server
 
 
@@ -103,8 +105,13 @@ async def open_chat_session(api: MorganaApi) -> ChatSession | None:
 async def entrypoint(ctx: JobContext) -> None:
     settings = get_settings()
     tls = ctx.proc.userdata["tls"]
-    api = MorganaApi(settings.morgana_backend_url, settings.api_user_email,
-                     settings.api_user_password.get_secret_value(), settings.api_timeout_seconds, tls)
+    api = MorganaApi(
+        settings.morgana_backend_url,
+        settings.api_user_email,
+        settings.api_user_password.get_secret_value(),
+        settings.api_timeout_seconds,
+        tls,
+    )
     stt_client = speech_client(settings, settings.stt_base_url, tls)
     tts_client = speech_client(settings, settings.tts_base_url, tls)
     for closing in (api.aclose, stt_client.close, tts_client.close):
@@ -115,25 +122,39 @@ async def entrypoint(ctx: JobContext) -> None:
     ctx.add_shutdown_callback(_call_ended)
 
     chat = await open_chat_session(api)
-    session = AgentSession(
+    session: AgentSession[None] = AgentSession(
         stt=openai.STT(model=settings.stt_model, language=settings.stt_language, client=stt_client),
-        tts=openai.TTS(model=settings.tts_model, voice=settings.tts_voice,
-                       response_format=settings.tts_response_format, client=tts_client),
+        tts=openai.TTS(
+            model=settings.tts_model,
+            voice=settings.tts_voice,
+            response_format=settings.tts_response_format,
+            client=tts_client,
+        ),
         vad=ctx.proc.userdata["vad"],
-        llm=MorganaLLM(api, chat, retries=settings.api_retries,
-                       backoff=settings.api_retry_backoff_seconds, apology=settings.apology),
+        llm=MorganaLLM(
+            api,
+            chat,
+            retries=settings.api_retries,
+            backoff=settings.api_retry_backoff_seconds,
+            apology=settings.apology,
+        ),
         turn_handling={
             "turn_detection": "vad",
-            "endpointing": {"min_delay": settings.min_endpointing_delay,
-                            "max_delay": settings.max_endpointing_delay},
+            "endpointing": {"min_delay": settings.min_endpointing_delay, "max_delay": settings.max_endpointing_delay},
         },
     )
     session.on("conversation_item_added", _record_turn_metrics)
     # The caller hung up (or the session failed): free this worker's slot now rather than
     # when LiveKit closes the empty room.
     session.on("close", lambda event: ctx.shutdown(reason=f"session closed: {event.reason}"))
-    log.info("call started", extra={"room": ctx.room.name, "participant": participant.identity,
-                                     "session_id": chat.session_id if chat else None})
+    log.info(
+        "call started",
+        extra={
+            "room": ctx.room.name,
+            "participant": participant.identity,
+            "session_id": chat.session_id if chat else None,
+        },
+    )
     await session.start(
         agent=Agent(instructions="Answers come from the Morgana API."),
         room=ctx.room,
@@ -158,4 +179,3 @@ def _record_turn_metrics(event: ConversationItemAddedEvent) -> None:
             metrics.TTS_TIME_TO_FIRST_BYTE.observe(report["tts_node_ttfb"])
         if "e2e_latency" in report:
             metrics.TURN_LATENCY.observe(report["e2e_latency"])
-

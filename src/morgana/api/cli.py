@@ -63,8 +63,10 @@ def serve(settings: ApiSettings, workers: int, reload: bool) -> None:
         os.environ["WEB_CONCURRENCY"] = str(workers)
         # This interpreter's gunicorn, whatever PATH holds; exec so that it gets the signals.
         # Its hooks prepare the metrics directory and serve METRICS_PORT.
-        os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "-c", "python:morgana.api.gunicorn_conf",
-                                  "morgana.api.asgi:app"])
+        os.execv(
+            sys.executable,
+            [sys.executable, "-m", "gunicorn", "-c", "python:morgana.api.gunicorn_conf", "morgana.api.asgi:app"],
+        )
     prepare_multiprocess_dir(clear=True)
     if settings.api_metrics_port:
         serve_metrics(settings.api_metrics_port, settings.host)
@@ -86,8 +88,12 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="apply database migrations and ensure the service account")
     serve_parser = sub.add_parser("serve", help="run the API")
-    serve_parser.add_argument("--workers", type=int, default=int(os.environ.get("WEB_CONCURRENCY", "1")),
-                              help="more than 1 runs gunicorn with uvicorn workers (default: WEB_CONCURRENCY or 1)")
+    serve_parser.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("WEB_CONCURRENCY", "1")),
+        help="more than 1 runs gunicorn with uvicorn workers (default: WEB_CONCURRENCY or 1)",
+    )
     serve_parser.add_argument("--reload", action="store_true", help="reload on code changes (dev)")
     sub.add_parser("check-config", help="validate the configuration and exit")
     args = parser.parse_args(argv)

@@ -32,8 +32,10 @@ MIN_SERVICE_PASSWORD_LENGTH = 16
 def service_password_problem(password: str) -> str | None:
     """Why API_USER_PASSWORD cannot guard the agent's account, or None when it can."""
     if password.lower() in PLACEHOLDER_SECRETS or len(password) < MIN_SERVICE_PASSWORD_LENGTH:
-        return (f"API_USER_PASSWORD is a placeholder or shorter than {MIN_SERVICE_PASSWORD_LENGTH} "
-                "characters (generate one with: openssl rand -hex 16)")
+        return (
+            f"API_USER_PASSWORD is a placeholder or shorter than {MIN_SERVICE_PASSWORD_LENGTH} "
+            "characters (generate one with: openssl rand -hex 16)"
+        )
     return None
 
 
@@ -49,6 +51,9 @@ class ApiSettings(CoreSettings):
     api_metrics_port: int = Field(default=0, ge=0, le=65535)
     # The interactive docs (/docs, /redoc, /openapi.json); the chart turns them off by default.
     docs_enabled: bool = True
+    # Traces of requests, queries and model calls go over OTLP/HTTP when an endpoint is set
+    # (standard OTel variable names).
+    otel_exporter_otlp_endpoint: str | None = None
     otel_service_name: str = "morgana-api"
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
@@ -87,9 +92,7 @@ class ApiSettings(CoreSettings):
     )
 
     livekit_url: str = "ws://localhost:7880"
-    livekit_public_url: str | None = Field(
-        default=None, description="URL handed to clients; defaults to LIVEKIT_URL."
-    )
+    livekit_public_url: str | None = Field(default=None, description="URL handed to clients; defaults to LIVEKIT_URL.")
     livekit_api_key: str | None = None
     livekit_api_secret: SecretStr | None = None
     livekit_agent_name: str = "morgana-agent"
@@ -120,7 +123,7 @@ class ApiSettings(CoreSettings):
     max_message_chars: int = Field(default=8000, ge=1)
     max_messages_per_request: int = Field(default=50, ge=1)
     max_history_messages: int = Field(
-        default=200, ge=1, description="Most recent turns sent to the model as context."
+        default=200, ge=1, description="Most recent stored messages (not turns) sent to the model as context."
     )
 
     @field_validator("cors_origins", mode="before")
@@ -130,8 +133,15 @@ class ApiSettings(CoreSettings):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
 
-    @field_validator("rate_limit_register", "rate_limit_login", "rate_limit_login_account", "rate_limit_session",
-                     "rate_limit_chat", "rate_limit_messages", "rate_limit_livekit")
+    @field_validator(
+        "rate_limit_register",
+        "rate_limit_login",
+        "rate_limit_login_account",
+        "rate_limit_session",
+        "rate_limit_chat",
+        "rate_limit_messages",
+        "rate_limit_livekit",
+    )
     @classmethod
     def _valid_rate_limit(cls, value: str) -> str:
         from limits import parse_many
@@ -168,23 +178,22 @@ class ApiSettings(CoreSettings):
                 "(generate one with: openssl rand -hex 32)"
             )
         if self.openai_api_key is None or not self.openai_api_key.get_secret_value():
-            problems.append(
-                "OPENAI_API_KEY is not set (for a keyless OpenAI-compatible server, any value)"
-            )
+            problems.append("OPENAI_API_KEY is not set (for a keyless OpenAI-compatible server, any value)")
         if self.livekit_api_secret is not None:
             lk_secret = self.livekit_api_secret.get_secret_value()
             if lk_secret.lower() in PLACEHOLDER_SECRETS or len(lk_secret) < MIN_SECRET_LENGTH:
-                problems.append(
-                    f"LIVEKIT_API_SECRET is a placeholder or shorter than {MIN_SECRET_LENGTH} characters"
-                )
+                problems.append(f"LIVEKIT_API_SECRET is a placeholder or shorter than {MIN_SECRET_LENGTH} characters")
         if self.api_user_email and not self.api_user_password:
             problems.append("API_USER_EMAIL is set without API_USER_PASSWORD")
-        elif self.api_user_email and self.api_user_password:
-            if problem := service_password_problem(self.api_user_password.get_secret_value()):
-                problems.append(problem)
+        elif (
+            self.api_user_email
+            and self.api_user_password
+            and (problem := service_password_problem(self.api_user_password.get_secret_value()))
+        ):
+            problems.append(problem)
         return problems
 
-    @computed_field  # type: ignore[prop-decorator]
+    @computed_field  # type: ignore[prop-decorator]  # mypy allows no decorator over @property (pydantic's advice)
     @property
     def sqlalchemy_url(self) -> str:
         """The async SQLAlchemy URL (psycopg 3 driver) for the configured database."""

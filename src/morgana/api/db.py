@@ -1,8 +1,8 @@
 """The async engine and session factory, with pool gauges for /metrics."""
 
-from collections.abc import AsyncIterator
+from typing import cast
 
-from sqlalchemy import event
+from sqlalchemy import QueuePool, event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from morgana.api import metrics
@@ -27,7 +27,8 @@ def create_engine(settings: ApiSettings) -> AsyncEngine:
 
 def _track_pool(engine: AsyncEngine) -> None:
     pool = engine.sync_engine.pool
-    metrics.DB_POOL_SIZE.set(pool.size())  # type: ignore[attr-defined]
+    # pool_size= gives an AsyncAdaptedQueuePool, a QueuePool (typed as a plain Pool, which has no size()).
+    metrics.DB_POOL_SIZE.set(cast(QueuePool, pool).size())
 
     @event.listens_for(pool, "checkout")
     def _on_checkout(*_: object) -> None:
@@ -40,8 +41,3 @@ def _track_pool(engine: AsyncEngine) -> None:
 
 def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
-
-
-async def session_scope(factory: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
-    async with factory() as session:
-        yield session

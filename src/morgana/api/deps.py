@@ -2,9 +2,9 @@
 
 import hashlib
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, cast
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, params, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -15,14 +15,17 @@ from morgana.api.models import ChatSession, User
 from morgana.api.ratelimit import RateLimitBackendDown, RateLimiter
 from morgana.api.security import InvalidToken, PasswordHasher, TokenClaims, TokenType, decode_token
 from morgana.api.services.chat import ChatAgent
+from morgana.api.services.conversation import Conversation
 from morgana.api.services.livekit import VoiceRooms
 
 
-def get_settings(request: Request) -> ApiSettings:
-    return request.app.state.settings
+# `request.app.state` is untyped: each getter below names what create_app stores there.
+def app_settings(request: Request) -> ApiSettings:
+    """The settings the app was created with (create_app may be given its own, e.g. in tests)."""
+    return cast(ApiSettings, request.app.state.settings)
 
 
-SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
+SettingsDep = Annotated[ApiSettings, Depends(app_settings)]
 
 
 async def get_db(request: Request) -> AsyncIterator[AsyncSession]:
@@ -35,28 +38,28 @@ DbDep = Annotated[AsyncSession, Depends(get_db)]
 
 def get_session_factory(request: Request) -> async_sessionmaker[AsyncSession]:
     """For work that must hold a connection only briefly (not for the whole request)."""
-    return request.app.state.session_factory
+    return cast(async_sessionmaker[AsyncSession], request.app.state.session_factory)
 
 
 SessionFactoryDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_session_factory)]
 
 
 def get_agent(request: Request) -> ChatAgent:
-    return request.app.state.agent
+    return cast(ChatAgent, request.app.state.agent)
 
 
 AgentDep = Annotated[ChatAgent, Depends(get_agent)]
 
 
 def get_voice_rooms(request: Request) -> VoiceRooms:
-    return request.app.state.voice_rooms
+    return cast(VoiceRooms, request.app.state.voice_rooms)
 
 
 VoiceRoomsDep = Annotated[VoiceRooms, Depends(get_voice_rooms)]
 
 
 def get_hasher(request: Request) -> PasswordHasher:
-    return request.app.state.password_hasher
+    return cast(PasswordHasher, request.app.state.password_hasher)
 
 
 HasherDep = Annotated[PasswordHasher, Depends(get_hasher)]
@@ -97,7 +100,7 @@ async def current_user(request: Request, claims: ClaimsDep) -> User:
             status.HTTP_403_FORBIDDEN,
             "This endpoint needs a user token (from /api/v1/auth/register or /api/v1/auth/login)",
         )
-    async with request.app.state.session_factory() as db:
+    async with get_session_factory(request)() as db:
         user = await db.get(User, claims.user_id)
     if user is None:
         raise _unauthorized("The account behind this token no longer exists")
@@ -112,10 +115,16 @@ async def current_chat_session(request: Request, claims: ClaimsDep) -> ChatSessi
             status.HTTP_403_FORBIDDEN,
             "This endpoint needs a session token (from POST /api/v1/auth/session)",
         )
-    async with request.app.state.session_factory() as db:
-        row = (await db.execute(
-            select(ChatSession, User.token_version).join(User).where(ChatSession.id == claims.session_id)
-        )).one_or_none()
+    async with get_session_factory(request)() as db:
+        row = (
+            (
+                await db.execute(
+                    select(ChatSession, User.token_version).join(User).where(ChatSession.id == claims.session_id)
+                )
+            )
+            .tuples()
+            .one_or_none()
+        )
     if row is None or row[0].user_id != claims.user_id:
         raise _unauthorized("The session behind this token no longer exists")
     session, version = row
@@ -126,6 +135,16 @@ async def current_chat_session(request: Request, claims: ClaimsDep) -> ChatSessi
 
 CurrentUser = Annotated[User, Depends(current_user)]
 CurrentChatSession = Annotated[ChatSession, Depends(current_chat_session)]
+
+
+def get_conversation(
+    session: CurrentChatSession, settings: SettingsDep, agent: AgentDep, factory: SessionFactoryDep
+) -> Conversation:
+    """The conversation of the session token's chat session."""
+    return Conversation(agent, factory, session.id, settings.max_history_messages)
+
+
+ConversationDep = Annotated[Conversation, Depends(get_conversation)]
 
 
 def _store_down() -> HTTPException:
@@ -188,26 +207,27 @@ class FailedLogins:
             pass  # the failures expire on their own
 
 
-def limit_by_client(name: str):
+# fastapi types Depends() as returning Any (so that it can stand as a parameter's default).
+def limit_by_client(name: str) -> params.Depends:
     """Limit unauthenticated calls per client address (see FORWARDED_ALLOW_IPS for proxies)."""
 
     async def dependency(request: Request) -> None:
         client = request.client.host if request.client else "unknown"
         await _enforce(request, name, f"ip:{client}")
 
-    return Depends(dependency)
+    return cast(params.Depends, Depends(dependency))
 
 
-def limit_by_user(name: str):
+def limit_by_user(name: str) -> params.Depends:
     async def dependency(request: Request, user: CurrentUser) -> None:
         await _enforce(request, name, f"user:{user.id}")
 
-    return Depends(dependency)
+    return cast(params.Depends, Depends(dependency))
 
 
-def limit_by_session(name: str):
+def limit_by_session(name: str) -> params.Depends:
     # Per session, not per user: the voice agent runs every call under one account.
     async def dependency(request: Request, session: CurrentChatSession) -> None:
         await _enforce(request, name, f"session:{session.id}")
 
-    return Depends(dependency)
+    return cast(params.Depends, Depends(dependency))

@@ -33,7 +33,8 @@ async def _pool_exhausted(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _dbapi_error(request: Request, exc: DBAPIError) -> JSONResponse:
+async def _dbapi_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DBAPIError)
     if exc.connection_invalidated or isinstance(exc, (OperationalError, InterfaceError)):
         return await _database_unavailable(request, exc)
     return await _unexpected(request, exc)
@@ -56,6 +57,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(PoolTimeoutError, _pool_exhausted)
     app.add_exception_handler(HistoryUnavailable, _database_unavailable)
-    app.add_exception_handler(ConnectionError, _database_unavailable)
-    app.add_exception_handler(DBAPIError, _dbapi_error)  # type: ignore[arg-type]
+    app.add_exception_handler(DBAPIError, _dbapi_error)
     app.add_exception_handler(Exception, _unexpected)

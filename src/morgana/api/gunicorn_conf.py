@@ -2,6 +2,7 @@
 
 import multiprocessing
 import os
+from typing import TYPE_CHECKING
 
 from gunicorn import glogging
 from prometheus_client import multiprocess
@@ -9,6 +10,11 @@ from prometheus_client import multiprocess
 from morgana.core.logging import configure_logging
 from morgana.core.multiprocess import prepare_multiprocess_dir, serve_metrics
 from morgana.core.settings import CoreSettings
+
+if TYPE_CHECKING:
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.config import Config
+    from gunicorn.workers.base import Worker
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
 worker_class = "uvicorn_worker.UvicornWorker"
@@ -26,11 +32,11 @@ accesslog = None
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
 
 
-class JsonLogger(glogging.Logger):
+class JsonLogger(glogging.Logger):  # type: ignore[misc]  # gunicorn ships no types: its Logger is Any
     """gunicorn's own lines (the arbiter's and the workers') through Morgana's one JSON handler,
     instead of gunicorn's plain-text handlers, which also repeated each line through the root."""
 
-    def setup(self, cfg) -> None:  # type: ignore[no-untyped-def]
+    def setup(self, cfg: "Config") -> None:
         super().setup(cfg)
         for log in (self.error_log, self.access_log):
             for handler in list(log.handlers):
@@ -43,17 +49,17 @@ class JsonLogger(glogging.Logger):
 logger_class = JsonLogger
 
 
-def on_starting(server) -> None:  # type: ignore[no-untyped-def]
+def on_starting(server: "Arbiter") -> None:
     prepare_multiprocess_dir(clear=True)
 
 
-def when_ready(server) -> None:  # type: ignore[no-untyped-def]
+def when_ready(server: "Arbiter") -> None:
     # The arbiter serves API_METRICS_PORT: one endpoint summing every worker's metrics.
     if port := int(os.environ.get("API_METRICS_PORT") or 0):
         serve_metrics(port, os.environ.get("HOST", "0.0.0.0"))
 
 
-def child_exit(server, worker) -> None:  # type: ignore[no-untyped-def]
+def child_exit(server: "Arbiter", worker: "Worker") -> None:
     # Drop a dead worker's live gauges from the multiprocess metrics.
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.mark_process_dead(worker.pid)

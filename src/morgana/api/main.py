@@ -20,8 +20,8 @@ from morgana.api.routes import auth, chatbot, health, livekit
 from morgana.api.security import PasswordHasher
 from morgana.api.services.chat import ChatAgent
 from morgana.api.services.livekit import VoiceRooms
+from morgana.api.telemetry import configure_tracing
 from morgana.core.logging import configure_logging
-from morgana.core.telemetry import configure_tracing
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,13 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 
             SQLAlchemyInstrumentor().instrument(engine=engine.sync_engine)
-        log.info("api started", extra={"environment": settings.environment.value,
-                                       "rate_limit_store": "redis" if settings.redis_url else "memory"})
+        log.info(
+            "api started",
+            extra={
+                "environment": settings.environment.value,
+                "rate_limit_store": "redis" if settings.redis_url else "memory",
+            },
+        )
         yield
         await app.state.voice_rooms.aclose()
         await engine.dispose()
@@ -80,29 +85,31 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     for router in (auth.router, chatbot.router, livekit.router):
         app.include_router(router, prefix=API_PREFIX)
 
-    instrumentator = Instrumentator(
-        should_group_status_codes=False,
-        excluded_handlers=["/metrics"],
-        # Requests in flight, chat streams included (summed over gunicorn workers: livesum).
-        should_instrument_requests_inprogress=True,
-        inprogress_name="morgana_api_http_requests_inprogress",
-        inprogress_labels=True,
-    ).add(
-        http_metrics.default(metric_namespace="morgana", metric_subsystem="api",
-                             latency_lowr_buckets=ROUTE_LATENCY_BUCKETS)
-    ).instrument(app, metric_namespace="morgana", metric_subsystem="api")
+    instrumentator = (
+        Instrumentator(
+            should_group_status_codes=False,
+            excluded_handlers=["/metrics"],
+            # Requests in flight, chat streams included (summed over gunicorn workers: livesum).
+            should_instrument_requests_inprogress=True,
+            inprogress_name="morgana_api_http_requests_inprogress",
+            inprogress_labels=True,
+        )
+        .add(
+            http_metrics.default(
+                metric_namespace="morgana", metric_subsystem="api", latency_lowr_buckets=ROUTE_LATENCY_BUCKETS
+            )
+        )
+        .instrument(app, metric_namespace="morgana", metric_subsystem="api")
+    )
     if not settings.api_metrics_port:  # else served on API_METRICS_PORT only (cli.serve, gunicorn_conf)
         instrumentator.expose(app, endpoint="/metrics", include_in_schema=False)
 
-    tracer_provider = configure_tracing(
-        settings.otel_service_name, settings.otel_exporter_otlp_endpoint
-    )
+    tracer_provider = configure_tracing(settings.otel_service_name, settings.otel_exporter_otlp_endpoint)
     if tracer_provider is not None:
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
         # Model calls are traced by the chat service's own `llm.chat` span.
-        FastAPIInstrumentor.instrument_app(app, tracer_provider=tracer_provider,
-                                           excluded_urls="health,ready,metrics")
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=tracer_provider, excluded_urls="health,ready,metrics")
 
     # Added last = outermost: ids exist before anything logs, oversize bodies stop first.
     if settings.cors_origins:

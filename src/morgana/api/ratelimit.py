@@ -3,6 +3,7 @@
 import math
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import redis.asyncio
 from limits import RateLimitItem, parse_many
@@ -36,15 +37,23 @@ class RateLimiter:
             # connection. redis-py's default pool refuses with "Too many connections" instead,
             # which turned a burst of 200 logins into 100 false "Redis unavailable" 503s.
             pool = redis.asyncio.BlockingConnectionPool.from_url(
-                settings.redis_url, max_connections=settings.redis_max_connections, timeout=2,
-                socket_timeout=2, socket_connect_timeout=2,
+                settings.redis_url,
+                max_connections=settings.redis_max_connections,
+                timeout=2,
+                socket_timeout=2,
+                socket_connect_timeout=2,
             )
-            self._storage = storage_from_string(
-                f"async+{settings.redis_url}",
-                implementation="redispy",
-                wrap_exceptions=True,
-                key_prefix="morgana-ratelimit",
-                connection_pool=pool,
+            # An "async+" scheme always gives an asyncio storage.
+            self._storage = cast(
+                Storage,
+                storage_from_string(
+                    f"async+{settings.redis_url}",
+                    implementation="redispy",
+                    wrap_exceptions=True,
+                    key_prefix="morgana-ratelimit",
+                    # limits types its options as float | str | bool, yet documents and passes on connection_pool.
+                    connection_pool=pool,  # type: ignore[arg-type]
+                ),
             )
         else:
             self._storage = MemoryStorage()
@@ -90,6 +99,3 @@ class RateLimiter:
             return await self._storage.check()
         except Exception:
             return False
-
-    async def reset(self) -> None:
-        await self._storage.reset()

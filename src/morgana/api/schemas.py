@@ -5,10 +5,11 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, field_validator
+from pydantic.config import JsonDict
 
 MIN_PASSWORD_LENGTH = 8
 MAX_PASSWORD_LENGTH = 128
-_TOKEN_EXAMPLE = {
+_TOKEN_EXAMPLE: JsonDict = {
     "access_token": "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9...",
     "token_type": "bearer",
     "expires_at": "2025-09-27T15:00:00Z",
@@ -61,9 +62,7 @@ class TokenResponse(BaseModel):
 
 class RegisterRequest(BaseModel):
     model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [{"email": "user@example.com", "password": "A_Strong_Password123!"}]
-        }
+        json_schema_extra={"examples": [{"email": "user@example.com", "password": "A_Strong_Password123!"}]}
     )
 
     email: EmailStr
@@ -85,8 +84,9 @@ class RegisterRequest(BaseModel):
 
 class PasswordChange(BaseModel):
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"current_password": "A_Strong_Password123!",
-                                         "new_password": "An_Even_Stronger_Passw0rd!"}]}
+        json_schema_extra={
+            "examples": [{"current_password": "A_Strong_Password123!", "new_password": "An_Even_Stronger_Passw0rd!"}]
+        }
     )
 
     current_password: CleanText = Field(min_length=1, max_length=MAX_PASSWORD_LENGTH)
@@ -220,8 +220,7 @@ class HistoryResponse(BaseModel):
                 {
                     "messages": [
                         {"role": "user", "content": "Hello", "created_at": "2025-09-27T14:00:00Z"},
-                        {"role": "assistant", "content": "Hi! How can I help?",
-                         "created_at": "2025-09-27T14:00:01Z"},
+                        {"role": "assistant", "content": "Hi! How can I help?", "created_at": "2025-09-27T14:00:01Z"},
                     ]
                 }
             ]
@@ -235,15 +234,17 @@ class DeletedResponse(BaseModel):
     deleted: int = Field(description="How many messages were removed.", examples=[4])
 
 
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable, for programs: llm_timeout, llm_unavailable, history_unavailable, ...")
+    message: str = Field(description="For people.")
+
+
 class StreamEvent(BaseModel):
     """The JSON carried by each Server-Sent Event of the chat stream."""
 
     content: str
     done: bool
-    error: dict | None = Field(
-        default=None,
-        description="Only on a failed stream's last event: {code, message}.",
-    )
+    error: ErrorDetail | None = Field(default=None, description="Only on a failed stream's last event.")
 
 
 class LiveKitTokenResponse(BaseModel):
@@ -273,9 +274,7 @@ class HealthResponse(BaseModel):
 
 class ReadinessResponse(BaseModel):
     model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [{"status": "ready", "components": {"postgres": "ok", "redis": "ok"}}]
-        }
+        json_schema_extra={"examples": [{"status": "ready", "components": {"postgres": "ok", "redis": "ok"}}]}
     )
 
     status: Literal["ready", "unavailable"]

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from typing import TypeVar, TypeVarTuple, cast
 
 import anyio
 from jose import JWTError, jwt
@@ -17,9 +18,13 @@ _passwords = CryptContext(schemes=["argon2"], deprecated="auto")
 # Verified against when the email is unknown, so both paths cost one argon2 check.
 _DUMMY_HASH = _passwords.hash(secrets.token_urlsafe(16))
 
+_T = TypeVar("_T")
+_Args = TypeVarTuple("_Args")
 
+
+# passlib ships no types: its hash() gives a str, its verify() a bool.
 def hash_password(password: str) -> str:
-    return _passwords.hash(password)
+    return cast(str, _passwords.hash(password))
 
 
 def verify_password(password: str, hashed: str | None) -> bool:
@@ -27,7 +32,7 @@ def verify_password(password: str, hashed: str | None) -> bool:
     if hashed is None:
         _passwords.verify(password, _DUMMY_HASH)
         return False
-    return _passwords.verify(password, hashed)
+    return cast(bool, _passwords.verify(password, hashed))
 
 
 class HasherBusy(Exception):
@@ -54,7 +59,7 @@ class PasswordHasher:
     async def verify(self, password: str, hashed: str | None) -> bool:
         return await self._run(verify_password, password, hashed)
 
-    async def _run(self, fn: Callable[..., object], *args: object):  # type: ignore[no-untyped-def]
+    async def _run(self, fn: Callable[[*_Args], _T], *args: *_Args) -> _T:
         if self._admitted >= self._capacity:
             raise HasherBusy()
         self._admitted += 1
@@ -88,8 +93,11 @@ class TokenClaims:
 
 
 def issue_user_token(settings: ApiSettings, user_id: int, version: int) -> IssuedToken:
-    return _issue(settings, {"sub": str(user_id), "typ": TokenType.USER.value, "ver": version},
-                  timedelta(minutes=settings.user_token_expire_minutes))
+    return _issue(
+        settings,
+        {"sub": str(user_id), "typ": TokenType.USER.value, "ver": version},
+        timedelta(minutes=settings.user_token_expire_minutes),
+    )
 
 
 def issue_session_token(settings: ApiSettings, user_id: int, session_id: uuid.UUID, version: int) -> IssuedToken:
@@ -100,13 +108,11 @@ def issue_session_token(settings: ApiSettings, user_id: int, session_id: uuid.UU
     )
 
 
-def _issue(settings: ApiSettings, claims: dict, ttl: timedelta) -> IssuedToken:
+def _issue(settings: ApiSettings, claims: dict[str, object], ttl: timedelta) -> IssuedToken:
     now = datetime.now(UTC).replace(microsecond=0)
     expires_at = now + ttl
     payload = {**claims, "iat": now, "exp": expires_at, "jti": secrets.token_hex(8)}
-    token = jwt.encode(
-        payload, settings.jwt_secret_key.get_secret_value(), algorithm=settings.jwt_algorithm
-    )
+    token = jwt.encode(payload, settings.jwt_secret_key.get_secret_value(), algorithm=settings.jwt_algorithm)
     return IssuedToken(access_token=token, expires_at=expires_at)
 
 

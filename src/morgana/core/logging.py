@@ -58,7 +58,7 @@ def configure_logging(
 ) -> None:
     """Route every logger (ours, uvicorn's, gunicorn's) through one scrubbed handler."""
     if fmt == "json":
-        formatter: dict = {
+        formatter: dict[str, object] = {
             "()": JsonFormatter,
             "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s",
             "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},

@@ -14,7 +14,7 @@ class Environment(StrEnum):
 
 
 class CoreSettings(BaseSettings):
-    """What every Morgana process needs: where it runs, how it logs and traces."""
+    """What every Morgana process needs: where it runs and how it logs."""
 
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
@@ -24,9 +24,6 @@ class CoreSettings(BaseSettings):
     )
     log_level: str = "INFO"
     log_format: str = Field(default="json", pattern="^(json|console)$")
-    # OTLP export is on when an endpoint is set (standard OTel variable names).
-    otel_exporter_otlp_endpoint: str | None = None
-    otel_service_name: str = "morgana"
 
     @property
     def is_development(self) -> bool:

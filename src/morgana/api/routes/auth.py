@@ -13,6 +13,7 @@ from morgana.api.deps import (
     limit_by_client,
     limit_by_user,
 )
+from morgana.api.routes import Responses
 from morgana.api.schemas import (
     CleanText,
     ErrorResponse,
@@ -30,15 +31,18 @@ from morgana.api.services.livekit import close_room
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
-_UNAUTHORIZED = {401: {"model": ErrorResponse, "description": "Missing, invalid or expired token"}}
-_WRONG_TOKEN = {403: {"model": ErrorResponse, "description": "A session token where a user token belongs"}}
-_LIMITED = {429: {"model": ErrorResponse, "description": "Rate limited; see Retry-After"}}
-_BUSY = {503: {"model": ErrorResponse, "description": "Too many password checks at once; see Retry-After"}}
+_UNAUTHORIZED: Responses = {401: {"model": ErrorResponse, "description": "Missing, invalid or expired token"}}
+_WRONG_TOKEN: Responses = {403: {"model": ErrorResponse, "description": "A session token where a user token belongs"}}
+_LIMITED: Responses = {429: {"model": ErrorResponse, "description": "Rate limited; see Retry-After"}}
+_BUSY: Responses = {503: {"model": ErrorResponse, "description": "Too many password checks at once; see Retry-After"}}
 
 
 def _busy() -> HTTPException:
-    return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "Server busy checking passwords; retry shortly",
-                         headers={"Retry-After": "1"})
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        "Server busy checking passwords; retry shortly",
+        headers={"Retry-After": "1"},
+    )
 
 
 @router.post(
@@ -113,16 +117,18 @@ async def logout(user: CurrentUser, db: DbDep) -> None:
     responses={**_UNAUTHORIZED, **_WRONG_TOKEN, **_LIMITED, **_BUSY},
     dependencies=[limit_by_client("login")],
 )
-async def change_password(body: PasswordChange, user: CurrentUser, request: Request, db: DbDep,
-                          hasher: HasherDep, settings: SettingsDep) -> TokenResponse:
+async def change_password(
+    body: PasswordChange, user: CurrentUser, request: Request, db: DbDep, hasher: HasherDep, settings: SettingsDep
+) -> TokenResponse:
     # The current password is guessed here as at login: the same per-account lock applies.
     attempts = FailedLogins(request, user.email)
     await attempts.refuse_if_locked()
     try:
         if not await hasher.verify(body.current_password, user.hashed_password):
             await attempts.failed()
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "Incorrect current password",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED, "Incorrect current password", headers={"WWW-Authenticate": "Bearer"}
+            )
         version = await users.change_password(db, hasher, user, body.new_password)
     except HasherBusy:
         raise _busy() from None
@@ -160,7 +166,7 @@ async def list_sessions(user: CurrentUser, db: DbDep) -> list[SessionInfo]:
     ]
 
 
-_NOT_FOUND = {404: {"model": ErrorResponse, "description": "No such session for this user"}}
+_NOT_FOUND: Responses = {404: {"model": ErrorResponse, "description": "No such session for this user"}}
 
 
 @router.patch(
@@ -169,9 +175,7 @@ _NOT_FOUND = {404: {"model": ErrorResponse, "description": "No such session for 
     summary="Rename one of the user's sessions",
     responses={**_UNAUTHORIZED, **_WRONG_TOKEN, **_NOT_FOUND},
 )
-async def rename_session(
-    session_id: uuid.UUID, body: SessionRename, user: CurrentUser, db: DbDep
-) -> SessionInfo:
+async def rename_session(session_id: uuid.UUID, body: SessionRename, user: CurrentUser, db: DbDep) -> SessionInfo:
     session = await sessions.rename(db, user.id, session_id, body.name)
     if session is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "Session not found")

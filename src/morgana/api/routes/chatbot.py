@@ -1,34 +1,44 @@
-from fastapi import APIRouter, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
-from sse_starlette import EventSourceResponse
+"""Chat: a turn streamed as Server-Sent Events or answered as JSON, and the session's history."""
 
-from morgana.api.deps import AgentDep, CurrentChatSession, DbDep, SettingsDep, limit_by_session
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+
+from fastapi import APIRouter, HTTPException
+from fastapi.exceptions import RequestValidationError
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
 from morgana.api.config import ApiSettings
+from morgana.api.deps import ConversationDep, CurrentChatSession, DbDep, SettingsDep, limit_by_session
+from morgana.api.routes import Responses
 from morgana.api.schemas import (
     ChatRequest,
     ChatResponse,
     DeletedResponse,
+    ErrorDetail,
     ErrorResponse,
     HistoryResponse,
+    Message,
     StoredMessage,
+    StreamEvent,
 )
 from morgana.api.services import history
 from morgana.api.services.chat import ChatFailure
-from morgana.api.services.conversation import Conversation
+from morgana.api.services.conversation import ReplyText, Turn, TurnEvent, TurnFailed, TurnStored
+from morgana.api.services.utterance import Utterance
 
 router = APIRouter(prefix="/chatbot", tags=["chatbot"])
 
-_ERRORS = {
+_ERRORS: Responses = {
     401: {"model": ErrorResponse, "description": "Missing, invalid or expired token"},
     403: {"model": ErrorResponse, "description": "A user token where a session token belongs"},
     429: {"model": ErrorResponse, "description": "Rate limited; see Retry-After"},
     503: {"model": ErrorResponse, "description": "Database, Redis or the model is unavailable"},
 }
 
-_STREAM_DOC = {
+_STREAM_DOC: Responses = {
     200: {
         "description": (
-            "Server-Sent Events. Each event's data is JSON `{\"content\": str, \"done\": bool}`; "
+            'Server-Sent Events. Each event\'s data is JSON `{"content": str, "done": bool}`; '
             "the last has `done: true`. A failure ends the stream with an `error` event whose "
             "data also carries `error: {code, message}`."
         ),
@@ -46,28 +56,51 @@ _STREAM_DOC = {
 def _check_size(body: ChatRequest, settings: ApiSettings) -> None:
     errors = []
     if len(body.messages) > settings.max_messages_per_request:
-        errors.append({
-            "type": "too_long",
-            "loc": ["body", "messages"],
-            "msg": f"at most {settings.max_messages_per_request} messages per request",
-            "input": len(body.messages),
-        })
+        errors.append(
+            {
+                "type": "too_long",
+                "loc": ["body", "messages"],
+                "msg": f"at most {settings.max_messages_per_request} messages per request",
+                "input": len(body.messages),
+            }
+        )
     for index, message in enumerate(body.messages):
         if len(message.content) > settings.max_message_chars:
-            errors.append({
-                "type": "string_too_long",
-                "loc": ["body", "messages", index, "content"],
-                "msg": f"at most {settings.max_message_chars} characters per message",
-                "input": len(message.content),
-            })
+            errors.append(
+                {
+                    "type": "string_too_long",
+                    "loc": ["body", "messages", index, "content"],
+                    "msg": f"at most {settings.max_message_chars} characters per message",
+                    "input": len(message.content),
+                }
+            )
     if errors:
         raise RequestValidationError(errors)
 
 
-def _conversation(request: Request, session_id, settings: ApiSettings, agent) -> Conversation:
-    return Conversation(
-        agent, request.app.state.session_factory, session_id, settings.max_history_messages
+# The HTTP status of each model failure on the JSON endpoint (streams report it in an event).
+_FAILURE_STATUS = {"timeout": 504, "bad_request": 502, "other": 500}
+
+
+def _sse(event: TurnEvent) -> ServerSentEvent:
+    """Frame one turn event as the contract's SSE: JSON `{content, done}`, and a failure as an
+    `error` event whose data also carries `error: {code, message}`."""
+    match event:
+        case ReplyText(text):
+            data = StreamEvent(content=text, done=False)
+        case TurnStored():
+            data = StreamEvent(content="", done=True)
+        case TurnFailed(code, message):
+            data = StreamEvent(content="", done=True, error=ErrorDetail(code=code, message=message))
+    return ServerSentEvent(
+        data=data.model_dump_json(exclude_none=True), event="error" if data.error is not None else None
     )
+
+
+async def _sse_stream(turn: Turn) -> AsyncGenerator[ServerSentEvent, None]:
+    async with aclosing(turn.events()) as events:
+        async for event in events:
+            yield _sse(event)
 
 
 @router.post(
@@ -77,44 +110,37 @@ def _conversation(request: Request, session_id, settings: ApiSettings, agent) ->
     responses={**_STREAM_DOC, **_ERRORS},
     dependencies=[limit_by_session("chat")],
 )
-async def chat_stream(
-    body: ChatRequest,
-    request: Request,
-    session: CurrentChatSession,
-    settings: SettingsDep,
-    agent: AgentDep,
-) -> EventSourceResponse:
+async def chat_stream(body: ChatRequest, settings: SettingsDep, conversation: ConversationDep) -> EventSourceResponse:
     _check_size(body, settings)
-    conversation = _conversation(request, session.id, settings, agent)
-    # Read history before the 200 goes out, so a database outage is a plain 503.
-    context = await conversation.context_for(body.messages)
-    return EventSourceResponse(
-        conversation.stream_events(context, body.messages),
-        ping=15,
-        headers={"Cache-Control": "no-cache"},
-    )
+    # The history is read before the 200 goes out, so a database outage is a plain 503.
+    turn = await conversation.begin(_said(body))
+    return EventSourceResponse(_sse_stream(turn), ping=15, headers={"Cache-Control": "no-cache"})
 
 
 @router.post(
     "/chat",
     response_model=ChatResponse,
     summary="Send messages and get the agent's whole reply as JSON",
-    responses={**_ERRORS, 504: {"model": ErrorResponse, "description": "The model timed out"}},
+    responses={
+        **_ERRORS,
+        500: {"model": ErrorResponse, "description": "The reply failed unexpectedly"},
+        502: {"model": ErrorResponse, "description": "The model rejected the request"},
+        504: {"model": ErrorResponse, "description": "The model timed out"},
+    },
     dependencies=[limit_by_session("chat")],
 )
-async def chat(
-    body: ChatRequest,
-    request: Request,
-    session: CurrentChatSession,
-    settings: SettingsDep,
-    agent: AgentDep,
-) -> ChatResponse:
+async def chat(body: ChatRequest, settings: SettingsDep, conversation: ConversationDep) -> ChatResponse:
     _check_size(body, settings)
+    turn = await conversation.begin(_said(body))
     try:
-        answer = await _conversation(request, session.id, settings, agent).reply(body.messages)
+        answer = await turn.reply()
     except ChatFailure as failure:
-        raise HTTPException(failure.status_code, failure.message) from None
-    return ChatResponse(messages=[answer])
+        raise HTTPException(_FAILURE_STATUS.get(failure.reason, 503), failure.message) from None
+    return ChatResponse(messages=[Message(role=answer.role, content=answer.content)])
+
+
+def _said(body: ChatRequest) -> list[Utterance]:
+    return [Utterance(message.role, message.content) for message in body.messages]
 
 
 @router.get(

@@ -20,8 +20,9 @@ router = APIRouter(prefix="/livekit", tags=["livekit"])
     },
     dependencies=[limit_by_session("livekit")],
 )
-async def livekit_token(session: CurrentChatSession, settings: SettingsDep,
-                        voice_rooms: VoiceRoomsDep) -> LiveKitTokenResponse:
+async def livekit_token(
+    session: CurrentChatSession, settings: SettingsDep, voice_rooms: VoiceRoomsDep
+) -> LiveKitTokenResponse:
     if not settings.livekit_configured:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -30,8 +31,11 @@ async def livekit_token(session: CurrentChatSession, settings: SettingsDep,
     try:
         admitted = await voice_rooms.admit(session.user_id, room_for_session(session.id))
     except VoiceRoomsUnavailable:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "Voice grants store (Redis) is unavailable",
-                            headers={"Retry-After": "5"}) from None
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "Voice grants store (Redis) is unavailable",
+            headers={"Retry-After": "5"},
+        ) from None
     if not admitted:
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,
@@ -40,8 +44,8 @@ async def livekit_token(session: CurrentChatSession, settings: SettingsDep,
         )
     grant = participant_token(settings, session.user_id, session.id)
     return LiveKitTokenResponse(
-        serverUrl=grant.server_url,
-        participantToken=grant.token,
-        roomName=grant.room_name,
-        participantIdentity=grant.identity,
+        server_url=grant.server_url,
+        participant_token=grant.token,
+        room_name=grant.room_name,
+        participant_identity=grant.identity,
     )

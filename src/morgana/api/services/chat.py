@@ -7,57 +7,53 @@ routing can be added as graph nodes without touching the HTTP layer.
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
+from typing import Any, cast
 
 import httpx
 import openai
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, AnyMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_openai import ChatOpenAI
 from langgraph.graph import END, START, MessagesState, StateGraph
 from opentelemetry import trace
 
 from morgana.api import metrics
 from morgana.api.config import ApiSettings
-from morgana.api.schemas import Message
+from morgana.api.services.utterance import Utterance
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
 
 class ChatFailure(Exception):
-    """A model call that failed; `code` is stable for clients, `message` is for people."""
+    """A model call that failed; `code` (llm_<reason>) is stable for clients, `message` is for people."""
 
-    def __init__(self, code: str, message: str, status_code: int) -> None:
-        super().__init__(code)
-        self.code, self.message, self.status_code = code, message, status_code
-
-    def as_event_error(self) -> dict[str, str]:
-        return {"code": self.code, "message": self.message}
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(reason)
+        self.reason, self.code, self.message = reason, f"llm_{reason}", message
 
 
 def classify_failure(exc: BaseException) -> ChatFailure:
     """Map a provider/client exception to what the caller is told (never the raw error)."""
     if isinstance(exc, (openai.APITimeoutError, httpx.TimeoutException)):
-        reason, status, text = "timeout", 504, "The language model did not respond in time."
+        failure = ChatFailure("timeout", "The language model did not respond in time.")
     elif isinstance(exc, openai.RateLimitError):
-        reason, status, text = "rate_limited", 503, "The language model is rate limited; retry shortly."
+        failure = ChatFailure("rate_limited", "The language model is rate limited; retry shortly.")
     elif isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
-        reason, status, text = "auth", 503, "The language model rejected the server's credentials."
+        failure = ChatFailure("auth", "The language model rejected the server's credentials.")
     elif isinstance(exc, openai.BadRequestError):
-        reason, status, text = "bad_request", 502, "The language model rejected the request."
+        failure = ChatFailure("bad_request", "The language model rejected the request.")
     elif isinstance(exc, (openai.APIError, httpx.TransportError)):
-        reason, status, text = "unavailable", 503, "The language model is unavailable."
+        failure = ChatFailure("unavailable", "The language model is unavailable.")
     else:
-        reason, status, text = "other", 500, "The reply failed unexpectedly."
-    metrics.LLM_ERRORS.labels(reason=reason).inc()
-    return ChatFailure(code=f"llm_{reason}", message=text, status_code=status)
+        failure = ChatFailure("other", "The reply failed unexpectedly.")
+    metrics.LLM_ERRORS.labels(reason=failure.reason).inc()
+    return failure
 
 
-def to_langchain(messages: Sequence[Message]) -> list[BaseMessage]:
-    return [
-        HumanMessage(m.content) if m.role == "user" else AIMessage(m.content) for m in messages
-    ]
+def to_langchain(messages: Sequence[Utterance]) -> list[AnyMessage]:
+    return [HumanMessage(m.content) if m.role == "user" else AIMessage(m.content) for m in messages]
 
 
 class ChatAgent:
@@ -83,11 +79,11 @@ class ChatAgent:
         graph.add_edge("respond", END)
         self._graph = graph.compile()
 
-    async def _respond(self, state: MessagesState) -> dict:
+    async def _respond(self, state: MessagesState) -> dict[str, list[BaseMessage]]:
         reply = await self._llm.ainvoke([self._system_prompt, *state["messages"]])
         return {"messages": [reply]}
 
-    async def stream(self, conversation: Sequence[Message]) -> AsyncIterator[str]:
+    async def stream(self, conversation: Sequence[Utterance]) -> AsyncGenerator[str, None]:
         """Yield the reply's text as it arrives; raise ChatFailure if the model fails.
 
         Closing or cancelling this generator (a client that went away) cancels the model call.
@@ -95,9 +91,7 @@ class ChatAgent:
         started = time.perf_counter()
         first_token_at: float | None = None
         usage = _Usage()
-        with tracer.start_as_current_span(
-            "llm.chat", attributes={"gen_ai.request.model": self._model_name}
-        ) as span:
+        with tracer.start_as_current_span("llm.chat", attributes={"gen_ai.request.model": self._model_name}) as span:
             try:
                 async for text in _in_own_task(self._text_chunks(conversation, usage)):
                     if first_token_at is None:
@@ -117,9 +111,12 @@ class ChatAgent:
                     span.set_attribute("morgana.llm.time_to_first_token_s", first_token_at - started)
             metrics.LLM_DURATION.observe(time.perf_counter() - started)
 
-    async def _text_chunks(self, conversation: Sequence[Message], usage: "_Usage") -> AsyncIterator[str]:
-        graph_stream = self._graph.astream(
-            {"messages": to_langchain(conversation)}, stream_mode="messages"
+    async def _text_chunks(self, conversation: Sequence[Utterance], usage: "_Usage") -> AsyncGenerator[str, None]:
+        # Pregel.astream is an async generator function (typed as returning an AsyncIterator); in
+        # "messages" mode it yields (message chunk, metadata) pairs.
+        graph_stream = cast(
+            AsyncGenerator[tuple[BaseMessage, dict[str, Any]], None],
+            self._graph.astream({"messages": to_langchain(conversation)}, stream_mode="messages"),
         )
         async with aclosing(graph_stream):
             async for chunk, _metadata in graph_stream:
@@ -148,7 +145,7 @@ class _Usage:
 _END = object()
 
 
-async def _in_own_task(source: AsyncIterator[str]) -> AsyncIterator[str]:
+async def _in_own_task(source: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
     """Iterate `source` in a task of its own, cancelled as soon as this generator stops.
 
     Starlette streams run under anyio cancel scopes, whose repeated cancellation can cut
@@ -171,6 +168,6 @@ async def _in_own_task(source: AsyncIterator[str]) -> AsyncIterator[str]:
         while (item := await queue.get()) is not _END:
             if isinstance(item, Exception):
                 raise item
-            yield item  # type: ignore[misc]
+            yield cast(str, item)  # pump() queues the source's str items, an exception or _END
     finally:
         task.cancel()

@@ -1,23 +1,24 @@
-"""One chat turn end to end: history in, model reply out, the whole turn stored.
+"""One chat turn end to end: history in, the model's reply out, the whole turn stored.
 
-A turn is stored only once the reply is complete, in one transaction, and before the
-final `done: true` event: a client that saw `done` can rely on the history holding it.
+A turn is stored only once the reply is complete, in one transaction, and before the stream's
+last event (`TurnStored`): a client told the turn is done can rely on the history holding it.
+The route turns these typed events into Server-Sent Events or a JSON body; nothing here knows
+of HTTP.
 """
 
 import asyncio
-import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
+from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sse_starlette import ServerSentEvent
 
 from morgana.api import metrics
-from morgana.api.schemas import Message
 from morgana.api.services import history
 from morgana.api.services.chat import ChatAgent, ChatFailure
+from morgana.api.services.utterance import Utterance
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,37 @@ log = logging.getLogger(__name__)
 class HistoryUnavailable(Exception):
     """The turn's history could not be read or written."""
 
+    code = "history_unavailable"
+    message = "The reply could not be saved to the history; please retry."
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyText:
+    """The next piece of the model's reply."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class TurnStored:
+    """The reply is complete and the whole turn is in the history: always the last event."""
+
+
+@dataclass(frozen=True, slots=True)
+class TurnFailed:
+    """The turn ended without being stored: the model failed or the history could not take it."""
+
+    code: str
+    message: str
+
+
+TurnEvent = ReplyText | TurnStored | TurnFailed
+
 
 class Conversation:
+    """A chat session's conversation: each turn sends its recent history and the new messages to
+    the model and stores the turn once the reply is whole."""
+
     def __init__(
         self,
         agent: ChatAgent,
@@ -39,51 +69,55 @@ class Conversation:
         self._session_id = session_id
         self._context_limit = context_limit
 
-    async def context_for(self, new_messages: Sequence[Message]) -> list[Message]:
-        """What the model sees: the stored history, then the new messages."""
+    async def begin(self, said: Sequence[Utterance]) -> "Turn":
+        """Start a turn: read the history now, so that a database outage is an error the caller
+        can report before any reply begins. Database errors propagate as they are."""
         async with self._session_factory() as db:
             stored = await history.recent(db, self._session_id, self._context_limit)
-        return [Message(role=m.role, content=m.content) for m in stored] + list(new_messages)
+        context = [Utterance(history.role_of(m), m.content) for m in stored] + list(said)
+        return Turn(self._agent, self.store, context, list(said))
 
-    async def reply(self, new_messages: Sequence[Message]) -> Message:
-        """Run a turn to completion and store it (the non-streaming endpoint)."""
-        context = await self.context_for(new_messages)
-        async with aclosing(self._agent.stream(context)) as reply_parts:
-            parts = [part async for part in reply_parts]
-        answer = Message.model_construct(role="assistant", content="".join(parts))
-        await self._store(new_messages, answer)
-        metrics.CHAT_TURNS.labels(outcome="completed", transport="json").inc()
-        return answer
+    async def store(self, turn: list[Utterance]) -> None:
+        """Store a whole turn in one transaction; HistoryUnavailable if it cannot be."""
+        try:
+            async with self._session_factory() as db:
+                await history.append_turn(db, self._session_id, turn)
+        except Exception as exc:
+            log.error("could not store a completed turn", extra={"session_id": str(self._session_id)}, exc_info=True)
+            raise HistoryUnavailable() from exc
 
-    async def stream_events(
-        self, context: Sequence[Message], new_messages: Sequence[Message]
-    ) -> AsyncIterator[ServerSentEvent]:
-        """The SSE events of one turn; the last one always has `done: true`."""
+
+class Turn:
+    """One turn, its history already read: run it as a stream of events or to completion."""
+
+    def __init__(
+        self,
+        agent: ChatAgent,
+        store: Callable[[list[Utterance]], Awaitable[None]],
+        context: list[Utterance],
+        said: list[Utterance],
+    ) -> None:
+        self._agent = agent
+        self._store = store
+        self._context = context
+        self._said = said
+
+    async def events(self) -> AsyncGenerator[TurnEvent, None]:
+        """The reply as it arrives; the last event is TurnStored or TurnFailed."""
         metrics.CHAT_STREAMS_OPEN.inc()
-        parts: list[str] = []
         outcome = "error"
+        parts: list[str] = []
         try:
             # aclosing: a client that goes away closes the model stream now, not at GC.
-            async with aclosing(self._agent.stream(context)) as reply_parts:
+            async with aclosing(self._agent.stream(self._context)) as reply_parts:
                 async for part in reply_parts:
                     parts.append(part)
-                    yield _event(part, done=False)
-            await self._store(
-                new_messages, Message.model_construct(role="assistant", content="".join(parts))
-            )
+                    yield ReplyText(part)
+            await self._store([*self._said, Utterance("assistant", "".join(parts))])
             outcome = "completed"
-            yield _event("", done=True)
-        except ChatFailure as failure:
-            yield _event("", done=True, error=failure.as_event_error())
-        except HistoryUnavailable:
-            yield _event(
-                "",
-                done=True,
-                error={
-                    "code": "history_unavailable",
-                    "message": "The reply could not be saved to the history; please retry.",
-                },
-            )
+            yield TurnStored()
+        except (ChatFailure, HistoryUnavailable) as failure:
+            yield TurnFailed(failure.code, failure.message)
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
@@ -91,20 +125,17 @@ class Conversation:
             metrics.CHAT_STREAMS_OPEN.dec()
             metrics.CHAT_TURNS.labels(outcome=outcome, transport="stream").inc()
 
-    async def _store(self, new_messages: Sequence[Message], answer: Message) -> None:
+    async def reply(self) -> Utterance:
+        """Run the turn to completion and store it; raises ChatFailure or HistoryUnavailable."""
+        outcome = "error"
         try:
-            async with self._session_factory() as db:
-                await history.append_turn(db, self._session_id, [*new_messages, answer])
-        except Exception as exc:
-            log.error("could not store a completed turn", extra={"session_id": str(self._session_id)},
-                      exc_info=True)
-            raise HistoryUnavailable() from exc
-
-
-def _event(content: str, *, done: bool, error: dict | None = None) -> ServerSentEvent:
-    payload: dict = {"content": content, "done": done}
-    if error is not None:
-        payload["error"] = error
-    return ServerSentEvent(
-        data=json.dumps(payload, ensure_ascii=False), event="error" if error else None
-    )
+            async with aclosing(self._agent.stream(self._context)) as reply_parts:
+                answer = Utterance("assistant", "".join([part async for part in reply_parts]))
+            await self._store([*self._said, answer])
+            outcome = "completed"
+            return answer
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            metrics.CHAT_TURNS.labels(outcome=outcome, transport="json").inc()

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, cast
 
 import aiohttp
 import redis.asyncio
@@ -57,16 +58,17 @@ def participant_token(settings: ApiSettings, user_id: int, session_id: uuid.UUID
         .with_room_config(api.RoomConfiguration(agents=[dispatch]))
         .to_jwt()
     )
-    return ParticipantGrant(
-        server_url=settings.livekit_client_url, token=token, room_name=room, identity=identity
-    )
+    return ParticipantGrant(server_url=settings.livekit_client_url, token=token, room_name=room, identity=identity)
 
 
 def _client(settings: ApiSettings) -> api.LiveKitAPI:
     assert settings.livekit_api_key and settings.livekit_api_secret
-    return api.LiveKitAPI(settings.livekit_url, settings.livekit_api_key,
-                          settings.livekit_api_secret.get_secret_value(),
-                          timeout=aiohttp.ClientTimeout(total=3))
+    return api.LiveKitAPI(
+        settings.livekit_url,
+        settings.livekit_api_key,
+        settings.livekit_api_secret.get_secret_value(),
+        timeout=aiohttp.ClientTimeout(total=3),
+    )
 
 
 async def close_room(settings: ApiSettings, session_id: uuid.UUID) -> None:
@@ -105,7 +107,8 @@ class VoiceRooms:
         self._redis: redis.asyncio.Redis | None = None
         if settings.redis_url:
             pool = redis.asyncio.BlockingConnectionPool.from_url(
-                settings.redis_url, max_connections=8, timeout=2, socket_timeout=2, socket_connect_timeout=2)
+                settings.redis_url, max_connections=8, timeout=2, socket_timeout=2, socket_connect_timeout=2
+            )
             self._redis = redis.asyncio.Redis(connection_pool=pool)
         self._memory: dict[int, dict[str, float]] = {}
         self._lock = asyncio.Lock()
@@ -134,7 +137,12 @@ class VoiceRooms:
         key = f"morgana-voice:user:{user_id}"
         try:
             await self._redis.zremrangebyscore(key, "-inf", now - self.KEEP_SECONDS)
-            return {member.decode(): score for member, score in await self._redis.zrange(key, 0, -1, withscores=True)}
+            # Without decode_responses, zrange(withscores=True) gives (bytes member, float score) pairs:
+            # tuples over RESP2, lists over RESP3.
+            scored = cast(
+                list[tuple[bytes, float]] | list[list[Any]], await self._redis.zrange(key, 0, -1, withscores=True)
+            )
+            return {member.decode(): score for member, score in scored}
         except redis.RedisError as exc:
             raise VoiceRoomsUnavailable(str(exc)) from exc
 

@@ -1,8 +1,9 @@
 """Chat sessions: one conversation each, owned by one user."""
 
 import uuid
+from typing import Any, cast
 
-from sqlalchemy import delete, select
+from sqlalchemy import CursorResult, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from morgana.api.models import ChatSession
@@ -14,10 +15,6 @@ async def create(db: AsyncSession, user_id: int, name: str | None = None) -> Cha
     db.add(session)
     await db.commit()
     return session
-
-
-async def get(db: AsyncSession, session_id: uuid.UUID) -> ChatSession | None:
-    return await db.get(ChatSession, session_id)
 
 
 async def list_for_user(db: AsyncSession, user_id: int) -> list[ChatSession]:
@@ -40,8 +37,7 @@ async def rename(db: AsyncSession, user_id: int, session_id: uuid.UUID, name: st
 
 async def delete_owned(db: AsyncSession, user_id: int, session_id: uuid.UUID) -> bool:
     """Delete a session and (by cascade) its history; False if the user has no such session."""
-    result = await db.execute(
-        delete(ChatSession).where(ChatSession.id == session_id, ChatSession.user_id == user_id)
-    )
+    result = await db.execute(delete(ChatSession).where(ChatSession.id == session_id, ChatSession.user_id == user_id))
     await db.commit()
-    return result.rowcount > 0
+    # A DELETE's result is a CursorResult, which has the row count.
+    return cast("CursorResult[Any]", result).rowcount > 0

@@ -29,8 +29,9 @@ async def register(db: AsyncSession, hasher: PasswordHasher, email: str, passwor
     return user
 
 
-async def authenticate(session_factory: async_sessionmaker[AsyncSession], hasher: PasswordHasher,
-                       email: str, password: str) -> User | None:
+async def authenticate(
+    session_factory: async_sessionmaker[AsyncSession], hasher: PasswordHasher, email: str, password: str
+) -> User | None:
     """The user with these credentials, or None; unknown emails cost one hash check too.
 
     The connection goes back to the pool before the (slow) check: a flood of logins must not
@@ -45,8 +46,10 @@ async def authenticate(session_factory: async_sessionmaker[AsyncSession], hasher
 async def revoke_tokens(db: AsyncSession, user: User) -> int:
     """Invalidate every token issued to `user` so far; the new token version."""
     version = await db.scalar(
-        update(User).where(User.id == user.id)
-        .values(token_version=User.token_version + 1).returning(User.token_version)
+        update(User)
+        .where(User.id == user.id)
+        .values(token_version=User.token_version + 1)
+        .returning(User.token_version)
     )
     await db.commit()
     assert version is not None
@@ -57,16 +60,14 @@ async def change_password(db: AsyncSession, hasher: PasswordHasher, user: User, 
     """Set a new password and revoke every token issued before; the new token version."""
     hashed = await hasher.hash(new_password)
     version = await db.scalar(
-        update(User).where(User.id == user.id)
-        .values(hashed_password=hashed, token_version=User.token_version + 1).returning(User.token_version)
+        update(User)
+        .where(User.id == user.id)
+        .values(hashed_password=hashed, token_version=User.token_version + 1)
+        .returning(User.token_version)
     )
     await db.commit()
     assert version is not None
     return version
-
-
-async def get_user(db: AsyncSession, user_id: int) -> User | None:
-    return await db.get(User, user_id)
 
 
 async def ensure_service_account(db: AsyncSession, email: str, password: str) -> None:

@@ -1,0 +1,396 @@
+"""The API benchmark's scenarios, each run against Morgana and the baseline alike.
+
+1. session_create  POST /api/v1/auth/session  vs  POST /session (one INSERT)
+2. chat_stream     POST /api/v1/chatbot/chat/stream  vs  POST /chat/stream (relay of the model's
+                   SSE), 200-token replies: time to first event (sequential) and streams/s (c=8)
+3. open_streams    N concurrent long-lived streams (500; --quick 100): errors, peak open,
+                   server RSS per open stream
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+from bench.api_load import (
+    SessionPool,
+    StreamResult,
+    Tally,
+    Target,
+    abba,
+    client_session,
+    closed_loop,
+    metric_value,
+    one_session,
+    one_stream,
+    rss_kib,
+)
+from bench.api_report import Results
+from bench.common import logger, percentile, rounded
+
+if TYPE_CHECKING:
+    from morgana_devtools.openai_server import FakeOpenAIProcess
+
+REPLY_TOKENS = 200
+log = logger("bench")
+
+
+@dataclass(frozen=True)
+class Plan:
+    session_requests: int  # per target
+    session_concurrency: int
+    ttfe_pairs: int  # sequential requests per target
+    stream_requests: int  # per target, at stream_concurrency
+    stream_concurrency: int
+    open_streams: int
+    open_tokens: int
+    open_delay_ms: int
+    rounds: int  # alternating rounds per target (even: ABBA ordering)
+    warmup: int
+
+
+FULL = Plan(2000, 16, 100, 400, 8, 500, 20, 500, 4, 60)
+QUICK = Plan(300, 16, 20, 60, 8, 100, 10, 400, 2, 20)
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+
+async def bench_sessions(res: Results, plan: Plan, targets: list[Target]) -> None:
+    log(
+        f"session_create: {plan.session_requests} requests per target, "
+        f"concurrency {plan.session_concurrency}, {plan.rounds} alternating rounds"
+    )
+    tallies = {t.name: Tally() for t in targets}
+    per_round = math.ceil(plan.session_requests / plan.rounds)
+    deadline = time.monotonic() + 90
+    async with client_session(plan.session_concurrency) as http:
+        for t in targets:  # warm-up (connections, code paths)
+            await asyncio.gather(*(one_session(http, t) for _ in range(plan.warmup)))
+        for t in abba(targets, plan.rounds):
+
+            async def call(t: Target = t) -> tuple[bool, float, float, str]:
+                ok, latency = await one_session(http, t)
+                return ok, latency, math.nan, "" if ok else "non-200 or bad body"
+
+            await closed_loop(per_round, plan.session_concurrency, deadline, call, tallies[t.name], t.pid)
+    m, b = tallies["morgana"], tallies["baseline"]
+    res.add(
+        "session_create",
+        "throughput",
+        m.rate,
+        b.rate,
+        "req/s",
+        n=m.done,
+        concurrency=plan.session_concurrency,
+        round_spread={
+            "morgana": [rounded(min(m.round_rates), 1), rounded(max(m.round_rates), 1)],
+            "baseline": [rounded(min(b.round_rates), 1), rounded(max(b.round_rates), 1)],
+        },
+    )
+    for q in (50, 95):
+        res.add(
+            "session_create",
+            f"latency_p{q}",
+            1000 * percentile(m.latencies, q),
+            1000 * percentile(b.latencies, q),
+            "ms",
+        )
+    res.add("session_create", "server_cpu_per_request", m.cpu_ms_per_request, b.cpu_ms_per_request, "ms")
+    res.add(
+        "session_create",
+        "errors",
+        m.errors,
+        b.errors,
+        "count",
+        problems={"morgana": m.problems, "baseline": b.problems} if m.errors or b.errors else None,
+    )
+
+
+async def bench_chat(res: Results, plan: Plan, targets: list[Target], fake: FakeOpenAIProcess) -> None:
+    fake.set_scenario(tokens=REPLY_TOKENS)
+    expected = REPLY_TOKENS + 1
+    async with client_session(plan.stream_concurrency) as http:
+        for t in targets:  # warm-up
+            for _ in range(max(3, plan.warmup // 6)):
+                r = await one_stream(http, t, expected)
+                if not r.ok:
+                    raise RuntimeError(f"{t.name} warm-up stream failed: {r.problem}")
+
+        # Sequential: time to first content event, and whole-stream time, with no contention.
+        log(f"chat_stream: {plan.ttfe_pairs} sequential streams per target (alternating)")
+        seq = {t.name: Tally() for t in targets}
+        deadline = time.monotonic() + 60
+        for i in range(plan.ttfe_pairs):
+            if time.monotonic() > deadline:
+                break
+            for t in targets if i % 2 == 0 else targets[::-1]:
+                r = await one_stream(http, t, expected)
+                if r.ok:
+                    seq[t.name].ttfes.append(r.ttfe)
+                    seq[t.name].latencies.append(r.total)
+                    seq[t.name].done += 1
+                else:
+                    seq[t.name].note(r.problem)
+        m, b = seq["morgana"], seq["baseline"]
+        for q in (50, 95):
+            mv, bv = 1000 * percentile(m.ttfes, q), 1000 * percentile(b.ttfes, q)
+            res.add("chat_stream", f"ttfe_p{q}", mv, bv, "ms", overhead_ms=rounded(mv - bv), n=m.done)
+        mv, bv = 1000 * percentile(m.latencies, 50), 1000 * percentile(b.latencies, 50)
+        res.add("chat_stream", "stream_time_p50", mv, bv, "ms", overhead_ms=rounded(mv - bv), tokens=REPLY_TOKENS)
+        res.add(
+            "chat_stream",
+            "sequential_errors",
+            m.errors,
+            b.errors,
+            "count",
+            problems={"morgana": m.problems, "baseline": b.problems} if m.errors or b.errors else None,
+        )
+
+        # Concurrent: streams per second.
+        log(
+            f"chat_stream: {plan.stream_requests} streams per target at concurrency "
+            f"{plan.stream_concurrency}, {plan.rounds} alternating rounds"
+        )
+        conc = {t.name: Tally() for t in targets}
+        per_round = math.ceil(plan.stream_requests / plan.rounds)
+        deadline = time.monotonic() + 120
+        for t in abba(targets, plan.rounds):
+
+            async def call(t: Target = t) -> tuple[bool, float, float, str]:
+                r = await one_stream(http, t, expected)
+                return r.ok, r.total, r.ttfe, r.problem
+
+            await closed_loop(per_round, plan.stream_concurrency, deadline, call, conc[t.name], t.pid)
+        m, b = conc["morgana"], conc["baseline"]
+        res.add(
+            "chat_stream",
+            "throughput",
+            m.rate,
+            b.rate,
+            "streams/s",
+            n=m.done,
+            concurrency=plan.stream_concurrency,
+            round_spread={
+                "morgana": [rounded(min(m.round_rates), 2), rounded(max(m.round_rates), 2)],
+                "baseline": [rounded(min(b.round_rates), 2), rounded(max(b.round_rates), 2)],
+            },
+        )
+        res.add("chat_stream", "tokens_per_second", m.rate * REPLY_TOKENS, b.rate * REPLY_TOKENS, "tokens/s")
+        for q in (50, 95):
+            res.add(
+                "chat_stream",
+                f"loaded_ttfe_p{q}",
+                1000 * percentile(m.ttfes, q),
+                1000 * percentile(b.ttfes, q),
+                "ms",
+            )
+        res.add("chat_stream", "server_cpu_per_stream", m.cpu_ms_per_request, b.cpu_ms_per_request, "ms")
+        res.add(
+            "chat_stream",
+            "errors",
+            m.errors,
+            b.errors,
+            "count",
+            problems={"morgana": m.problems, "baseline": b.problems} if m.errors or b.errors else None,
+        )
+
+
+@dataclass
+class OpenRun:
+    results: list[StreamResult]
+    peak_open: int
+    peak_gauge: float | None
+    peak_db_checked_out: float | None
+    steady_db_checked_out: float | None
+    rss_before: int
+    rss_peak: int
+    rss_after: int
+    all_open_after: float
+    wall: float
+
+
+async def open_many(target: Target, count: int, expected_events: int) -> OpenRun:
+    """Open `count` streams at once; sample server RSS and (Morgana) /metrics while they run."""
+    open_now = closed_count = rejected = 0
+    peak = {"open": 0, "gauge": None, "db": None, "db_steady": None, "rss": 0}
+    first_event_times: list[float] = []
+    all_done = asyncio.Event()
+
+    def opened() -> None:
+        nonlocal open_now
+        open_now += 1
+        peak["open"] = max(peak["open"], open_now)
+
+    def closed() -> None:
+        nonlocal open_now, closed_count
+        open_now -= 1
+        closed_count += 1
+
+    def steady() -> bool:
+        """Every stream has had content and none has ended: all are mid-stream."""
+        return closed_count == 0 and len(first_event_times) + rejected == count
+
+    await asyncio.sleep(1.0)
+    rss_before = rss_kib(target.pid)
+    peak["rss"] = rss_before
+
+    async def sampler() -> None:
+        async with client_session(2, timeout=5) as probe:
+            while not all_done.is_set():
+                peak["rss"] = max(peak["rss"], rss_kib(target.pid))
+                if target.name == "morgana":
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                        was_steady = steady()
+                        async with probe.get(target.url + "/metrics") as resp:
+                            text = await resp.text()
+                        gauge = metric_value(text, "morgana_api_chat_streams_open")
+                        db = metric_value(text, "morgana_api_db_pool_checked_out")
+                        if gauge is not None:
+                            peak["gauge"] = max(peak["gauge"] or 0.0, gauge)
+                        if db is not None:
+                            peak["db"] = max(peak["db"] or 0.0, db)
+                            if was_steady and steady():
+                                peak["db_steady"] = max(peak["db_steady"] or 0.0, db)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(all_done.wait(), 0.25)
+
+    started = time.perf_counter()
+    async with client_session(count + 100, timeout=90) as http:
+        sampling = asyncio.create_task(sampler())
+
+        async def run_one() -> StreamResult:
+            def opened_with_content() -> None:
+                first_event_times.append(time.perf_counter() - started)
+
+            nonlocal rejected
+            r = await one_stream(http, target, expected_events, opened, closed, opened_with_content)
+            if r.status != 200:  # refused (or failed) before it opened
+                rejected += 1
+            return r
+
+        try:
+            results = await asyncio.gather(*(run_one() for _ in range(count)))
+        finally:
+            all_done.set()
+            await sampling
+    wall = time.perf_counter() - started
+    await asyncio.sleep(1.0)
+    return OpenRun(
+        results=results,
+        peak_open=peak["open"],
+        peak_gauge=peak["gauge"],
+        peak_db_checked_out=peak["db"],
+        steady_db_checked_out=peak["db_steady"],
+        rss_before=rss_before,
+        rss_peak=peak["rss"],
+        rss_after=rss_kib(target.pid),
+        all_open_after=max(first_event_times, default=math.nan),
+        wall=wall,
+    )
+
+
+async def bench_open_streams(
+    res: Results, plan: Plan, targets: list[Target], fake: FakeOpenAIProcess, morgana_tokens: SessionPool
+) -> None:
+    n = plan.open_streams
+    fake.set_scenario(tokens=plan.open_tokens, delay_ms=plan.open_delay_ms)
+    expected = plan.open_tokens + 1
+    runs: dict[str, OpenRun] = {}
+    for t in targets:
+        log(f"open_streams: {n} concurrent streams to {t.name} ({plan.open_tokens} tokens x {plan.open_delay_ms} ms)")
+        if t.name == "morgana":  # one fresh session per stream, created beforehand
+            tokens = [morgana_tokens.take() for _ in range(n)]
+            t.stream_headers = lambda tokens=tokens: {"Authorization": f"Bearer {tokens.pop()}"}
+        runs[t.name] = await open_many(t, n, expected)
+    fake.set_scenario(tokens=REPLY_TOKENS)
+    m, b = runs["morgana"], runs["baseline"]
+
+    def errors(run: OpenRun) -> tuple[int, dict[str, int]]:
+        problems: dict[str, int] = {}
+        for r in run.results:
+            if not r.ok:
+                key = r.problem.split(":")[0][:60]
+                problems[key] = problems.get(key, 0) + 1
+        return sum(problems.values()), problems
+
+    (me, mp), (be, bp) = errors(m), errors(b)
+    res.add(
+        "open_streams",
+        "errors",
+        me,
+        be,
+        "count",
+        streams=n,
+        problems={"morgana": mp, "baseline": bp} if me or be else None,
+    )
+    res.add("open_streams", "peak_open_client_side", m.peak_open, b.peak_open, "streams", streams=n)
+    res.add(
+        "open_streams",
+        "peak_open_server_gauge",
+        m.peak_gauge,
+        None,
+        "streams",
+        note="morgana_api_chat_streams_open from /metrics; the baseline has no such gauge",
+    )
+    res.add(
+        "open_streams",
+        "peak_db_pool_checked_out",
+        m.peak_db_checked_out,
+        None,
+        "connections",
+        note="max morgana_api_db_pool_checked_out during the run, incl. ramp-up and the "
+        "end-of-stream history writes (pool is 10+10)",
+    )
+    res.add(
+        "open_streams",
+        "mid_stream_db_pool_checked_out",
+        m.steady_db_checked_out,
+        None,
+        "connections",
+        note="max while every stream was open and mid-reply (should be 0)",
+    )
+    res.add(
+        "open_streams",
+        "all_open_after",
+        1000 * m.all_open_after,
+        1000 * b.all_open_after,
+        "ms",
+        note="time until every stream that opened had its first content event",
+    )
+    for q in (50, 95):
+        mt = [r.ttfe for r in m.results if r.ok]
+        bt = [r.ttfe for r in b.results if r.ok]
+        res.add("open_streams", f"ttfe_p{q}", 1000 * percentile(mt, q), 1000 * percentile(bt, q), "ms")
+    ideal = (plan.open_tokens - 1) * plan.open_delay_ms
+    res.add(
+        "open_streams",
+        "stream_time_p95",
+        1000 * percentile([r.total for r in m.results if r.ok], 95),
+        1000 * percentile([r.total for r in b.results if r.ok], 95),
+        "ms",
+        note=f"ideal is ~{ideal} ms (model pacing)",
+    )
+    res.add("open_streams", "rss_before", m.rss_before, b.rss_before, "KiB")
+    res.add("open_streams", "rss_peak", m.rss_peak, b.rss_peak, "KiB")
+    res.add(
+        "open_streams",
+        "rss_per_open_stream",
+        (m.rss_peak - m.rss_before) / m.peak_open if m.peak_open else None,
+        (b.rss_peak - b.rss_before) / b.peak_open if b.peak_open else None,
+        "KiB/stream",
+    )
+    res.add(
+        "open_streams",
+        "rss_after_close_growth",
+        m.rss_after - m.rss_before,
+        b.rss_after - b.rss_before,
+        "KiB",
+        note="RSS 1 s after all streams closed minus before",
+    )

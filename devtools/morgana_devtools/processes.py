@@ -1,0 +1,126 @@
+"""The API and the agent worker as child processes (tests, benchmarks, make run)."""
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Self
+
+import httpx
+
+from morgana_devtools.services import eventually, free_port
+
+
+def migrate(env: Mapping[str, str]) -> None:
+    """`morgana-api migrate` with `env`, as the chart's migration Job runs it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "morgana.api.cli", "migrate"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"migration failed:\n{result.stderr}")
+
+
+class ChildProcess:
+    """A command run in the background with its output in a log file, ready when `ready()` is."""
+
+    name = "process"
+    ready_timeout = 60.0
+
+    def __init__(self, command: list[str], env: Mapping[str, str], log_path: Path) -> None:
+        self.command = command
+        self.env = dict(env)
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def start(self, timeout: float | None = None) -> "Self":
+        timeout = timeout or self.ready_timeout
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.command, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT
+            )
+        process = self.process
+
+        def up() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {process.returncode}:\n{self.log_tail()}")
+            try:
+                return self.ready()
+            except (httpx.HTTPError, ValueError):
+                return False
+
+        try:
+            eventually(up, timeout, interval=0.2)
+        except AssertionError:
+            self.stop()
+            raise RuntimeError(f"{self.name} not ready in {timeout} s:\n{self.log_tail()}") from None
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def __enter__(self) -> "Self":
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+class ApiProcess(ChildProcess):
+    """`morgana-api serve` on a free loopback port; ready when /health answers."""
+
+    name = "API"
+
+    def __init__(self, env: Mapping[str, str], log_path: Path, workers: int = 1) -> None:
+        self.port = free_port()
+        super().__init__(
+            [sys.executable, "-m", "morgana.api.cli", "serve", "--workers", str(workers)],
+            {**env, "HOST": "127.0.0.1", "PORT": str(self.port)},
+            log_path,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def ready(self) -> bool:
+        return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
+
+
+class AgentWorker(ChildProcess):
+    """`morgana-agent start`; ready once registered with LiveKit."""
+
+    name = "agent worker"
+    ready_timeout = 90.0
+
+    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+        self.health_port, self.metrics_port = free_port(), free_port()
+        super().__init__(
+            [sys.executable, "-m", "morgana.agent.cli", "start"],
+            {**env, "HEALTH_PORT": str(self.health_port), "METRICS_PORT": str(self.metrics_port)},
+            log_path,
+        )
+
+    def ready(self) -> bool:
+        httpx.get(f"http://127.0.0.1:{self.health_port}/worker", timeout=1).raise_for_status()
+        return "registered worker" in self.log_path.read_text(errors="replace")
