@@ -50,6 +50,7 @@ def load_yaml(path: Path) -> Any:
 
 # ---- Dockerfiles, read from their text (the Tiltfile builds from text too) ----
 
+
 @dataclass
 class Dockerfile:
     text: str
@@ -135,17 +136,11 @@ def dockerfile(component: str) -> Dockerfile:
 
 
 def controller_dockerfile_text() -> str:
-    """images/controller/Dockerfile once it exists; until then the agreed shape: the agent's
-    Dockerfile with the `controller` extra and the `morgana-controller` entrypoint."""
-    real = ROOT / "images" / "controller" / "Dockerfile"
-    if real.exists():
-        return real.read_text()
-    text = dockerfile("agent").text.replace("--extra agent", "--extra controller")
-    text = text.replace('ENTRYPOINT ["morgana-agent"]', 'ENTRYPOINT ["morgana-controller"]')
-    return text.replace('CMD ["start"]', "")
+    return (ROOT / "images" / "controller" / "Dockerfile").read_text()
 
 
 # ---- Fixtures ----
+
 
 @pytest.fixture(scope="session")
 def versions() -> dict[str, str]:
@@ -165,8 +160,8 @@ def tilt(helm_binary: Path) -> TiltRun:
 
 @pytest.fixture(scope="session")
 def tilt_with_controller(helm_binary: Path) -> TiltRun:
-    """The Tiltfile with images/controller/Dockerfile present (the real one, or its agreed shape)."""
-    return evaluate(helm_binary, overlay={"images/controller/Dockerfile": controller_dockerfile_text()})
+    """The Tiltfile as it is, images/controller/Dockerfile included."""
+    return evaluate(helm_binary)
 
 
 @pytest.fixture(scope="session")
@@ -176,8 +171,9 @@ def tilt_without_controller(helm_binary: Path) -> TiltRun:
 
 @pytest.fixture(scope="session", params=["with-controller", "without-controller"])
 def tilt_variant(request: pytest.FixtureRequest) -> TiltRun:
-    return request.getfixturevalue("tilt_with_controller" if request.param == "with-controller"
-                                   else "tilt_without_controller")
+    return request.getfixturevalue(
+        "tilt_with_controller" if request.param == "with-controller" else "tilt_without_controller"
+    )
 
 
 # Recording stand-ins for helm, kubectl and docker: each call is a JSON line in $RECORD.

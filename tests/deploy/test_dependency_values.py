@@ -112,8 +112,11 @@ def test_valkey_and_livekit_keep_the_service_names_morgana_defaults_to() -> None
     livekit = load_yaml(VALUES / "livekit-server.yaml")
     assert valkey["fullnameOverride"] == chart_defaults["redis"]["host"] == "morgana-valkey"
     assert valkey["service"]["port"] == chart_defaults["redis"]["port"] == 6379
-    assert chart_defaults["livekit"]["url"] == \
-        f"ws://{livekit['fullnameOverride']}:{livekit['loadBalancer']['servicePort']}" == "ws://livekit-server:80"
+    assert (
+        chart_defaults["livekit"]["url"]
+        == f"ws://{livekit['fullnameOverride']}:{livekit['loadBalancer']['servicePort']}"
+        == "ws://livekit-server:80"
+    )
     assert livekit["loadBalancer"]["type"] == "disable"
 
 
@@ -127,12 +130,17 @@ def test_livekit_config_rendered_the_way_the_chart_renders_it(helm_binary: Path,
     (chart / "values.yaml").write_text(
         "livekit:\n  port: 7880\n  log_level: info\n  rtc:\n    tcp_port: 7881\n    port_range_start: 50000\n"
         "    port_range_end: 60000\n    use_external_ip: true\n  redis: {}\n  keys: {}\n"
-        "  turn:\n    enabled: false\n    loadBalancerAnnotations: {}\n")
+        "  turn:\n    enabled: false\n    loadBalancerAnnotations: {}\n"
+    )
     (chart / "templates/configmap.yaml").write_text(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: livekit-server\ndata:\n"
-        "  config.yaml: |\n{{ toYaml .Values.livekit | indent 4 }}\n")
-    result = subprocess.run([str(helm_binary), "template", "livekit-server", str(chart),
-                             "-f", str(VALUES / "livekit-server.yaml")], capture_output=True, text=True)
+        "  config.yaml: |\n{{ toYaml .Values.livekit | indent 4 }}\n"
+    )
+    result = subprocess.run(
+        [str(helm_binary), "template", "livekit-server", str(chart), "-f", str(VALUES / "livekit-server.yaml")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(yaml.safe_load(result.stdout)["data"]["config.yaml"])
     rtc = config["rtc"]

@@ -34,22 +34,39 @@ REPOS = {
 }
 
 
-def run_install(*steps: str, env: dict[str, str] | None = None, path_prefix: Path | None = None,
-                check: bool = True) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if k not in (
-        "OPENAI_API_KEY", "OPENAI_BASE_URL", "LLM_MODEL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET",
-        "JWT_SECRET_KEY", "API_USER_PASSWORD", "MORGANA_NAMESPACE", "MORGANA_VALUES", "SKIP_IMAGES")}
+def run_install(
+    *steps: str, env: dict[str, str] | None = None, path_prefix: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "OPENAI_API_KEY",
+            "OPENAI_BASE_URL",
+            "LLM_MODEL",
+            "LIVEKIT_API_KEY",
+            "LIVEKIT_API_SECRET",
+            "JWT_SECRET_KEY",
+            "API_USER_PASSWORD",
+            "MORGANA_NAMESPACE",
+            "MORGANA_VALUES",
+            "SKIP_IMAGES",
+        )
+    }
     full_env.update(env or {})
     if path_prefix:
         full_env["PATH"] = f"{path_prefix}:{full_env['PATH']}"
-    result = subprocess.run(["bash", str(INSTALL_SH), *steps], env=full_env, capture_output=True,
-                            text=True, timeout=180, cwd=ROOT)
+    result = subprocess.run(
+        ["bash", str(INSTALL_SH), *steps], env=full_env, capture_output=True, text=True, timeout=180, cwd=ROOT
+    )
     if check:
         assert result.returncode == 0, f"install.sh {' '.join(steps)} failed:\n{result.stderr}"
     return result
 
 
 # ---- Static checks ----
+
 
 def test_install_scripts_parse_and_pass_shellcheck() -> None:
     shellcheck = shutil.which("shellcheck")
@@ -58,21 +75,31 @@ def test_install_scripts_parse_and_pass_shellcheck() -> None:
         result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         assert os.access(script, os.X_OK), f"{script} is not executable"
-        result = subprocess.run([shellcheck, "-x", "-P", str(ROOT), str(script)], capture_output=True,
-                                text=True, cwd=ROOT)
+        result = subprocess.run(
+            [shellcheck, "-x", "-P", str(ROOT), str(script)], capture_output=True, text=True, cwd=ROOT
+        )
         assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_the_versions_file_is_plain_shell_assignments() -> None:
     versions = read_versions()
-    sourced = subprocess.run(["bash", "-c", f'set -eua; source "{VERSIONS_ENV}"; env -0'],
-                             capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+    sourced = subprocess.run(
+        ["bash", "-c", f'set -eua; source "{VERSIONS_ENV}"; env -0'],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"]},
+    )
     assert sourced.returncode == 0, sourced.stderr
     env = dict(item.split("=", 1) for item in sourced.stdout.split("\0") if "=" in item)
     for key, value in versions.items():
         assert env.get(key) == value, key
-    assert set(versions) == {"CNPG_OPERATOR_CHART_VERSION", "CNPG_CLUSTER_CHART_VERSION",
-                             "VALKEY_CHART_VERSION", "LIVEKIT_SERVER_CHART_VERSION", "LIVEKIT_SERVER_VERSION"}
+    assert set(versions) == {
+        "CNPG_OPERATOR_CHART_VERSION",
+        "CNPG_CLUSTER_CHART_VERSION",
+        "VALKEY_CHART_VERSION",
+        "LIVEKIT_SERVER_CHART_VERSION",
+        "LIVEKIT_SERVER_VERSION",
+    }
 
 
 def test_no_version_is_hardcoded_outside_versions_env() -> None:
@@ -80,18 +107,20 @@ def test_no_version_is_hardcoded_outside_versions_env() -> None:
     for path in (INSTALL_SH, ROOT / "Tiltfile", *VALUES.glob("*.yaml")):
         text = path.read_text()
         for key, value in versions.items():
-            assert not re.search(rf"(?<![\w.]){re.escape(value)}(?![\w.])", text), \
+            assert not re.search(rf"(?<![\w.]){re.escape(value)}(?![\w.])", text), (
                 f"{path.relative_to(ROOT)} hardcodes {key}={value}; read it from deploy/versions.env"
+            )
 
 
 def test_livekit_server_image_is_the_release_the_test_suite_runs() -> None:
     script = (ROOT / "scripts/build-livekit-server.sh").read_text()
-    match = re.search(r'LIVEKIT_SERVER_VERSION:-(v[0-9.]+)', script)
+    match = re.search(r"LIVEKIT_SERVER_VERSION:-(v[0-9.]+)", script)
     assert match, "scripts/build-livekit-server.sh no longer names its default version"
     assert read_versions()["LIVEKIT_SERVER_VERSION"] == match[1]
 
 
 # ---- The full sequence, with recording stand-ins for helm, kubectl and docker ----
+
 
 def recorded(record: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in record.read_text().splitlines()]
@@ -172,8 +201,15 @@ def test_single_steps_and_skipping_images(shims: tuple[Path, Path]) -> None:
     assert {c["tool"] for c in recorded(record)} <= {"helm", "kubectl"}
     assert not helm_installs(recorded(record))
     record.unlink()
-    run_install(env={"RECORD": str(record), "SKIP_IMAGES": "1", "OPENAI_BASE_URL": "http://ollama:11434/v1",
-                     "LLM_MODEL": "llama3.2"}, path_prefix=bin_dir)
+    run_install(
+        env={
+            "RECORD": str(record),
+            "SKIP_IMAGES": "1",
+            "OPENAI_BASE_URL": "http://ollama:11434/v1",
+            "LLM_MODEL": "llama3.2",
+        },
+        path_prefix=bin_dir,
+    )
     calls = recorded(record)
     assert not [c for c in calls if c["tool"] == "docker"]
     morgana = helm_installs(calls)["morgana"]
@@ -197,6 +233,7 @@ def test_the_dev_values_are_refused_outside_kind(shims: tuple[Path, Path], tmp_p
 
 # ---- The kubectl steps for real ----
 
+
 @pytest.fixture(scope="module")
 def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeApiServer]:
     with KubeApiServer(log_dir=tmp_path_factory.mktemp("kube-logs")) as server:
@@ -213,8 +250,12 @@ def with_kubectl(env: dict[str, str]) -> dict[str, str]:
 
 
 def secret_data(kube: KubeApiServer, name: str, namespace: str = "morgana") -> dict[str, str]:
-    result = subprocess.run([kubectl(), "get", "secret", name, "-n", namespace, "-o", "json"],
-                            env={**os.environ, "KUBECONFIG": str(kube.kubeconfig)}, capture_output=True, text=True)
+    result = subprocess.run(
+        [kubectl(), "get", "secret", name, "-n", namespace, "-o", "json"],
+        env={**os.environ, "KUBECONFIG": str(kube.kubeconfig)},
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     secret = json.loads(result.stdout)
     assert "kubectl.kubernetes.io/last-applied-configuration" not in secret["metadata"].get("annotations", {})
@@ -253,8 +294,20 @@ def test_secrets_are_generated_kept_and_overridden(kube: KubeApiServer) -> None:
 def test_the_secrets_hold_every_key_the_dev_release_and_livekit_read(kube: KubeApiServer, helm_binary: Path) -> None:
     env = with_kubectl({"KUBECONFIG": str(kube.kubeconfig), "MORGANA_NAMESPACE": "refs"})
     run_install("namespace", "secrets", env=env)
-    rendered = subprocess.run([str(helm_binary), "template", "morgana", str(ROOT / "charts/morgana"), "-n", "refs",
-                               "-f", str(VALUES / "morgana-dev.yaml")], capture_output=True, text=True)
+    rendered = subprocess.run(
+        [
+            str(helm_binary),
+            "template",
+            "morgana",
+            str(ROOT / "charts/morgana"),
+            "-n",
+            "refs",
+            "-f",
+            str(VALUES / "morgana-dev.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert rendered.returncode == 0, rendered.stderr
     refs: set[tuple[str, str]] = set()
 

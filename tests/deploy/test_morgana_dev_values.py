@@ -24,8 +24,22 @@ KUBE_SCHEMA_VERSION = KUBERNETES_VERSION.lstrip("v").rsplit(".", 1)[0] + ".0"
 
 @pytest.fixture(scope="module")
 def objects(helm_binary: Path) -> list[dict[str, Any]]:
-    result = subprocess.run([str(helm_binary), "template", "morgana", str(CHART), "--namespace", "morgana",
-                             "-f", str(DEV_VALUES), "--include-crds"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            str(helm_binary),
+            "template",
+            "morgana",
+            str(CHART),
+            "--namespace",
+            "morgana",
+            "-f",
+            str(DEV_VALUES),
+            "--include-crds",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, f"helm template with morgana-dev.yaml failed:\n{result.stderr}"
     return [o for o in yaml.safe_load_all(result.stdout) if o]
 
@@ -45,16 +59,21 @@ def container_env(obj: dict[str, Any], objects: list[dict[str, Any]]) -> dict[st
 
 
 def all_containers(objects: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    return [(o, c) for o in objects if o["kind"] in ("Deployment", "Job", "Pod")
-            for c in pod_spec(o).get("containers", []) + pod_spec(o).get("initContainers", [])]
+    return [
+        (o, c)
+        for o in objects
+        if o["kind"] in ("Deployment", "Job", "Pod")
+        for c in pod_spec(o).get("containers", []) + pod_spec(o).get("initContainers", [])
+    ]
 
 
 def test_the_dev_release_renders_valid_kubernetes_objects(objects: list[dict[str, Any]]) -> None:
     crds = {}
     for crd in (o for o in objects if o["kind"] == "CustomResourceDefinition"):
         version = next(v for v in crd["spec"]["versions"] if v.get("storage"))
-        crds[f"{crd['spec']['group']}/{version['name']}/{crd['spec']['names']['kind']}"] = \
-            jsonschema.Draft7Validator(version["schema"]["openAPIV3Schema"])
+        crds[f"{crd['spec']['group']}/{version['name']}/{crd['spec']['names']['kind']}"] = jsonschema.Draft7Validator(
+            version["schema"]["openAPIV3Schema"]
+        )
     for obj in objects:
         name = f"{obj['kind']}/{obj['metadata']['name']}"
         key = f"{obj['apiVersion']}/{obj['kind']}"

@@ -31,9 +31,15 @@ def installs_summary(argv_by_release: dict[str, list[str]]) -> dict[str, tuple]:
                 return Path(flag(argv, name)).name
         return None
 
-    return {release: (argv[3].removeprefix(str(ROOT) + "/"), flag(argv, "--version") if "--version" in argv else None,
-                      flag(argv, "--namespace"), values(argv))
-            for release, argv in argv_by_release.items()}
+    return {
+        release: (
+            argv[3].removeprefix(str(ROOT) + "/"),
+            flag(argv, "--version") if "--version" in argv else None,
+            flag(argv, "--namespace"),
+            values(argv),
+        )
+        for release, argv in argv_by_release.items()
+    }
 
 
 def test_readme_walkthrough_installs_what_install_sh_installs(shims: tuple[Path, Path], tmp_path: Path) -> None:
@@ -44,9 +50,16 @@ def test_readme_walkthrough_installs_what_install_sh_installs(shims: tuple[Path,
     readme_record = tmp_path / "readme.jsonl"
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", walkthrough()],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={"PATH": f"{bin_dir}:/usr/bin:/bin", "RECORD": str(readme_record), "HOME": str(tmp_path),
-             "OPENAI_API_KEY": "sk-readme"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            "PATH": f"{bin_dir}:/usr/bin:/bin",
+            "RECORD": str(readme_record),
+            "HOME": str(tmp_path),
+            "OPENAI_API_KEY": "sk-readme",
+        },
     )
     assert result.returncode == 0, result.stderr
     readme = installs_summary(helm_installs(recorded(readme_record)))
@@ -58,6 +71,10 @@ def test_readme_walkthrough_installs_what_install_sh_installs(shims: tuple[Path,
 
 
 def secret_keys(calls: list[dict]) -> dict[str, list[str]]:
-    return {c["argv"][c["argv"].index("generic") + 1]: sorted(a.removeprefix("--from-literal=").split("=", 1)[0]
-                                                             for a in c["argv"] if a.startswith("--from-literal="))
-            for c in calls if c["tool"] == "kubectl" and "generic" in c["argv"]}
+    return {
+        c["argv"][c["argv"].index("generic") + 1]: sorted(
+            a.removeprefix("--from-literal=").split("=", 1)[0] for a in c["argv"] if a.startswith("--from-literal=")
+        )
+        for c in calls
+        if c["tool"] == "kubectl" and "generic" in c["argv"]
+    }

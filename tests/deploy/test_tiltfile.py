@@ -99,8 +99,8 @@ def install_sh_releases() -> dict[str, dict[str, str]]:
 
 # ---- Images ----
 
-def test_every_image_is_built_from_its_own_dockerfile_with_the_repo_root_as_context(
-        tilt_variant: TiltRun) -> None:
+
+def test_every_image_is_built_from_its_own_dockerfile_with_the_repo_root_as_context(tilt_variant: TiltRun) -> None:
     refs = [b.ref for b in tilt_variant.builds]
     assert len(refs) == len(set(refs)), refs
     assert set(refs) <= set(IMAGE_REFS), refs
@@ -118,15 +118,20 @@ def test_every_image_is_built_from_its_own_dockerfile_with_the_repo_root_as_cont
 
 
 def test_the_controller_is_built_when_its_dockerfile_exists_and_disabled_otherwise(
-        tilt: TiltRun, tilt_with_controller: TiltRun, tilt_without_controller: TiltRun) -> None:
+    tilt: TiltRun, tilt_with_controller: TiltRun, tilt_without_controller: TiltRun
+) -> None:
     assert {b.ref for b in tilt_with_controller.builds} == set(IMAGE_REFS)
-    assert "morgana-controller" in {o["metadata"]["name"] for o in tilt_with_controller.objects
-                                    if o["kind"] == "Deployment"}
+    assert "morgana-controller" in {
+        o["metadata"]["name"] for o in tilt_with_controller.objects if o["kind"] == "Deployment"
+    }
     assert "morgana-controller" not in {b.ref for b in tilt_without_controller.builds}
     (call,) = tilt_without_controller.helm_calls
     assert {"controller.enabled=false", "controller.autoscaler.enabled=false"} <= set(call["set"])
-    assert not [o for o in tilt_without_controller.objects
-                if o["metadata"]["name"] == "morgana-controller" and o["kind"] == "Deployment"]
+    assert not [
+        o
+        for o in tilt_without_controller.objects
+        if o["metadata"]["name"] == "morgana-controller" and o["kind"] == "Deployment"
+    ]
     assert tilt_without_controller.warnings, "deploying without the controller must say so"
     # This checkout is one of the two.
     has_controller = (ROOT / "images/controller/Dockerfile").exists()
@@ -140,8 +145,9 @@ def test_the_build_context_holds_everything_the_dockerfiles_copy(tilt_variant: T
         df = Dockerfile(build.kwargs["dockerfile_contents"])
         for source in df.context_copies():
             source = source.rstrip("/")
-            assert any(source == entry or source.startswith(entry + "/") for entry in only), \
+            assert any(source == entry or source.startswith(entry + "/") for entry in only), (
                 f"{build.ref}: the Dockerfile copies {source!r}, outside only={only}"
+            )
         for entry in only:
             assert (ROOT / entry).exists(), f"{build.ref}: only= lists a missing path {entry}"
 
@@ -161,8 +167,9 @@ def test_live_update_syncs_the_sources_over_the_package_the_image_installed(tilt
             assert (ROOT / step.src).is_dir(), f"{build.ref}: sync source {step.src} is missing"
             package = Path(step.src.rstrip("/")).name
             assert (ROOT / step.src / "__init__.py").is_file(), f"{build.ref}: {step.src} is not a package"
-            assert step.dest.rstrip("/") == original.installed_package_dir(package), \
+            assert step.dest.rstrip("/") == original.installed_package_dir(package), (
                 f"{build.ref}: syncs {step.src} to {step.dest}"
+            )
         # The image's own package is among them (the controller's also carries the shared core).
         own = {"api": "morgana", "agent": "morgana", "controller": "morgana_controller"}[component]
         assert installed.rsplit("/", 1)[0] + "/" + own in [s.dest.rstrip("/") for s in syncs]
@@ -182,23 +189,25 @@ def test_the_development_layer_lets_the_app_user_write_what_live_update_writes(t
         # Same final user and entry point as the released image.
         assert dev.user() == user
         assert dev.exec_form("ENTRYPOINT") == original.exec_form("ENTRYPOINT")
-        added = dev.runtime()[len(original.runtime()):]
+        added = dev.runtime()[len(original.runtime()) :]
         runs = " && ".join(rest for op, rest in added if op == "RUN")
         for step in build.live_update:
             if isinstance(step, Sync):
                 assert re.search(rf"chown -R {uid}(:\d+)? (\S+ )*{re.escape(step.dest.rstrip('/'))}( |$)", runs), runs
         if build.restart:
             restart_dir = str(Path(build.restart["restart_file"]).parent)
-            assert re.search(rf"mkdir -p {re.escape(restart_dir)}\b", runs) and \
-                re.search(rf"chown {uid}(:\d+)? {re.escape(restart_dir)}( |$)", runs), runs
+            assert re.search(rf"mkdir -p {re.escape(restart_dir)}\b", runs) and re.search(
+                rf"chown {uid}(:\d+)? {re.escape(restart_dir)}( |$)", runs
+            ), runs
 
 
 def test_containers_live_updated_by_tilt_have_a_writable_root_filesystem(tilt_variant: TiltRun) -> None:
     built = set(IMAGE_REFS) & {b.ref for b in tilt_variant.builds}
     for obj, container in containers(tilt_variant.objects):
         if repository(container["image"]) in built and obj["kind"] == "Deployment":
-            assert container["securityContext"].get("readOnlyRootFilesystem") is False, \
+            assert container["securityContext"].get("readOnlyRootFilesystem") is False, (
                 f"{obj['metadata']['name']}: live update cannot write a read-only root filesystem"
+            )
 
 
 def test_the_api_reloads_gunicorn_after_a_sync(tilt: TiltRun) -> None:
@@ -235,13 +244,16 @@ def test_agent_and_controller_restart_their_process_with_the_images_command(tilt
         # The trigger file is baked into the image: no volume may hide it.
         restart_file = build.restart["restart_file"]
         for mount in container.get("volumeMounts", []):
-            assert not (restart_file + "/").startswith(mount["mountPath"].rstrip("/") + "/"), \
+            assert not (restart_file + "/").startswith(mount["mountPath"].rstrip("/") + "/"), (
                 f"{build.ref}: {mount['mountPath']} is mounted over the restart file {restart_file}"
-        assert not any(isinstance(step, Run) for step in build.live_update), \
+            )
+        assert not any(isinstance(step, Run) for step in build.live_update), (
             "restart_process appends its own restart step"
+        )
 
 
 # ---- The chart and its images ----
+
 
 def test_the_morgana_chart_is_rendered_from_the_repo_with_the_dev_values(tilt_variant: TiltRun) -> None:
     (call,) = tilt_variant.helm_calls
@@ -260,8 +272,14 @@ def test_the_namespace_is_applied_with_the_objects_no_resource_waits_for(tilt_va
     assigned = {s.split(":")[0] for r in tilt_variant.k8s_resources.values() for s in r.get("objects", [])}
     assert "morgana" not in assigned, "the Namespace must stay with the uncategorized objects"
     for obj in tilt_variant.objects:
-        if obj["kind"] not in ("Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding",
-                               "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"):
+        if obj["kind"] not in (
+            "Namespace",
+            "CustomResourceDefinition",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
+        ):
             assert obj["metadata"].get("namespace") == "morgana", f"{obj['kind']}/{obj['metadata']['name']}"
 
 
@@ -285,8 +303,14 @@ def test_tilt_sees_no_helm_test_pods(tilt: TiltRun) -> None:
 
 
 def test_the_model_settings_come_from_the_environment(helm_binary: Path) -> None:
-    run = evaluate(helm_binary, env={"OPENAI_BASE_URL": "http://host.docker.internal:11434/v1",
-                                     "LLM_MODEL": "llama3.2", "MORGANA_NAMESPACE": "voice-dev"})
+    run = evaluate(
+        helm_binary,
+        env={
+            "OPENAI_BASE_URL": "http://host.docker.internal:11434/v1",
+            "LLM_MODEL": "llama3.2",
+            "MORGANA_NAMESPACE": "voice-dev",
+        },
+    )
     (call,) = run.helm_calls
     assert "llm.baseUrl=http://host.docker.internal:11434/v1" in call["set"]
     assert "llm.model=llama3.2" in call["set"]
@@ -299,6 +323,7 @@ def test_the_model_settings_come_from_the_environment(helm_binary: Path) -> None
 
 
 # ---- Resources ----
+
 
 def defined_resources(run: TiltRun) -> set[str]:
     workloads = {o["metadata"]["name"] for o in run.objects if o["kind"] in WORKLOAD_KINDS}
@@ -347,8 +372,14 @@ def test_resources_start_in_dependency_order(tilt_variant: TiltRun) -> None:
         return seen
 
     assert {"helm-repos", "cnpg-operator"} <= closure("morgana-db")
-    assert {"morgana-db", "morgana-db-ready", "morgana-migrate", "morgana-valkey", "livekit-server",
-            "morgana-secrets"} <= closure("morgana-api")
+    assert {
+        "morgana-db",
+        "morgana-db-ready",
+        "morgana-migrate",
+        "morgana-valkey",
+        "livekit-server",
+        "morgana-secrets",
+    } <= closure("morgana-api")
     assert {"morgana-api", "livekit-server"} <= closure("morgana-agent")
     assert "morgana-secrets" in closure("livekit-server"), "LiveKit mounts the morgana-livekit Secret"
     if "morgana-controller" in deps:
@@ -412,6 +443,7 @@ def test_ports_reach_the_api_and_livekit_without_conflicts(tilt: TiltRun) -> Non
 
 # ---- Versions and dependency charts: the same as deploy/install.sh ----
 
+
 def test_dependency_charts_use_the_pinned_versions(tilt: TiltRun, versions: dict[str, str]) -> None:
     releases = install_sh_releases()
     repo_charts = {r: e for r, e in releases.items() if "version_var" in e}
@@ -455,8 +487,6 @@ def test_the_tiltfile_only_loads_extensions_it_declares(tilt: TiltRun) -> None:
 def test_image_names_match_the_chart_repositories(ref: str) -> None:
     chart_values = load_yaml(ROOT / "charts/morgana/values.yaml")
     assert chart_values[IMAGE_REFS[ref]]["image"]["repository"] == ref
-
-
 
 
 def test_uninstall_hooks_are_not_applied_as_workloads(tilt: TiltRun) -> None:

@@ -98,9 +98,14 @@ def _strip_helm_tests(rendered: str) -> str:
     return "---\n".join(d for d in docs if not re.search(r"^# Source: .*/tests/", d, re.MULTILINE))
 
 
-def evaluate(helm_binary: Path, *, env: dict[str, str] | None = None,
-             missing_files: frozenset[str] = frozenset(), overlay: dict[str, str] | None = None,
-             tiltfile: Path = ROOT / "Tiltfile") -> TiltRun:
+def evaluate(
+    helm_binary: Path,
+    *,
+    env: dict[str, str] | None = None,
+    missing_files: frozenset[str] = frozenset(),
+    overlay: dict[str, str] | None = None,
+    tiltfile: Path = ROOT / "Tiltfile",
+) -> TiltRun:
     """Run the Tiltfile. `env` is what os.getenv sees; `missing_files` pretend not to exist;
     `overlay` maps repo paths to contents that read_file returns instead of (or beside) the tree."""
     run = TiltRun(env=dict(env or {}))
@@ -133,17 +138,35 @@ def evaluate(helm_binary: Path, *, env: dict[str, str] | None = None,
     def docker_build(ref: str, context: str, **kwargs: Any) -> None:
         run.builds.append(Build(ref, context, kwargs))
 
-    def docker_build_with_restart(ref: str, context: str, entrypoint: Any, live_update: list[Any],
-                                  base_suffix: str = "-base", restart_file: str = "/.restart-proc",
-                                  **kwargs: Any) -> None:
+    def docker_build_with_restart(
+        ref: str,
+        context: str,
+        entrypoint: Any,
+        live_update: list[Any],
+        base_suffix: str = "-base",
+        restart_file: str = "/.restart-proc",
+        **kwargs: Any,
+    ) -> None:
         # The extension builds `ref + base_suffix` with **kwargs, then `ref` FROM it with the
         # wrapper, the entrypoint and live_update + [run('date > restart_file')].
-        run.builds.append(Build(ref, context, {**kwargs, "live_update": live_update},
-                                restart={"entrypoint": entrypoint, "restart_file": restart_file,
-                                         "base_suffix": base_suffix}))
+        run.builds.append(
+            Build(
+                ref,
+                context,
+                {**kwargs, "live_update": live_update},
+                restart={"entrypoint": entrypoint, "restart_file": restart_file, "base_suffix": base_suffix},
+            )
+        )
 
-    def helm(paths: str, name: str | None = None, namespace: str | None = None, values: Any = None,
-             set: Any = None, kube_version: str | None = None, skip_crds: bool = False) -> str:  # noqa: A002
+    def helm(
+        paths: str,
+        name: str | None = None,
+        namespace: str | None = None,
+        values: Any = None,
+        set: Any = None,
+        kube_version: str | None = None,
+        skip_crds: bool = False,
+    ) -> str:
         argv = [str(helm_binary), "template", name or "chart", str(path(paths))]
         if namespace:
             argv += ["--namespace", namespace]
@@ -155,8 +178,16 @@ def evaluate(helm_binary: Path, *, env: dict[str, str] | None = None,
             argv += ["--kube-version", kube_version]
         if not skip_crds:
             argv.append("--include-crds")
-        run.helm_calls.append({"paths": paths, "name": name, "namespace": namespace,
-                               "values": as_list(values), "set": as_list(set), "argv": argv})
+        run.helm_calls.append(
+            {
+                "paths": paths,
+                "name": name,
+                "namespace": namespace,
+                "values": as_list(values),
+                "set": as_list(set),
+                "argv": argv,
+            }
+        )
         result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"helm template failed ({' '.join(argv)}):\n{result.stderr}")
@@ -196,8 +227,9 @@ def evaluate(helm_binary: Path, *, env: dict[str, str] | None = None,
     def fall_back_on(files: Any) -> sl.OpaquePythonObject:
         return sl.OpaquePythonObject(FallBackOn(tuple(as_list(files))))
 
-    def port_forward(local_port: int, container_port: int | None = None, name: str = "",
-                     link_path: str = "", host: str = "") -> sl.OpaquePythonObject:
+    def port_forward(
+        local_port: int, container_port: int | None = None, name: str = "", link_path: str = "", host: str = ""
+    ) -> sl.OpaquePythonObject:
         return sl.OpaquePythonObject(PortForward(local_port, container_port, name))
 
     def link(url: str, name: str = "") -> sl.OpaquePythonObject:
@@ -206,6 +238,7 @@ def evaluate(helm_binary: Path, *, env: dict[str, str] | None = None,
     def record_settings(kind: str):
         def f(*args: Any, **kwargs: Any) -> None:
             run.settings[kind] = {"args": args, "kwargs": kwargs}
+
         return f
 
     extensions = {
@@ -224,18 +257,28 @@ def evaluate(helm_binary: Path, *, env: dict[str, str] | None = None,
 
     mod = sl.Module()
     builtins = {
-        "read_file": read_file, "docker_build": docker_build, "helm": helm, "k8s_yaml": k8s_yaml,
-        "k8s_resource": k8s_resource, "local_resource": local_resource,
-        "decode_yaml_stream": decode_yaml_stream, "decode_json": lambda text: json.loads(str(text)),
+        "read_file": read_file,
+        "docker_build": docker_build,
+        "helm": helm,
+        "k8s_yaml": k8s_yaml,
+        "k8s_resource": k8s_resource,
+        "local_resource": local_resource,
+        "decode_yaml_stream": decode_yaml_stream,
+        "decode_json": lambda text: json.loads(str(text)),
         "encode_yaml": lambda obj: yaml.safe_dump(obj, sort_keys=False),
         "encode_yaml_stream": lambda objs: yaml.safe_dump_all(list(objs), sort_keys=False),
-        "sync": sync, "run": run_step, "fall_back_on": fall_back_on,
-        "port_forward": port_forward, "link": link, "warn": run.warnings.append,
+        "sync": sync,
+        "run": run_step,
+        "fall_back_on": fall_back_on,
+        "port_forward": port_forward,
+        "link": link,
+        "warn": run.warnings.append,
         "version_settings": record_settings("version_settings"),
         "update_settings": record_settings("update_settings"),
         "allow_k8s_contexts": record_settings("allow_k8s_contexts"),
         "watch_file": lambda p: run.files_read.append(p),
-        "_os_getenv": getenv, "_os_path_exists": exists,
+        "_os_getenv": getenv,
+        "_os_path_exists": exists,
         "_os_path_join": lambda *parts: str(Path(*parts)),
         "_os_path_basename": lambda p: Path(p).name,
         "_os_path_dirname": lambda p: str(Path(p).parent),
@@ -246,10 +289,13 @@ def evaluate(helm_binary: Path, *, env: dict[str, str] | None = None,
     mod["TRIGGER_MODE_MANUAL"] = "TRIGGER_MODE_MANUAL"
 
     dialect = sl.Dialect.extended()
-    globals_ = sl.Globals.extended_by([sl.LibraryExtension.StructType, sl.LibraryExtension.Print,
-                                       sl.LibraryExtension.Json])
-    prelude = ("os = struct(getenv=_os_getenv, path=struct(exists=_os_path_exists, join=_os_path_join, "
-               "basename=_os_path_basename, dirname=_os_path_dirname))\n")
+    globals_ = sl.Globals.extended_by(
+        [sl.LibraryExtension.StructType, sl.LibraryExtension.Print, sl.LibraryExtension.Json]
+    )
+    prelude = (
+        "os = struct(getenv=_os_getenv, path=struct(exists=_os_path_exists, join=_os_path_join, "
+        "basename=_os_path_basename, dirname=_os_path_dirname))\n"
+    )
     sl.eval(mod, sl.parse("<tilt-builtins>", prelude, dialect), globals_)
     sl.eval(mod, sl.parse(str(tiltfile), tiltfile.read_text(), dialect), globals_, sl.FileLoader(loader))
     return run
