@@ -30,14 +30,16 @@ run: install
 	.venv/bin/python -m morgana_devtools.run
 
 # Debian packages (espeak-ng for the speech stand-in, shellcheck, podman/buildah/runc/mmdebstrap
-# for the images), and from the Go module proxy at pinned releases a LiveKit server, helm, etcd,
-# kube-apiserver, kube-controller-manager and kubectl, cached in ~/.cache/morgana/tools (reused by
-# CI; the first build takes several minutes). The images themselves are built by the tests
+# for the images, containerd and the CNI plugins for the node), and from the Go module proxy at
+# pinned releases a LiveKit server, helm, etcd, kube-apiserver, kube-controller-manager, kubectl,
+# and for a real node kubelet, kube-scheduler, kube-proxy and CoreDNS, cached in
+# ~/.cache/morgana/tools (reused by CI; the first build takes several minutes). The images themselves are built by the tests
 # (scripts/build-images.sh), from the code under test.
 test-tools:
 	bash scripts/install-test-deps.sh
 	bash scripts/build-livekit-server.sh
 	bash scripts/build-k8s-tools.sh
+	bash scripts/build-node-tools.sh
 
 # ruff over the whole tree; mypy (strict) over the product code: src/ and controller/.
 lint: install

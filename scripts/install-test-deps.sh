@@ -7,6 +7,8 @@
 #   podman, buildah and runc to build the images from their Dockerfiles and run them as
 #   containers, and mmdebstrap to make the local stand-in for their Debian base image
 #   (scripts/build-images.sh, tests/containers)
+#   containerd, the CNI plugins and iptables for the real node (morgana_devtools.kube_node), and
+#   gcc + libc6-dev for its pod sandbox's tiny static `pause` (scripts/build-node-tools.sh)
 #
 # Idempotent and fast when everything is present: a `dpkg -s` check per package, no network.
 # Only when something is missing does it run `apt-get update` (once) and
@@ -14,11 +16,12 @@
 # that, through sudo. Says what it did on stdout; exits non-zero if it could not install.
 set -euo pipefail
 
-PACKAGES=(espeak-ng shellcheck podman buildah runc mmdebstrap)
+PACKAGES=(espeak-ng shellcheck podman buildah runc mmdebstrap containerd containernetworking-plugins iptables gcc libc6-dev)
 
 log() { echo "install-test-deps: $*"; }
 
-installed() { dpkg -s "$1" 2>/dev/null | grep -q '^Status: install ok installed'; }
+# No pipe into grep -q: under pipefail, dpkg's SIGPIPE on a long description would read as "missing".
+installed() { [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" == "install ok installed" ]]; }
 
 if ! command -v dpkg >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then
     for pkg in "${PACKAGES[@]}"; do

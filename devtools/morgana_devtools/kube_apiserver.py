@@ -55,6 +55,8 @@ KUBERNETES_VERSION = os.environ.get("KUBERNETES_VERSION", "v1.34.4")
 PROMETHEUS_OPERATOR_VERSION = os.environ.get("PROMETHEUS_OPERATOR_VERSION", "v0.85.0")
 BUILD_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "build-k8s-tools.sh"
 TOOLS = ("helm", "etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
+SERVICE_RANGE = "10.96.0.0/24"
+SERVICE_IP = "10.96.0.1"  # the `kubernetes` Service: the first address of the range
 # The controllers a test cluster needs; Jobs are left alone so tests decide when a hook Job completes
 # (unless a test runs its pods for real and asks for "job-controller" with `extra_controllers`).
 CONTROLLERS = (
@@ -125,12 +127,20 @@ def _pem_key(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _write_pki(directory: Path) -> None:
-    """ca.crt, serving.crt/.key (127.0.0.1, localhost) and the service-account sa.key/sa.pub."""
+def _write_pki(directory: Path, addresses: Iterable[str] = ()) -> None:
+    """ca.crt/.key, serving.crt/.key (127.0.0.1, localhost, `addresses` and the in-cluster names),
+    kubelet-client.crt/.key (the API server's identity towards kubelets: system:masters) and the
+    service-account sa.key/sa.pub."""
     now = datetime.datetime.now(datetime.UTC)
+    in_cluster = ["kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"]
 
-    def cert(subject: str, key, issuer: x509.Name | None, issuer_key, *, ca: bool) -> x509.Certificate:
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    def cert(
+        subject: str, key, issuer: x509.Name | None, issuer_key, *, ca: bool, client: bool = False
+    ) -> x509.Certificate:
+        attributes = [x509.NameAttribute(NameOID.COMMON_NAME, subject)]
+        if client:
+            attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"))
+        name = x509.Name(attributes)
         builder = (
             x509.CertificateBuilder()
             .subject_name(name)
@@ -141,10 +151,16 @@ def _write_pki(directory: Path) -> None:
             .not_valid_after(now + datetime.timedelta(days=7))
             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         )
-        if not ca:
+        if client:
+            builder = builder.add_extension(
+                x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+            )
+        elif not ca:
+            ips = ["127.0.0.1", SERVICE_IP, *addresses]
             builder = builder.add_extension(
                 x509.SubjectAlternativeName(
-                    [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+                    [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+                    + [x509.DNSName(name) for name in ["localhost", *in_cluster]]
                 ),
                 critical=False,
             ).add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -155,8 +171,13 @@ def _write_pki(directory: Path) -> None:
     serving_key = ec.generate_private_key(ec.SECP256R1())
     serving_cert = cert("kube-apiserver", serving_key, ca_cert.subject, ca_key, ca=False)
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client_cert = cert("kube-apiserver-kubelet-client", client_key, ca_cert.subject, ca_key, ca=False, client=True)
 
     (directory / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "ca.key").write_bytes(_pem_key(ca_key))
+    (directory / "kubelet-client.crt").write_bytes(client_cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "kubelet-client.key").write_bytes(_pem_key(client_key))
     (directory / "serving.crt").write_bytes(serving_cert.public_bytes(serialization.Encoding.PEM))
     (directory / "serving.key").write_bytes(_pem_key(serving_key))
     (directory / "sa.key").write_bytes(_pem_key(sa_key))
@@ -180,10 +201,18 @@ class KubeApiServer:
         log_dir: Path | None = None,
         controller_manager: bool = False,
         extra_controllers: Iterable[str] = (),
+        advertise_address: str = "127.0.0.1",
     ) -> None:
+        """`advertise_address`: a host address other than loopback makes the server reachable from
+        pods (a real node's, through the `kubernetes` Service), and runs every controller, Jobs'
+        included (see kube_node)."""
         self.binaries = binaries
         self.controller_manager = controller_manager
         self.controllers = (*CONTROLLERS, *extra_controllers)
+        self.advertise_address = advertise_address
+        self.for_node = advertise_address != "127.0.0.1"
+        if self.for_node:
+            self.controllers = ("*", "-nodeipam")
         self.dir = Path(tempfile.mkdtemp(prefix="kube-apiserver-"))
         self.log_dir = log_dir or self.dir
         self.port, self.etcd_port, self.etcd_peer_port = free_ports(3)
@@ -207,7 +236,7 @@ class KubeApiServer:
             return self
         self.binaries = self.binaries or ensure_binaries()
         try:
-            _write_pki(self.dir)
+            _write_pki(self.dir, [self.advertise_address])
             (self.dir / "tokens.csv").write_text(f'{self.token},admin,admin,"system:masters"\n')
             self._write_kubeconfig()
             etcd_url = f"http://127.0.0.1:{self.etcd_port}"
@@ -226,12 +255,22 @@ class KubeApiServer:
             )
             self._wait("etcd", etcd_url + "/health", timeout, lambda body: b'"health":"true"' in body)
             d = self.dir
+            node_args = (
+                [
+                    f"--kubelet-client-certificate={d / 'kubelet-client.crt'}",
+                    f"--kubelet-client-key={d / 'kubelet-client.key'}",
+                    "--kubelet-preferred-address-types=InternalIP,Hostname",
+                    "--allow-privileged=true",
+                ]
+                if self.for_node
+                else []
+            )
             self._spawn(
                 "kube-apiserver",
                 f"--etcd-servers={etcd_url}",
                 f"--secure-port={self.port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                "--bind-address=" + ("0.0.0.0" if self.for_node else "127.0.0.1"),
+                f"--advertise-address={self.advertise_address}",
                 f"--cert-dir={d / 'certs'}",
                 f"--tls-cert-file={d / 'serving.crt'}",
                 f"--tls-private-key-file={d / 'serving.key'}",
@@ -240,9 +279,10 @@ class KubeApiServer:
                 "--service-account-issuer=https://kubernetes.default.svc",
                 f"--service-account-key-file={d / 'sa.pub'}",
                 f"--service-account-signing-key-file={d / 'sa.key'}",
-                "--service-cluster-ip-range=10.96.0.0/24",  # an allocation range only: no traffic
+                f"--service-cluster-ip-range={SERVICE_RANGE}",  # without a node: allocations only, no traffic
                 "--enable-priority-and-fairness=false",
                 "--profiling=false",
+                *node_args,
             )
             self._wait("kube-apiserver", self.url + "/readyz", timeout, lambda body: body.strip() == b"ok")
             if self.controller_manager:
@@ -256,6 +296,8 @@ class KubeApiServer:
                     f"--root-ca-file={self.ca_file}",
                     "--concurrent-deployment-syncs=2",
                     "--concurrent-replicaset-syncs=2",
+                    f"--cluster-signing-cert-file={self.ca_file}",
+                    f"--cluster-signing-key-file={d / 'ca.key'}",
                 )
         except BaseException:
             self.stop(keep_dir=True)
