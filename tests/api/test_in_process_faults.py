@@ -3,6 +3,7 @@ lifespan, the real Postgres, Valkey and model stand-in) so that a test can hold 
 or make Postgres refuse one session's writes in the middle of a turn."""
 
 import asyncio
+import gc
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -16,6 +17,9 @@ from sqlalchemy import text
 
 from morgana.api.config import ApiSettings
 from morgana.api.main import create_app
+from morgana.api.services.utterance import Utterance
+from morgana_devtools.openai_server import FakeOpenAIProcess
+from morgana_devtools.services import eventually_async
 from tests.conftest import STRONG_PASSWORD, bearer, unique_email
 
 Client = httpx.AsyncClient
@@ -176,5 +180,33 @@ def test_an_exhausted_database_pool_is_a_503_that_says_busy_not_down(app: Any, l
             # Released, the same request goes through.
             again = await client.get("/api/v1/chatbot/messages", headers=bearer(token))
             assert again.status_code == 200, again.text
+
+    loop.run(scenario())
+
+
+def test_closing_a_reply_at_its_yield_cancels_the_model_call_at_once(
+    app: Any, loop: asyncio.Runner, fake_openai: FakeOpenAIProcess
+) -> None:
+    """What happens when a client goes away while its last event is being sent: the server closes
+    the reply generators at their yield. The model call must end then, not when the garbage
+    collector happens to finalise an abandoned generator (it is off here to prove it)."""
+    said = f"close me {uuid.uuid4().hex[:6]}"
+    fake_openai.queue_scenario(tokens=400, delay_ms=100)
+
+    async def scenario() -> None:
+        async with running(app):
+            reply = app.state.agent.stream([Utterance("user", said)])
+            assert await reply.__anext__()  # the first token: the model call is streaming
+            gc.disable()
+            try:
+                await reply.aclose()
+
+                def outcome() -> str:
+                    (request,) = [r for r in fake_openai.requests() if r["messages"][-1]["content"] == said]
+                    return str(request["outcome"])
+
+                await eventually_async(lambda: outcome() == "client_disconnected", 5, what=lambda: outcome())
+            finally:
+                gc.enable()
 
     loop.run(scenario())

@@ -12,10 +12,7 @@
 from __future__ import annotations
 
 import secrets
-import socket
-import socketserver
 import subprocess
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +20,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from morgana_devtools.forward import Forwarder
 from morgana_devtools.livekit_server import LiveKitServer
 from morgana_devtools.openai_server import FakeOpenAIProcess
 from morgana_devtools.services import EmbeddedPostgres, EmbeddedValkey, free_port
@@ -43,40 +41,6 @@ def images() -> BuiltImages:
     return built
 
 
-class _UnixForwarder(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, port: int, socket_path: str) -> None:
-        self.socket_path = socket_path
-        super().__init__(("127.0.0.1", port), _Pipe)
-
-
-class _Pipe(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        server: _UnixForwarder = self.server  # type: ignore[assignment]
-        with socket.socket(socket.AF_UNIX) as upstream:
-            upstream.connect(server.socket_path)
-
-            def pump(source: socket.socket, sink: socket.socket) -> None:
-                try:
-                    while data := source.recv(65536):
-                        sink.sendall(data)
-                except OSError:
-                    pass
-                finally:
-                    for s in (source, sink):
-                        try:
-                            s.shutdown(socket.SHUT_RDWR)
-                        except OSError:
-                            pass
-
-            other = threading.Thread(target=pump, args=(upstream, self.request), daemon=True)
-            other.start()
-            pump(self.request, upstream)
-            other.join()
-
-
 @pytest.fixture(scope="session")
 def postgres_tcp(postgres: EmbeddedPostgres) -> Iterator[int]:
     """The session's Postgres on a TCP port (it listens on a unix socket only), with a database of
@@ -84,12 +48,15 @@ def postgres_tcp(postgres: EmbeddedPostgres) -> Iterator[int]:
     with psycopg.connect(postgres.url("postgres"), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{DATABASE}"')
         conn.execute(f'CREATE DATABASE "{DATABASE}"')
-    (socket_path,) = [str(p) for p in Path(postgres.socket_dir).glob(".s.PGSQL.*") if p.suffix != ".lock"]
-    server = _UnixForwarder(free_port(), socket_path)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    forwarder = Forwarder("127.0.0.1", free_port(), postgres_socket(postgres)).start()
+    yield forwarder.port
+    forwarder.stop()
+
+
+def postgres_socket(postgres: EmbeddedPostgres) -> str:
+    """The path of the embedded server's unix socket (it listens on no TCP port)."""
+    (path,) = [str(p) for p in Path(postgres.socket_dir).glob(".s.PGSQL.*") if p.suffix != ".lock"]
+    return path
 
 
 @pytest.fixture(scope="session")

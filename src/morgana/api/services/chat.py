@@ -93,11 +93,14 @@ class ChatAgent:
         usage = _Usage()
         with tracer.start_as_current_span("llm.chat", attributes={"gen_ai.request.model": self._model_name}) as span:
             try:
-                async for text in _in_own_task(self._text_chunks(conversation, usage)):
-                    if first_token_at is None:
-                        first_token_at = time.perf_counter()
-                        metrics.LLM_TIME_TO_FIRST_TOKEN.observe(first_token_at - started)
-                    yield text
+                # aclosing: when this generator is closed at its yield (a client gone while its
+                # last event was being sent), the model call is cancelled now, not at GC.
+                async with aclosing(_in_own_task(self._text_chunks(conversation, usage))) as chunks:
+                    async for text in chunks:
+                        if first_token_at is None:
+                            first_token_at = time.perf_counter()
+                            metrics.LLM_TIME_TO_FIRST_TOKEN.observe(first_token_at - started)
+                        yield text
             except Exception as exc:
                 failure = classify_failure(exc)
                 span.record_exception(exc)
