@@ -187,6 +187,13 @@ def test_gunicorn_with_uvicorn_workers_serves_and_sums_metrics(api_env: dict, tm
         ApiProcess(env, tmp_path / "api.log", workers=2) as process,
         httpx.Client(base_url=process.url, timeout=20) as http,
     ):
+        # Ready means one worker answers; the other may still be starting. Each sets its pool's
+        # size at start-up, and the gauges of live workers are summed: 10 each.
+        eventually(
+            lambda: metric_value(http.get("/metrics").text, "morgana_api_db_pool_size") == 20,
+            60,
+            what=lambda: f"both workers started\n{process.log_tail()}",
+        )
         labels = 'handler="/health",method="GET",status="200"'
         before = metric_value(http.get("/metrics").text, "morgana_api_http_requests_total", labels)
         for _ in range(20):
@@ -194,7 +201,6 @@ def test_gunicorn_with_uvicorn_workers_serves_and_sums_metrics(api_env: dict, tm
         # Two workers, one /metrics: counts from both are summed, whichever answers.
         text = http.get("/metrics").text
         assert metric_value(text, "morgana_api_http_requests_total", labels) == before + 20
-        assert metric_value(text, "morgana_api_db_pool_size") == 20
         workers = {line for line in process.log_path.read_text().splitlines() if "Booting worker" in line}
         assert len(workers) == 2
 
