@@ -7,7 +7,7 @@ text, text to speech, all with no added delay), a dedicated LiveKit server, the 
 (one uvicorn worker) and ONE agent worker (`morgana-agent start`) pinned to CPU core 1 with
 `taskset -c 1` (its job processes inherit the pin). This process and every other service are
 pinned to core 0, so the worker has a core to itself (other tenants of a shared machine aside).
-Callers are `morgana.devtools.voice_client.Caller`s: each joins through the API's token flow,
+Callers are `morgana_devtools.voice_client.Caller`s: each joins through the API's token flow,
 speaks real espeak-ng speech as its microphone (48 kHz, in real time) and records what it hears.
 
 1. voice_turn  one call, 12 turns (--quick 4) after a warm-up turn: the latency a caller feels,
