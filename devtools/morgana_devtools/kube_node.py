@@ -383,7 +383,13 @@ state = "{d / "state"}"
                     {"gracePeriodSeconds": 5},
                     ok=(200, 202, 404),
                 )
-            eventually(lambda: not client.get("/api/v1/pods")["items"], 60, interval=0.5, what="every pod gone")
+            # Those pods, not any a ReplicaSet makes in their place (the kubelet's stop ends those).
+            deleted = {pod["metadata"]["uid"] for pod in pods}
+
+            def gone() -> bool:
+                return not deleted & {pod["metadata"]["uid"] for pod in client.get("/api/v1/pods")["items"]}
+
+            eventually(gone, 60, interval=0.5, what="every pod gone")
         except (AssertionError, OSError, RuntimeError):
             pass  # the kubelet stops anyway; what it left is removed below
         finally:

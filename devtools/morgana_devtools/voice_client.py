@@ -71,6 +71,9 @@ class Caller:
     mic_track_sid: str = ""
     heard: list[tuple[float, float]] = field(default_factory=list)  # (time, frame rms)
     session_id: str = ""
+    # Identities of participants that left while this caller was still in the room: an agent
+    # among them is a call cut (or, after a kill, an agent to be replaced).
+    left_while_connected: list[str] = field(default_factory=list)
     _source: rtc.AudioSource | None = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -91,6 +94,7 @@ class Caller:
 
     async def connect(self, server_url: str, token: str) -> None:
         self.room.on("track_subscribed", self._on_track)
+        self.room.on("participant_disconnected", lambda p: self.left_while_connected.append(p.identity))
         self.room.register_text_stream_handler("lk.transcription", self._on_transcription)
         await self.room.connect(server_url, token)
         self._source = rtc.AudioSource(SAMPLE_RATE, 1)

@@ -2,19 +2,16 @@
 
 etcd, kube-apiserver and kube-controller-manager run on loopback (see KubeApiServer): objects
 are admitted, validated (built-in schemas, the CRDs' OpenAPI schemas and CEL rules, RBAC) and
-reconciled (Deployments get ReplicaSets and Pods). No kubelet runs containers here, so `HookRunner`
-plays the kubelet's part for helm's hooks only: it marks a hook Job complete and a test Pod
-succeeded once the API server has accepted them. What those containers run is tested for real in
-tests/images: the migration Job's and the API's containers, and an install whose controller and
-uninstall hook run as containers of the controller image.
+reconciled (Deployments get ReplicaSets and Pods). No kubelet runs containers here, so helm runs
+with `--no-hooks`: nothing would ever complete a hook Job, and nothing here pretends to. The hooks
+(the migration Job, the uninstall's controller-stop Job, the `helm test` Pod) run for real on the
+node tier (tests/node), where the kubelet runs them.
 """
 
 from __future__ import annotations
 
 import base64
-import datetime
 import ssl
-import threading
 from collections.abc import Iterator
 
 import httpx
@@ -37,62 +34,6 @@ def ok(response: httpx.Response) -> dict:
     return response.json()
 
 
-class HookRunner(threading.Thread):
-    """Completes helm hook Jobs and test Pods as a kubelet would if their containers succeeded."""
-
-    def __init__(self, client: httpx.Client) -> None:
-        super().__init__(daemon=True)
-        self.client = client
-        self.stopped = threading.Event()
-        self.completed: list[str] = []
-
-    def run(self) -> None:
-        while not self.stopped.wait(0.2):
-            try:
-                self._complete_jobs()
-                self._succeed_test_pods()
-            except httpx.HTTPError:
-                continue
-
-    def _complete_jobs(self) -> None:
-        for job in self.client.get("/apis/batch/v1/jobs").json().get("items", []):
-            meta = job["metadata"]
-            if "helm.sh/hook" not in meta.get("annotations", {}) or job.get("status", {}).get("conditions"):
-                continue
-            now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            condition = {
-                "status": "True",
-                "lastProbeTime": now,
-                "lastTransitionTime": now,
-                "reason": "CompletionsReached",
-                "message": "Reached expected number of succeeded pods",
-            }
-            status = {
-                "startTime": now,
-                "completionTime": now,
-                "succeeded": 1,
-                "conditions": [{"type": "SuccessCriteriaMet", **condition}, {"type": "Complete", **condition}],
-            }
-            self.client.patch(
-                f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{meta['name']}/status",
-                json={"status": status},
-                headers=MERGE_PATCH,
-            )
-            self.completed.append(f"job/{meta['name']}")
-
-    def _succeed_test_pods(self) -> None:
-        for pod in self.client.get("/api/v1/pods").json().get("items", []):
-            meta = pod["metadata"]
-            if meta.get("annotations", {}).get("helm.sh/hook") != "test" or pod["status"].get("phase") != "Pending":
-                continue
-            self.client.patch(
-                f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status",
-                json={"status": {"phase": "Succeeded"}},
-                headers=MERGE_PATCH,
-            )
-            self.completed.append(f"pod/{meta['name']}")
-
-
 @pytest.fixture(scope="module")
 def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeApiServer]:
     with KubeApiServer(log_dir=tmp_path_factory.mktemp("kube-logs"), controller_manager=True) as server:
@@ -110,21 +51,12 @@ def client(kube: KubeApiServer) -> Iterator[httpx.Client]:
         yield c
 
 
-@pytest.fixture(scope="module")
-def hooks(client: httpx.Client) -> Iterator[HookRunner]:
-    runner = HookRunner(client)
-    runner.start()
-    yield runner
-    runner.stopped.set()
-    runner.join(5)
-
-
 def create_namespace(client: httpx.Client, name: str) -> None:
     ok(client.post("/api/v1/namespaces", json={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}))
 
 
 @pytest.fixture(scope="module")
-def release(kube: KubeApiServer, client: httpx.Client, hooks: HookRunner) -> str:
+def release(kube: KubeApiServer, client: httpx.Client) -> str:
     """The chart installed with its defaults, ServiceMonitors on (the Prometheus Operator's CRD installed first)."""
     crd = yaml.safe_load(servicemonitor_crd().read_text())
     ok(client.post("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", json=crd))
@@ -140,6 +72,7 @@ def release(kube: KubeApiServer, client: httpx.Client, hooks: HookRunner) -> str
         DEFAULT_VALUES,
         "--set",
         "metrics.serviceMonitor.enabled=true",
+        "--no-hooks",
         "--timeout",
         "2m",
         kubeconfig=kube.kubeconfig,
@@ -207,15 +140,17 @@ def test_the_api_server_enforces_the_crd_schema(release: str, client: httpx.Clie
     assert response.status_code == 422, response.text
 
 
-def test_migration_hook_ran_before_the_release_objects(release: str, client: httpx.Client, hooks: HookRunner) -> None:
-    job = get(client, f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/morgana-migrate")
-    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
-    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["migrate"]
-    api = get(client, f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/morgana-api")
-    assert job["metadata"]["creationTimestamp"] <= api["metadata"]["creationTimestamp"]
-    assert "job/morgana-migrate" in hooks.completed
-    # The hook-time copy of the credentials is gone once the hook succeeded.
-    assert client.get(f"/api/v1/namespaces/{NAMESPACE}/secrets/morgana-hook").status_code == 404
+def test_hooks_are_rendered_for_helm_to_run(release: str, kube: KubeApiServer) -> None:
+    """What helm will run as hooks (run for real on the node tier): the migration Job before
+    install and upgrade, the controller's stop Job before delete, the health check as the test."""
+    rendered = helm("get", "hooks", RELEASE, "--namespace", NAMESPACE, kubeconfig=kube.kubeconfig).stdout
+    hooks = list(yaml.safe_load_all(rendered))
+    when = {(h["kind"], h["metadata"]["name"]): h["metadata"]["annotations"]["helm.sh/hook"] for h in hooks if h}
+    assert when[("Job", "morgana-migrate")] == "pre-install,pre-upgrade"
+    assert when[("Job", "morgana-controller-stop")] == "pre-delete"
+    assert when[("Pod", "morgana-test-api-health")] == "test"
+    (migrate,) = [h for h in hooks if h and h["metadata"]["name"] == "morgana-migrate"]
+    assert migrate["spec"]["template"]["spec"]["containers"][0]["args"] == ["migrate"]
 
 
 def test_controller_manager_creates_pods_from_the_deployments(release: str, client: httpx.Client) -> None:
@@ -296,11 +231,8 @@ def test_agent_may_only_annotate_pods(release: str, client: httpx.Client) -> Non
     assert not can(client, "morgana-api", "get", "secrets", name="morgana")
 
 
-def test_upgrade_reruns_migrations_and_keeps_the_controllers_replicas(
-    release: str, kube: KubeApiServer, client: httpx.Client
-) -> None:
+def test_upgrade_keeps_the_controllers_replicas(release: str, kube: KubeApiServer, client: httpx.Client) -> None:
     deployments = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments"
-    first_job = get(client, f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/morgana-migrate")["metadata"]["uid"]
     # What the autoscaler does: scale the workers through the scale subresource.
     ok(client.patch(f"{deployments}/morgana-agent/scale", json={"spec": {"replicas": 5}}, headers=MERGE_PATCH))
 
@@ -318,6 +250,7 @@ def test_upgrade_reruns_migrations_and_keeps_the_controllers_replicas(
         "api.replicaCount=3",
         "--set",
         "logLevel=DEBUG",
+        "--no-hooks",
         "--timeout",
         "2m",
         kubeconfig=kube.kubeconfig,
@@ -325,27 +258,17 @@ def test_upgrade_reruns_migrations_and_keeps_the_controllers_replicas(
 
     assert get(client, f"{deployments}/morgana-agent")["spec"]["replicas"] == 5
     assert get(client, f"{deployments}/morgana-api")["spec"]["replicas"] == 3
-    job = get(client, f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/morgana-migrate")
-    assert job["metadata"]["uid"] != first_job, "pre-upgrade hook must run a fresh migration Job"
-    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["LOG_LEVEL"] == "DEBUG"
     history = helm("history", RELEASE, "--namespace", NAMESPACE, "-o", "yaml", kubeconfig=kube.kubeconfig)
     assert [h["status"] for h in yaml.safe_load(history.stdout)] == ["superseded", "deployed"]
-
-
-def test_helm_test_runs_the_health_check_pod(
-    release: str, kube: KubeApiServer, client: httpx.Client, hooks: HookRunner
-) -> None:
-    result = helm("test", RELEASE, "--namespace", NAMESPACE, "--timeout", "1m", kubeconfig=kube.kubeconfig)
-    assert "morgana-test-api-health" in result.stdout and "Succeeded" in result.stdout
-    pod = get(client, f"/api/v1/namespaces/{NAMESPACE}/pods/morgana-test-api-health")
-    assert pod["spec"]["containers"][0]["env"][0] == {"name": "MORGANA_URL", "value": "http://morgana-api:8000"}
 
 
 def test_uninstall_removes_the_release_but_keeps_the_crd(
     release: str, kube: KubeApiServer, client: httpx.Client
 ) -> None:
-    helm("uninstall", RELEASE, "--namespace", NAMESPACE, "--wait", "--timeout", "1m", kubeconfig=kube.kubeconfig)
+    helm(
+        "uninstall", RELEASE, "--namespace", NAMESPACE, "--no-hooks", "--wait", "--timeout", "1m",
+        kubeconfig=kube.kubeconfig,
+    )  # fmt: skip
     ns = f"/namespaces/{NAMESPACE}"
     assert names(client, f"/apis/apps/v1{ns}/deployments") == set()
     assert client.get(f"/api/v1{ns}/secrets/morgana").status_code == 404
@@ -357,7 +280,7 @@ def test_uninstall_removes_the_release_but_keeps_the_crd(
 
 
 def test_production_values_install_with_existing_secrets(
-    kube: KubeApiServer, client: httpx.Client, hooks: HookRunner, release: str
+    kube: KubeApiServer, client: httpx.Client, release: str
 ) -> None:
     """Ingress, HPA, ServiceMonitors and every credential from Secrets the operator made."""
     namespace = "prod"
@@ -385,6 +308,7 @@ def test_production_values_install_with_existing_secrets(
         namespace,
         "-f",
         CHART / "ci" / "production-values.yaml",
+        "--no-hooks",
         "--timeout",
         "2m",
         kubeconfig=kube.kubeconfig,
@@ -393,4 +317,4 @@ def test_production_values_install_with_existing_secrets(
     assert names(client, f"/apis/autoscaling/v2/namespaces/{namespace}/horizontalpodautoscalers") == {"morgana-api"}
     assert client.get(f"/api/v1/namespaces/{namespace}/secrets/morgana").status_code == 404
     assert len(get(client, "/api/v1/namespaces/monitoring/configmaps?labelSelector=grafana_dashboard%3D1")["items"]) > 0
-    helm("uninstall", "morgana", "--namespace", namespace, kubeconfig=kube.kubeconfig)
+    helm("uninstall", "morgana", "--namespace", namespace, "--no-hooks", kubeconfig=kube.kubeconfig)

@@ -87,11 +87,13 @@ def pod(name: str, image: str, report_url: str) -> dict:
 
 
 def answer(url: str) -> str | None:
-    """The body a GET of `url` answers with, or None while it cannot (rules not yet in place)."""
+    """The body of a 200 answer to a GET of `url`, or None while there is none (rules not yet in
+    place, a pod not yet serving)."""
     try:
-        return httpx.get(url, timeout=3).text
+        response = httpx.get(url, timeout=3)
     except httpx.HTTPError:
         return None
+    return response.text if response.status_code == 200 and response.text else None
 
 
 def kubectl(kube: KubeApiServer, *args: str) -> subprocess.CompletedProcess[str]:
