@@ -35,6 +35,7 @@ class ChildProcess:
         self.command = command
         self.env = dict(env)
         self.log_path = log_path
+        self.log_start = 0  # where this run's output begins: logs are appended across runs
         self.process: subprocess.Popen | None = None
 
     def ready(self) -> bool:
@@ -43,6 +44,7 @@ class ChildProcess:
     def start(self, timeout: float | None = None) -> "Self":
         timeout = timeout or self.ready_timeout
         with self.log_path.open("ab") as log:
+            self.log_start = log.tell()
             self.process = subprocess.Popen(
                 self.command, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT
             )
@@ -73,11 +75,17 @@ class ChildProcess:
                 self.process.kill()
                 self.process.wait()
 
-    def log_tail(self, lines: int = 60) -> str:
+    def log(self) -> str:
+        """What this run has written to the log (not earlier runs' lines)."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            with self.log_path.open("rb") as log:
+                log.seek(self.log_start)
+                return log.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
 
     def __enter__(self) -> "Self":
         return self.start()
@@ -122,5 +130,7 @@ class AgentWorker(ChildProcess):
         )
 
     def ready(self) -> bool:
+        # Registered by this run: `make run` appends every run to one log, and a phrase from the
+        # last run would announce a worker that LiveKit cannot dispatch to yet.
         httpx.get(f"http://127.0.0.1:{self.health_port}/worker", timeout=1).raise_for_status()
-        return "registered worker" in self.log_path.read_text(errors="replace")
+        return "registered worker" in self.log()

@@ -57,6 +57,26 @@ async def talk(caller: Caller, utterance, timeout: float = 30, what: Description
     await eventually_async(lambda: caller.first_audio_after(spoke_until) is not None, timeout, what=what)
 
 
+def test_ready_means_registered_in_this_run_not_in_an_earlier_one(
+    own_livekit: LiveKitServer, agent_env: dict, tmp_path
+) -> None:
+    """`make run` appends every run to one worker log. A registration the last run logged must not
+    make this run's worker look ready (and `make run` announce it) before LiveKit can dispatch to
+    it: a caller joining then would wait in a room no agent is sent to."""
+    log = tmp_path / "agent-worker.log"
+    earlier = '{"message": "registered worker", "level": "INFO", "name": "livekit.agents"}\n'
+    log.write_text(earlier)
+    nowhere = worker_env(agent_env, own_livekit, "late-agent", LIVEKIT_URL=f"ws://127.0.0.1:{free_port()}")
+    with pytest.raises(RuntimeError, match="not ready"):
+        AgentWorker(nowhere, log).start(timeout=8)
+    worker = AgentWorker(worker_env(agent_env, own_livekit, "late-agent"), log).start()
+    try:
+        assert "registered worker" in worker.log() and not worker.log().startswith(earlier)
+        assert log.read_text().startswith(earlier)  # earlier runs' lines are kept
+    finally:
+        worker.stop()
+
+
 def test_health_metrics_drain_and_reregistration(
     own_livekit: LiveKitServer, agent_env: dict, fake_openai: FakeOpenAIProcess, tmp_path
 ) -> None:
