@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -37,6 +38,7 @@ COREDNS_VERSION = os.environ.get("COREDNS_VERSION", "v1.12.4")
 PAUSE_VERSION = "3.10"
 NODE_TOOLS = ("kubelet", "kube-scheduler", "kube-proxy", "coredns", "pause")
 POD_SUBNET = "10.244.0.0/24"
+CNI_NETWORK = "morgana"  # the bridge plugin names its per-pod NAT chains' rules after it
 CLUSTER_DNS = "10.96.0.10"
 BRIDGE = "cni0"
 PAUSE_IMAGE = f"localhost/pause:{PAUSE_VERSION}"
@@ -196,7 +198,7 @@ class KubeNode:
             json.dumps(
                 {
                     "cniVersion": "1.0.0",
-                    "name": "morgana",
+                    "name": CNI_NETWORK,
                     "plugins": [
                         {
                             "type": "bridge",
@@ -433,8 +435,24 @@ state = "{d / "state"}"
                     subprocess.run([tool, "-t", table, "-D", "OUTPUT", "-j", chain], capture_output=True)
                     subprocess.run([tool, "-t", table, "-D", "INPUT", "-j", chain], capture_output=True)
                     subprocess.run([tool, "-t", table, "-X", chain], capture_output=True)
+        _remove_masquerade_rules()
         for path in ("/var/lib/kubelet", "/var/log/pods", "/var/log/containers", "/var/lib/cni"):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_masquerade_rules() -> None:
+    """The bridge plugin's per-pod NAT rules and chains (ipMasq) for pods that never had a CNI DEL
+    (their sandboxes removed with containerd at teardown), from this run and any earlier one."""
+    listed = subprocess.run(["iptables", "-t", "nat", "-S", "POSTROUTING"], capture_output=True, text=True)
+    for line in listed.stdout.splitlines():
+        if f'name: \\"{CNI_NETWORK}\\"' not in line or not line.startswith("-A POSTROUTING"):
+            continue
+        rule = shlex.split(line)[2:]
+        chain = rule[rule.index("-j") + 1] if "-j" in rule else ""
+        subprocess.run(["iptables", "-t", "nat", "-D", "POSTROUTING", *rule], capture_output=True)
+        if chain.startswith("CNI-"):
+            subprocess.run(["iptables", "-t", "nat", "-F", chain], capture_output=True)
+            subprocess.run(["iptables", "-t", "nat", "-X", chain], capture_output=True)
 
 
 def _mounts() -> list[str]:
