@@ -153,6 +153,7 @@ class ResultLines:
     columns: tuple[str, str] = ("value", "baseline")  # ratio = first / second
     headers: tuple[str, str] | None = None  # the two columns' table headers (default: `columns`)
     notes = True  # a note column in the table
+    lead: tuple[str, ...] = ()  # keys shown in columns of their own before `bench` (e.g. a configuration)
 
     def __init__(self) -> None:
         self.lines: list[dict] = []
@@ -185,12 +186,13 @@ class ResultLines:
 
     def table(self) -> str:
         first, second = self.columns
-        header = ("bench", "metric", *(self.headers or self.columns), "ratio", "unit")
+        header = (*self.lead, "bench", "metric", *(self.headers or self.columns), "ratio", "unit")
         rows = [header + (("note",) if self.notes else ())]
         for line in self.lines:
             if not self.tabulated(line):
                 continue
             row = (
+                *(cell(line.get(key)) for key in self.lead),
                 line["bench"],
                 line["metric"],
                 cell(line[first]),
@@ -199,7 +201,9 @@ class ResultLines:
                 line["unit"],
             )
             rows.append(row + ((self.note(line),) if self.notes else ()))
-        return render_table(rows, left=(0, 1, 5, 6) if self.notes else (0, 1, 5))
+        n = len(self.lead)
+        left = (*range(n), n, n + 1, n + 5, *((n + 6,) if self.notes else ()))
+        return render_table(rows, left=left)
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

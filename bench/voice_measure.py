@@ -1,6 +1,7 @@
 """What the voice benchmark measures besides the callers' ears: counters over a measurement window (the
 worker's histograms and log warnings, CPU of the worker, the cores and the other services, this
-process's loop lag) and the API's own chat latency, asked for directly."""
+process's loop lag, the worker's memory at the window's end) and the API's own chat latency, asked
+for directly."""
 
 from __future__ import annotations
 
@@ -141,6 +142,7 @@ class Meter:
             "loop_lag_p99_ms": rounded(ms(percentile(lags, 99)), 1),
             "loop_lag_max_ms": rounded(ms(max(lags)) if lags else None, 1),
             "worker_processes": tree.processes(),
+            "worker_memory": await asyncio.to_thread(tree.memory),
             "agent_warnings": self.agent_warnings(window.log_offset),
             "api_probe": {
                 "n": len(probe_ok),

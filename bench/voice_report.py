@@ -1,6 +1,4 @@
-"""The voice benchmark's report: its result lines (`Results`: printed at once, tabulated at the end,
-with a table of its own for the capacity levels) and `VoiceReport`, which turns measured turns and
-window counters into those lines."""
+"""`VoiceReport`: one configuration's result lines, from its measured turns and window counters."""
 
 from __future__ import annotations
 
@@ -8,104 +6,24 @@ import asyncio
 import math
 import time
 
-from bench.common import (
-    REPO,
-    RESULTS_DIR,
-    ResultLines,
-    cell,
-    load_average,
-    logger,
-    ms,
-    percentile,
-    ratio,
-    render_table,
-    rounded,
-)
+from bench.common import cell, load_average, logger, ms, percentile, ratio, rounded
 from bench.voice_callers import Turn
-from bench.voice_settings import BENCH_CORE, EXPECTED_REPLY, STAGES, VAD_MIN_SILENCE, WORKER_CORE, Plan
+from bench.voice_results import Results
+from bench.voice_settings import EXPECTED_REPLY, STAGES, WORKER_CORE, WorkerConfig
 from morgana_devtools.openai_server import FakeOpenAIProcess
 
-RESULTS = RESULTS_DIR / "voice.jsonl"
 log = logger("voice-bench")
 
 
-class Results(ResultLines):
-    """Collects result lines: printed at once (stdout), written and tabulated at the end.
-
-    `add(bench, metric, value, baseline, unit, **extra)`: ratio = value / baseline.
-    """
-
-    columns = ("value", "baseline")
-
-    def tabulated(self, line: dict) -> bool:
-        return "metric" in line and not (line["bench"] == "capacity" and "calls" in line)
-
-    def note(self, line: dict) -> str:
-        note = line.get("note", "")
-        if "overhead_ms" in line:
-            note = f"overhead {cell(line['overhead_ms'])} ms" + (f"; {note}" if note else "")
-        return note
-
-    def capacity_table(self) -> str:
-        rows = [
-            (
-                "calls",
-                "turns",
-                "missed",
-                "overlap",
-                "p50 ms",
-                "p95 ms",
-                "max ms",
-                "pass",
-                "worker cpu %",
-                "cpu/call %",
-                "core0 %",
-                "core1 %",
-                "core1 other %",
-                "eot ms",
-                "api ms",
-                "tts ms",
-                "e2e ms",
-                "api direct ms",
-                "vad slow",
-                "loop lag p99 ms",
-            )
-        ]
-        for line in self.lines:
-            if line.get("bench") != "capacity" or "calls" not in line:
-                continue
-            stages = line.get("stages", {})
-            rows.append(
-                (
-                    str(line["calls"]),
-                    str(line["turns"]),
-                    str(line["missed"]),
-                    str(line["overlapped"]),
-                    cell(line["p50_ms"]),
-                    cell(line["p95_ms"]),
-                    cell(line["max_ms"]),
-                    "yes" if line["pass"] else "NO",
-                    cell(line["worker_cpu_pct_of_core"]),
-                    cell(line["worker_cpu_pct_per_call"]),
-                    cell(line["core_util_pct"].get(f"cpu{BENCH_CORE}")),
-                    cell(line["core_util_pct"].get(f"cpu{WORKER_CORE}")),
-                    cell(line["worker_core_others_pct"]),
-                    *(cell(stages.get(label, {}).get("mean_ms")) for _, label in STAGES),
-                    cell(line["api_probe_ttfe"]["p50_ms"]),
-                    str(line["agent_warnings"]["vad_slower_than_realtime"]),
-                    cell(line["bench_loop_lag_p99_ms"]),
-                )
-            )
-        return render_table(rows, left=())
-
-
 class VoiceReport:
-    """Result lines from what a run measured. The baseline is the endpointing delay (`plan`)."""
+    """Result lines from what one configuration's run measured. The baseline is its endpointing
+    delay (MIN_ENDPOINTING_DELAY)."""
 
-    def __init__(self, res: Results, plan: Plan) -> None:
+    def __init__(self, res: Results, config: WorkerConfig) -> None:
         self.res = res
-        self.plan = plan
+        self.config = config
         self.single_latency: dict[str, float] = {}
+        self.idle_memory: dict = {}
         self.wall_offset = time.time() - time.monotonic()  # monotonic -> wall clock (fake's times)
 
     def single(self, turns: list[Turn], counters: dict, first_turn: float | None) -> None:
@@ -114,7 +32,7 @@ class VoiceReport:
         said = [t.latency_said for t in turns if t.clean and t.latency_said is not None]
         missed = sum(1 for t in turns if t.missed)
         overlapped = sum(1 for t in turns if t.overlapped)
-        base_ms = 1000 * self.plan.endpointing_delay
+        base_ms = 1000 * self.config.endpointing_delay
         p50, p95 = percentile(heard, 50), percentile(heard, 95)
         self.single_latency = {"p50": p50, "p95": p95}
         for q, value in (("p50", p50), ("p95", p95)):
@@ -178,6 +96,14 @@ class VoiceReport:
             "ms",
             note="what the worker's e2e histogram does not see (see the timeline rows)",
         )
+        self.res.add(
+            "voice_turn",
+            "worker_cpu",
+            100 * counters["worker_cpu_s"] / counters["seconds"],
+            None,
+            "% of core",
+            note="the worker and its job processes during the one-call run (what a call costs in this configuration)",
+        )
 
     async def timeline(self, turns: list[Turn], fake: FakeOpenAIProcess) -> None:
         """The same turns on one clock: when the worker's STT and TTS requests reached the fake
@@ -202,10 +128,9 @@ class VoiceReport:
             legs["speech_end_to_stt_request"].append(t_stt - start)
             legs["stt_request_to_tts_request"].append(t_tts - t_stt)
             legs["tts_request_to_audio_heard"].append(heard - t_tts)
+        silence_ms = 1000 * self.config.vad_min_silence
         notes = {
-            "speech_end_to_stt_request": (
-                f"uplink + VAD end of speech (silence {1000 * VAD_MIN_SILENCE:.0f} ms + VAD lag)"
-            ),
+            "speech_end_to_stt_request": f"uplink + VAD end of speech (silence {silence_ms:.0f} ms + VAD lag)",
             "stt_request_to_tts_request": "STT + end of turn + API first token + first sentence",
             "tts_request_to_audio_heard": "TTS first byte + agent audio output + downlink + jitter buffer",
         }
@@ -214,7 +139,7 @@ class VoiceReport:
                 "voice_turn",
                 f"timeline_{leg}_mean",
                 ms(sum(values) / len(values)) if values else None,
-                1000 * VAD_MIN_SILENCE if leg == "speech_end_to_stt_request" else None,
+                silence_ms if leg == "speech_end_to_stt_request" else None,
                 "ms",
                 n=len(values),
                 p95_ms=rounded(ms(percentile(values, 95)), 1),
@@ -222,7 +147,7 @@ class VoiceReport:
             )
 
     def idle(self, idle: dict) -> None:
-        """The worker's CPU with no call (`idle`: a closed window)."""
+        """The worker's CPU and memory with no call (`idle`: a closed window)."""
         self.res.add(
             "capacity",
             "worker_idle_cpu",
@@ -232,6 +157,25 @@ class VoiceReport:
             processes=idle["worker_processes"],
             note="no call: the worker and its pre-started idle job processes",
         )
+        self.idle_memory = memory = idle["worker_memory"]
+        self.res.add(
+            "memory",
+            "idle_worker",
+            memory["pss_mib"],
+            None,
+            "MiB PSS",
+            worker_memory=memory,
+            note=f"no call: main process, forkserver and idle job processes; RSS {cell(memory['rss_mib'])} MiB",
+        )
+
+    def per_call(self, memory: dict, calls: int) -> dict:
+        """`memory` (the tree with `calls` calls) and its increase over the idle tree, per call."""
+
+        def increase(key: str) -> float | None:
+            before, after = self.idle_memory.get(key), memory[key]
+            return None if before is None or after is None else rounded((after - before) / calls, 1)
+
+        return {**memory, "per_call_rss_mib": increase("rss_mib"), "per_call_pss_mib": increase("pss_mib")}
 
     def api_ttfe(self, ttfes: list[float], errors: int) -> None:
         """api_chat: the API's own time to first event, and its share of the one-call turn."""
@@ -263,7 +207,7 @@ class VoiceReport:
         missed = sum(1 for t in turns if t.missed)
         overlapped = sum(1 for t in turns if t.overlapped)
         p95 = percentile(heard, 95)
-        bound = self.plan.bound
+        bound = self.config.bound
         passed = bool(heard) and missed == 0 and overlapped == 0 and p95 < bound
         cpu_pct = 100 * counters["worker_cpu_s"] / counters["seconds"]
         unexpected = sorted(text for text in replies if text != EXPECTED_REPLY)
@@ -284,6 +228,7 @@ class VoiceReport:
                 "worker_cpu_pct_per_call": rounded(cpu_pct / calls, 1),
                 "worker_main_process_cpu_pct": rounded(100 * counters["worker_main_cpu_s"] / counters["seconds"], 1),
                 "worker_processes": counters["worker_processes"],
+                "worker_memory": self.per_call(counters["worker_memory"], calls),
                 "core_util_pct": counters["core_util_pct"],
                 # busy time of the worker's core not spent by the worker: other tenants
                 # (approximate: /proc/stat ticks vs per-process times differ by a few %)
@@ -315,10 +260,7 @@ class VoiceReport:
 
     def capacity(self, first_turns: list[float | None]) -> None:
         """calls_per_core from the levels reported so far; the calls' first turns."""
-        levels = sorted(
-            (line for line in self.res.lines if line.get("bench") == "capacity" and "calls" in line),
-            key=lambda item: item["calls"],
-        )
+        levels = sorted(self.res.levels(), key=lambda item: item["calls"])
         best = 0
         for line in levels:
             if not line["pass"]:
@@ -327,7 +269,7 @@ class VoiceReport:
         tested = levels[-1]["calls"] if levels else 0
         passing = [line for line in levels if line["pass"]]
         per_call = passing[-1]["worker_cpu_pct_per_call"] if passing else None
-        bound_ms = 1000 * self.plan.bound
+        bound_ms = 1000 * self.config.bound
         self.res.add(
             "capacity",
             "calls_per_core",
@@ -348,12 +290,14 @@ class VoiceReport:
             cpu_bound_calls=rounded(100 / per_call, 1) if per_call else None,
             note="at the largest passing N; 100 / this = calls per core if CPU alone limited",
         )
+        if levels:
+            self.memory_per_call(levels[-1])
         missed_firsts = sum(1 for v in first_turns if v is None)
         self.res.add(
             "capacity",
             "first_turn_latency_max",
             ms(max((v for v in first_turns if v is not None), default=math.nan)),
-            1000 * self.plan.endpointing_delay,
+            1000 * self.config.endpointing_delay,
             "ms",
             samples_ms=[rounded(ms(v), 1) for v in first_turns],
             missed=missed_firsts,
@@ -361,25 +305,17 @@ class VoiceReport:
             + (f"; {missed_firsts} got no reply before the caller spoke again" if missed_firsts else ""),
         )
 
-
-def print_report(res: Results, began: float, plan: Plan) -> None:
-    """The two tables, unexpected replies and log errors, and where the results are."""
-    print(flush=True)
-    print(res.table(), flush=True)
-    print(flush=True)
-    print(res.capacity_table(), flush=True)
-    for line in res.lines:
-        if line.get("unexpected_replies"):
-            print(f"  {line['metric']}: unexpected agent replies {line['unexpected_replies']}", flush=True)
-        if line.get("api_log_error_lines") or line.get("agent_log_error_lines"):
-            print(
-                f"  logs: API {line['api_log_error_lines']} / agent {line['agent_log_error_lines']} error lines, "
-                f"first: {line['log_sample'][0][:200]}",
-                flush=True,
-            )
-    print(
-        f"\n(results in {RESULTS.relative_to(REPO)}; total {time.monotonic() - began:.0f} s; "
-        f"worker on core {WORKER_CORE}, callers and services on core {BENCH_CORE}; "
-        f"baseline = MIN_ENDPOINTING_DELAY {1000 * plan.endpointing_delay:.0f} ms)",
-        flush=True,
-    )
+    def memory_per_call(self, level: dict) -> None:
+        """memory per active call, from the largest level measured (its processes' /proc data)."""
+        memory, calls = level["worker_memory"], level["calls"]
+        self.res.add(
+            "memory",
+            "per_call",
+            memory["per_call_pss_mib"],
+            None,
+            "MiB PSS",
+            calls=calls,
+            per_call_rss_mib=memory["per_call_rss_mib"],
+            note=f"(worker tree at {calls} calls - idle tree) / {calls}; "
+            f"RSS {cell(memory['per_call_rss_mib'])} MiB per call (counts shared pages again)",
+        )

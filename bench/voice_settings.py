@@ -1,9 +1,12 @@
 """The voice benchmark's settings: what a caller says and hears, how a reply is detected, the cores,
-and the size of a run (`Plan`)."""
+the worker configurations compared in one run (`WorkerConfig`), their targets, and the size of a run
+(`Plan`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+
+from morgana.agent.config import AgentSettings
 
 # What the caller says, what the fake speech-to-text hears, what the agent answers (the fake
 # model echoes "You said: <last user message>").
@@ -11,8 +14,6 @@ UTTERANCE = "What time is it?"
 TRANSCRIPT = "What time is it"
 EXPECTED_REPLY = f"You said: {TRANSCRIPT}"
 
-ENDPOINTING_DELAY = 0.5  # MIN_ENDPOINTING_DELAY given to the worker by default (--min-endpointing-delay)
-VAD_MIN_SILENCE = 0.55  # silero.VAD.load() default min_silence_duration (the worker keeps it)
 BOUND_OVER_ENDPOINTING = 1.0  # capacity: p95 must stay under the endpointing delay + this
 MAX_CALLS = 16  # MAX_CONCURRENT_CALLS: well above the largest N, so LiveKit never holds a job back
 WORKER_CORE = 1
@@ -34,20 +35,122 @@ STAGES = (  # (histogram, label)
     ("turn_latency_seconds", "turn_latency_e2e"),
 )
 
+# Provider delays of the `realistic` configurations, injected by the fake OpenAI server as sticky
+# per-endpoint scenarios (first_delay_ms): the model's first token, TTS's first byte, STT's answer.
+PROVIDER_DELAYS_MS = {"chat": 350.0, "speech": 150.0, "transcriptions": 100.0}
+
+
+# The worker's defaults, from its settings class without reading this environment or a `.env`.
+_DEFAULTS = AgentSettings.model_construct()
+
 
 @dataclass(frozen=True)
-class Plan:
-    single_turns: int  # measured turns of the one-call latency run (after one warm-up turn)
-    levels: tuple[int, ...]  # concurrent calls; the first must be 1 (the one-call run)
-    level_seconds: float  # capacity window per level N > 1
-    ttfe_requests: int  # direct API chat requests
-    # MIN_ENDPOINTING_DELAY given to the worker: the latency baseline (--min-endpointing-delay)
-    endpointing_delay: float = ENDPOINTING_DELAY
+class Targets:
+    """The issue's latency targets for a configuration's one-call run (ms; None: no target)."""
+
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+
+    def text(self) -> str:
+        parts = [f"{q} <= {v:.0f}" for q, v in (("p50", self.p50_ms), ("p95", self.p95_ms)) if v is not None]
+        return ", ".join(parts) or "-"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """One configuration of the agent worker, measured with a worker of its own."""
+
+    name: str
+    summary: str
+    turn_detector: str
+    vad_min_silence: float  # VAD_MIN_SILENCE_SECONDS
+    endpointing_delay: float  # MIN_ENDPOINTING_DELAY: the latency baseline of this configuration
+    max_endpointing_delay: float
+    preemptive: bool = False
+    provider_delays_ms: dict[str, float] = field(default_factory=dict)  # fake server endpoint -> ms
+    capacity: bool = False  # also the idle API (api_chat) and the capacity levels
+    targets: Targets = Targets()
+    compare_with: str | None = None  # a configuration its latency is put beside (ratio), if measured
 
     @property
     def bound(self) -> float:
         """capacity: a level passes with its turn latency p95 under this (seconds)."""
         return self.endpointing_delay + BOUND_OVER_ENDPOINTING
+
+    def env(self) -> dict[str, str]:
+        """The turn settings, all given explicitly: the shipped defaults are read from the worker's
+        settings class, so neither this shell's environment nor a `.env` file changes them."""
+        return {
+            "TURN_DETECTOR": self.turn_detector,
+            "VAD_MIN_SILENCE_SECONDS": str(self.vad_min_silence),
+            "MIN_ENDPOINTING_DELAY": str(self.endpointing_delay),
+            "MAX_ENDPOINTING_DELAY": str(self.max_endpointing_delay),
+            "PREEMPTIVE_GENERATION": "true" if self.preemptive else "false",
+        }
+
+    def describe(self) -> dict:
+        return {
+            "config": self.name,
+            "summary": self.summary,
+            "worker_env": self.env(),
+            "provider_first_delay_ms": self.provider_delays_ms,
+            "capacity": self.capacity,
+            "targets": self.targets.text(),
+            "compare_with": self.compare_with,
+        }
+
+
+SHIPPED = WorkerConfig(
+    name="default",
+    summary="the shipped defaults, no provider delay",
+    turn_detector=_DEFAULTS.turn_detector,
+    vad_min_silence=_DEFAULTS.vad_min_silence_seconds,
+    endpointing_delay=_DEFAULTS.min_endpointing_delay,
+    max_endpointing_delay=_DEFAULTS.max_endpointing_delay,
+    preemptive=_DEFAULTS.preemptive_generation,
+    capacity=True,
+    targets=Targets(p50_ms=650.0, p95_ms=800.0),
+    compare_with="today",
+)
+CONFIGS = (
+    WorkerConfig(
+        name="today",
+        summary="silence only, as before Smart Turn: VAD 0.55 s, endpointing 0.5 s, no provider delay",
+        turn_detector="vad",
+        vad_min_silence=0.55,
+        endpointing_delay=0.5,
+        max_endpointing_delay=SHIPPED.max_endpointing_delay,
+    ),
+    SHIPPED,
+    replace(
+        SHIPPED,
+        name="realistic",
+        summary="the shipped defaults with provider delays (model 350, TTS 150, STT 100 ms)",
+        provider_delays_ms=PROVIDER_DELAYS_MS,
+        capacity=False,
+        targets=Targets(p50_ms=1000.0),
+        compare_with=None,  # its figures are put beside `default`'s by the provider delay lines
+    ),
+    replace(
+        SHIPPED,
+        name="realistic_preemptive",
+        summary="as realistic, with PREEMPTIVE_GENERATION=true",
+        preemptive=True,
+        provider_delays_ms=PROVIDER_DELAYS_MS,
+        capacity=False,
+        targets=Targets(),
+        compare_with="realistic",
+    ),
+)
+CONFIG_NAMES = tuple(config.name for config in CONFIGS)
+
+
+@dataclass(frozen=True)
+class Plan:
+    single_turns: int  # measured turns of each configuration's one-call run (after one warm-up turn)
+    levels: tuple[int, ...]  # concurrent calls; the first must be 1 (the one-call run)
+    level_seconds: float  # capacity window per level N > 1
+    ttfe_requests: int  # direct API chat requests
 
 
 FULL = Plan(single_turns=12, levels=(1, 2, 4, 6, 8), level_seconds=20.0, ttfe_requests=20)

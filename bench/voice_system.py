@@ -1,5 +1,6 @@
 """The voice benchmark's view of the machine: CPU pinning, per-core and per-process CPU from /proc, the agent
-worker pinned to its core and its process tree, this process's event-loop lag, and the processes of a run."""
+worker pinned to its core and its process tree (CPU and memory), this process's event-loop lag, and the
+processes of a run."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,8 +72,26 @@ class PinnedAgentWorker(AgentWorker):
         self.command = ["taskset", "-c", str(core), *self.command]
 
 
+def pss_kib(pid: int) -> int | None:
+    """Proportional set size of a process from /proc/<pid>/smaps_rollup (None if unreadable).
+
+    RSS counts every page a process maps, so job processes forked from livekit-agents' forkserver
+    each count the shared copy-on-write pages again; PSS splits shared pages among their sharers,
+    so the PSS of the processes sums to the memory they take together."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return None
+
+
+def mib(kib: float | None) -> float | None:
+    return None if kib is None else rounded(kib / 1024, 1)
+
+
 class ProcessTree:
-    """CPU seconds of a process and all its descendants, including ones that come and go."""
+    """CPU seconds of a process and all its descendants, including ones that come and go, and the
+    memory of the ones alive."""
 
     def __init__(self, pid: int) -> None:
         self.root = psutil.Process(pid)
@@ -79,11 +99,7 @@ class ProcessTree:
         self.known: dict[tuple[int, float], psutil.Process] = {}
 
     def sample(self) -> None:
-        try:
-            procs = [self.root, *self.root.children(recursive=True)]
-        except psutil.Error:
-            return
-        for proc in procs:
+        for proc in [self.root, *self._children()]:
             try:
                 key = (proc.pid, proc.create_time())
                 times = proc.cpu_times()
@@ -104,6 +120,44 @@ class ProcessTree:
 
     def leftovers(self) -> list[psutil.Process]:
         return [proc for proc in self.known.values() if _alive(proc)]
+
+    def role(self, proc: psutil.Process) -> str:
+        """main (the worker), forkserver (livekit-agents forks job processes from it), job, or
+        another helper process by its command line."""
+        if proc.pid == self.root.pid:
+            return "main"
+        command = " ".join(proc.cmdline())
+        if "resource_tracker" in command:
+            return "resource_tracker"
+        if proc.ppid() == self.root.pid and "forkserver" in command:
+            return "forkserver"
+        return "job"
+
+    def memory(self) -> dict:
+        """RSS and PSS (MiB) of every live process of the tree and their sums; `pss_mib` is None
+        unless every process's smaps_rollup was readable."""
+        processes = []
+        for proc in [self.root, *self._children()]:
+            try:
+                entry = {"pid": proc.pid, "role": self.role(proc), "rss_kib": proc.memory_info().rss // 1024}
+            except psutil.Error:
+                continue
+            entry["pss_kib"] = pss_kib(proc.pid)
+            processes.append(entry)
+        pss = [p["pss_kib"] for p in processes]
+        return {
+            "rss_mib": mib(sum(p["rss_kib"] for p in processes)),
+            "pss_mib": mib(sum(pss)) if pss and None not in pss else None,
+            "processes": [
+                {"pid": p["pid"], "role": p["role"], "rss_mib": mib(p["rss_kib"]), "pss_mib": mib(p["pss_kib"])}
+                for p in processes
+            ],
+        }
+
+    def _children(self) -> list[psutil.Process]:
+        with contextlib.suppress(psutil.Error):
+            return self.root.children(recursive=True)
+        return []
 
 
 def _alive(proc: psutil.Process) -> bool:
@@ -130,6 +184,23 @@ def stop_leftovers(tree: ProcessTree | None) -> None:
             proc.kill()
     if procs:
         log(f"stopped {len(procs)} worker processes still running 3 s after the worker exited: {described}")
+
+
+@contextlib.contextmanager
+def pinned_worker(env: dict[str, str], log_path: Path, core: int) -> Iterator[tuple[PinnedAgentWorker, ProcessTree]]:
+    """An agent worker on `core` and its process tree; stopped (with any job process it leaves
+    behind) on the way out, so the next configuration starts on a clean core."""
+    worker = PinnedAgentWorker(env, log_path, core)
+    tree: ProcessTree | None = None
+    try:
+        worker.start()
+        assert worker.process is not None
+        tree = ProcessTree(worker.process.pid)
+        tree.sample()
+        yield worker, tree
+    finally:
+        worker.stop(20.0)
+        stop_leftovers(tree)
 
 
 class LoopLag:

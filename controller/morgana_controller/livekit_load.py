@@ -111,10 +111,16 @@ class LiveKitLoadReader:
         return Load(rooms=tuple(room for room in rooms if room.humans or room.agents))
 
     async def dispatch(self, agent_name: str, room: str) -> str:
-        """Ask LiveKit to send `agent_name` to `room`; returns the dispatch id."""
+        """Ask LiveKit to send `agent_name` to `room`; returns the dispatch id.
+
+        The room's earlier dispatch of that agent (the one in the caller's token) lends its
+        metadata: for a Morgana call, the credential that continues the caller's conversation.
+        """
         async with _translated_errors():
+            earlier = await self._api.agent_dispatch.list_dispatch(room)
+            metadata = next((d.metadata for d in earlier if d.agent_name == agent_name and d.metadata), "")
             dispatch = await self._api.agent_dispatch.create_dispatch(
-                api.CreateAgentDispatchRequest(agent_name=agent_name, room=room)
+                api.CreateAgentDispatchRequest(agent_name=agent_name, room=room, metadata=metadata)
             )
         return dispatch.id
 

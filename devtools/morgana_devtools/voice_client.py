@@ -71,6 +71,7 @@ class Caller:
     mic_track_sid: str = ""
     heard: list[tuple[float, float]] = field(default_factory=list)  # (time, frame rms)
     session_id: str = ""
+    session_token: str = ""
     # Identities of participants that left while this caller was still in the room: an agent
     # among them is a call cut (or, after a kill, an agent to be replaced).
     left_while_connected: list[str] = field(default_factory=list)
@@ -87,7 +88,8 @@ class Caller:
             session = await http.post("/api/v1/auth/session", headers=_bearer(user_token))
             session.raise_for_status()
             self.session_id = session.json()["session_id"]
-            grant = await http.post("/api/v1/livekit/token", headers=_bearer(session.json()["token"]["access_token"]))
+            self.session_token = session.json()["token"]["access_token"]
+            grant = await http.post("/api/v1/livekit/token", headers=_bearer(self.session_token))
             grant.raise_for_status()
             grant = grant.json()
         await self.connect(grant["serverUrl"], grant["participantToken"])
@@ -132,6 +134,13 @@ class Caller:
 
     def user_texts(self) -> list[str]:
         return [text for track, text in self.transcripts if track == self.mic_track_sid]
+
+    async def history(self) -> list[tuple[str, str, str]]:
+        """The caller's conversation as `GET /api/v1/chatbot/messages` gives it: (role, content, channel)."""
+        async with httpx.AsyncClient(base_url=self.api_url, timeout=20) as http:
+            response = await http.get("/api/v1/chatbot/messages", headers=_bearer(self.session_token))
+            response.raise_for_status()
+        return [(m["role"], m["content"], m["channel"]) for m in response.json()["messages"]]
 
     async def leave(self) -> None:
         for task in self._tasks:

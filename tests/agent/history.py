@@ -1,21 +1,13 @@
-"""The voice turns the agent stored through the API, read from its database."""
+"""The sessions of the voice agent's own account, read from its database."""
 
 import psycopg
 
 
-def agent_history(database_url: str, email: str) -> list[list[tuple[str, str]]]:
-    """Each of the agent account's sessions, as (role, content) turns, oldest session first."""
-    with psycopg.connect(database_url) as conn:
+def agent_sessions(voice_env: dict) -> list[str]:
+    """Ids of the sessions the agent's account holds (for rooms opened without the API's token)."""
+    with psycopg.connect(voice_env["DATABASE_URL"]) as conn:
         rows = conn.execute(
-            """SELECT s.id, m.role, m.content FROM chat_sessions s
-               JOIN users u ON u.id = s.user_id
-               LEFT JOIN chat_messages m ON m.session_id = s.id
-               WHERE u.email = %s ORDER BY s.created_at, m.id""",
-            (email,),
+            "SELECT s.id FROM chat_sessions s JOIN users u ON u.id = s.user_id WHERE u.email = %s",
+            (voice_env["API_USER_EMAIL"],),
         ).fetchall()
-    sessions: dict = {}
-    for session_id, role, content in rows:
-        sessions.setdefault(session_id, [])
-        if role:
-            sessions[session_id].append((role, content))
-    return list(sessions.values())
+    return [str(session_id) for (session_id,) in rows]

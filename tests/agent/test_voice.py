@@ -1,13 +1,14 @@
 """The whole voice path on a real LiveKit server: a caller speaks, the agent answers aloud."""
 
 import asyncio
+import time
 
 import pytest
 
 from morgana_devtools.openai_server import FakeOpenAIProcess
 from morgana_devtools.services import eventually_async
 from morgana_devtools.voice_client import Caller, speech_pcm
-from tests.agent.history import agent_history
+from tests.agent.history import agent_sessions
 from tests.conftest import OPENAI_KEY
 
 pytestmark = pytest.mark.timeout(180)
@@ -18,6 +19,7 @@ def test_a_caller_is_heard_answered_aloud_and_transcribed(
 ) -> None:
     fake_openai.queue_transcripts("What is the weather like")
     utterance = speech_pcm(fake_openai.root_url, OPENAI_KEY, "What is the weather like today?")
+    agents_own = len(agent_sessions(voice_env))
 
     async def call() -> Caller:
         caller = Caller(voice_api.url)
@@ -42,15 +44,15 @@ def test_a_caller_is_heard_answered_aloud_and_transcribed(
     # The caller's speech reached speech-to-text as real, non-silent audio.
     transcribed = fake_openai.audio_requests("transcriptions")
     assert transcribed and transcribed[-1]["rms"] > 0.01 and transcribed[-1]["duration"] > 0.5
-    # The turn is in the agent's dedicated session for this caller, in the API's history.
-    sessions = agent_history(voice_env["DATABASE_URL"], voice_env["API_USER_EMAIL"])
-    assert sessions[-1] == [("user", "What is the weather like"), ("assistant", "You said: What is the weather like")]
+    # The turn is in the caller's own conversation, marked as spoken, and not in the agent's account.
+    assert asyncio.run(caller.history()) == [
+        ("user", "What is the weather like", "voice"),
+        ("assistant", "You said: What is the weather like", "voice"),
+    ]
+    assert len(agent_sessions(voice_env)) == agents_own
 
 
-def test_two_rooms_at_once_get_two_independent_sessions(
-    voice_api, agent_worker, fake_openai: FakeOpenAIProcess, voice_env: dict
-) -> None:
-    before = len(agent_history(voice_env["DATABASE_URL"], voice_env["API_USER_EMAIL"]))
+def test_two_rooms_at_once_continue_two_conversations(voice_api, agent_worker, fake_openai: FakeOpenAIProcess) -> None:
     fake_openai.queue_transcripts("Caller one here", "Caller two here")
     utterance = speech_pcm(fake_openai.root_url, OPENAI_KEY, "Hello, is anybody there?")
 
@@ -77,8 +79,9 @@ def test_two_rooms_at_once_get_two_independent_sessions(
     assert heard == {"Caller one here", "Caller two here"}
     for caller in callers:
         assert caller.agent_texts() == [f"You said: {caller.user_texts()[0]}"]
-    sessions = agent_history(voice_env["DATABASE_URL"], voice_env["API_USER_EMAIL"])[before:]
-    assert sorted(sessions) == sorted([[("user", text), ("assistant", f"You said: {text}")] for text in heard])
+    for caller in callers:
+        text = caller.user_texts()[0]
+        assert asyncio.run(caller.history()) == [("user", text, "voice"), ("assistant", f"You said: {text}", "voice")]
 
 
 def test_barge_in_stops_the_reply_and_closes_the_api_stream(
@@ -234,3 +237,31 @@ def test_a_call_that_outlasts_its_token_still_counts_against_the_cap(livekit, vo
         await eventually_async(lambda: rooms.admit(user, second), 10, what="a second room admitted")
 
     asyncio.run(scenario())
+
+
+def test_text_typed_during_a_call_is_answered_aloud_and_in_text(
+    voice_api, agent_worker, fake_openai: FakeOpenAIProcess
+) -> None:
+    """LiveKit's chat text stream (`lk.chat`, what the agents playground's chat box sends)."""
+
+    async def call() -> tuple[Caller, float]:
+        caller = Caller(voice_api.url)
+        await caller.join()
+        try:
+            await eventually_async(lambda: len(caller.room.remote_participants) > 0, 30, what="an agent joined")
+            await caller.silence(1.0)
+            typed_at = time.monotonic()
+            await caller.room.local_participant.send_text("Typed while calling", topic="lk.chat")
+            await eventually_async(lambda: caller.first_audio_after(typed_at) is not None, 30, what="a spoken reply")
+            await eventually_async(caller.agent_texts, 15, what="the reply's text")
+            await caller.silence(1.0)
+        finally:
+            await caller.leave()
+        return caller, typed_at
+
+    caller, _ = asyncio.run(call())
+    assert caller.agent_texts() == ["You said: Typed while calling"]
+    assert asyncio.run(caller.history()) == [
+        ("user", "Typed while calling", "voice"),
+        ("assistant", "You said: Typed while calling", "voice"),
+    ]

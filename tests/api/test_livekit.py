@@ -31,10 +31,21 @@ def test_token_grants_the_sessions_room_and_dispatches_the_agent(
     assert not grants.room_admin and not grants.room_create
     dispatches = claims.room_config.agents
     assert [d.agent_name for d in dispatches] == ["morgana-agent"]
-    assert json.loads(dispatches[0].metadata) == {
-        "user_id": user["id"],
-        "session_id": chat_session["session_id"],
-    }
+    metadata = json.loads(dispatches[0].metadata)
+    assert metadata.keys() == {"user_id", "session_id", "call"}
+    assert (metadata["user_id"], metadata["session_id"]) == (user["id"], chat_session["session_id"])
+    # The call credential (tests/api/test_call_session.py): bound to this session and room, for
+    # LIVEKIT_CALL_MAX_MINUTES (240).
+    from jose import jwt
+
+    call = jwt.get_unverified_claims(metadata["call"])
+    assert (call["typ"], call["sub"], call["uid"], call["room"]) == (
+        "call",
+        chat_session["session_id"],
+        user["id"],
+        room,
+    )
+    assert 239 * 60 < call["exp"] - time.time() <= 240 * 60 + 5
 
 
 def test_token_lifetime_is_bounded(client: httpx.Client, chat_session: dict) -> None:

@@ -51,6 +51,7 @@ def test_openapi_documents_every_endpoint_with_examples(client: httpx.Client) ->
         ("/api/v1/chatbot/messages", "get"),
         ("/api/v1/chatbot/messages", "delete"),
         ("/api/v1/livekit/token", "post"),
+        ("/api/v1/livekit/call-session", "post"),
     }
     assert {(p, m) for p, ops in paths.items() for m in ops} == expected
     stream = paths["/api/v1/chatbot/chat/stream"]["post"]
@@ -64,6 +65,7 @@ def test_openapi_documents_every_endpoint_with_examples(client: httpx.Client) ->
         "SessionResponse",
         "ChatRequest",
         "LiveKitTokenResponse",
+        "CallSessionRequest",
     ):
         assert schemas[name].get("examples"), name
     assert "HTTPBearer" in spec["components"]["securitySchemes"]

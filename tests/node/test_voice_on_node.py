@@ -25,7 +25,6 @@ import pytest
 from morgana_devtools.kube_apiserver import cached_binary
 from morgana_devtools.services import eventually, eventually_async
 from morgana_devtools.voice_client import Caller, speech_pcm
-from tests.agent.history import agent_history
 from tests.chart.helm import CHART
 from tests.conftest import OPENAI_KEY
 from tests.images.containers import IMAGE_TAG
@@ -33,7 +32,6 @@ from tests.node.conftest import NAMESPACE, RELEASE, Installed, ready
 
 pytestmark = pytest.mark.timeout(600)
 
-AGENT_EMAIL = "voice-agent@morgana.local"
 TRANSCRIPT = "Are you still there"
 ANSWER = f"You said: {TRANSCRIPT}"
 
@@ -181,9 +179,11 @@ def test_a_caller_is_answered_by_an_agent_pod_and_the_turn_is_in_the_history(ins
     # The caller's speech reached speech-to-text as real audio, through LiveKit's pod.
     transcribed = installed.model.audio_requests("transcriptions")
     assert transcribed and transcribed[-1]["rms"] > 0.01 and transcribed[-1]["duration"] > 0.5
-    # The agent stored the turn through the API, in the session it made for this caller.
-    turns = eventually(lambda: agent_history(installed.database_url, AGENT_EMAIL)[-1], 10)
-    assert turns == [("user", "What is the weather like"), ("assistant", "You said: What is the weather like")]
+    # The call continued the caller's own conversation: the turn is in their history, as spoken.
+    assert asyncio.run(caller.history()) == [
+        ("user", "What is the weather like", "voice"),
+        ("assistant", "You said: What is the weather like", "voice"),
+    ]
 
 
 def test_callers_scale_the_agents_up_and_scale_down_removes_idle_pods_only(
@@ -328,9 +328,10 @@ def test_an_agent_killed_mid_call_leaves_a_room_the_controller_redispatches(
     before = redispatches()
     timings: dict[str, float] = {}
 
-    async def scenario() -> tuple[Call, str, str]:
+    async def scenario() -> tuple[Call, str, str, list[tuple[str, str, str]]]:
         call = await Call(installed, utterance).start()
         (pod,) = await asyncio.to_thread(serving, installed)
+        answered_before = call.answered
         container = installed.pod(pod)["status"]["containerStatuses"][0]["containerID"]  # type: ignore[index]
         installed.node.ctr("tasks", "kill", "--signal", "SIGKILL", container.split("://", 1)[1])
         killed = time.monotonic()
@@ -341,11 +342,17 @@ def test_an_agent_killed_mid_call_leaves_a_room_the_controller_redispatches(
         timings["replaced"] = time.monotonic() - killed - timings["left"]
         (call.agent,) = call.caller.room.remote_participants
         await call.exchange()
+        await call.exchange()
         (new_pod,) = await asyncio.to_thread(serving, installed)
         await call.end()
-        return call, pod, new_pod
+        # The controller's dispatch carried the caller's call credential on: the new agent went on
+        # with the caller's own conversation. Two answers after the kill are there (a turn cut by
+        # the kill may or may not be; a new agent without the credential would store none here).
+        spoken = [turn for turn in await call.caller.history() if turn[0] == "assistant" and turn[2] == "voice"]
+        assert len(spoken) >= answered_before + 2, (answered_before, spoken)
+        return call, pod, new_pod, spoken
 
-    call, pod, new_pod = asyncio.run(scenario())
+    call, pod, new_pod, _ = asyncio.run(scenario())
     assert redispatches() >= before + 1
     assert call.answered >= 2 and not call.cut
     restarted = installed.pod(pod)

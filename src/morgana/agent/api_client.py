@@ -1,4 +1,4 @@
-"""The Morgana API as the agent uses it: log in, open a session per caller, stream replies."""
+"""The Morgana API as the agent uses it: log in, join each caller's session, stream replies."""
 
 import json
 import logging
@@ -47,21 +47,30 @@ class MorganaApi:
         )
         self._user_token = response.json()["access_token"]
 
+    async def join_call(self, credential: str, room: str) -> ChatSession:
+        """The caller's own session, for this call: trades the call credential from the job's
+        dispatch metadata for a voice token that adds the call's turns to their conversation."""
+        return await self._session_request("/api/v1/livekit/call-session", {"credential": credential, "room": room})
+
     async def create_session(self) -> ChatSession:
-        """A new chat session for one caller (logs in first, and again if the token expired)."""
+        """A session of the agent's own account, for a room opened without the API's token."""
+        return await self._session_request("/api/v1/auth/session")
+
+    async def _session_request(self, path: str, body: Mapping[str, str] | None = None) -> ChatSession:
+        # Logs in first, and once more if the user token expired (401).
         for attempt in range(2):
             if self._user_token is None:
                 await self.login()
             try:
-                response = await self._request("POST", "/api/v1/auth/session", headers=_bearer(self._user_token or ""))
+                response = await self._request("POST", path, json_body=body, headers=_bearer(self._user_token or ""))
             except ApiError as exc:
                 if exc.status == 401 and attempt == 0:
                     self._user_token = None
                     continue
                 raise
-            body = response.json()
-            return ChatSession(session_id=body["session_id"], token=body["token"]["access_token"])
-        raise ApiError("could not create a session", retryable=False)
+            answer = response.json()
+            return ChatSession(session_id=answer["session_id"], token=answer["token"]["access_token"])
+        raise ApiError("could not get a session", retryable=False)
 
     async def stream_reply(self, session: ChatSession, text: str) -> AsyncGenerator[str, None]:
         """Send one user turn and yield the reply's text as the API streams it.
@@ -98,10 +107,11 @@ class MorganaApi:
         path: str,
         *,
         data: Mapping[str, str] | None = None,
+        json_body: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> httpx.Response:
         try:
-            response = await self._http.request(method, path, data=data, headers=headers)
+            response = await self._http.request(method, path, data=data, json=json_body, headers=headers)
         except httpx.HTTPError as exc:
             raise ApiError(f"API unreachable: {type(exc).__name__}") from exc
         if response.status_code >= 400:

@@ -1,10 +1,14 @@
 """Settings of the voice agent worker, from the environment and `.env`."""
 
 from functools import lru_cache
+from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
 from morgana.core.settings import CoreSettings
+
+# livekit.agents.inference.eot.base.MIN_SILENCE_DURATION_MS + 50 ms, as the framework checks it.
+SMART_TURN_MIN_SILENCE = 0.25
 
 
 class AgentSettings(CoreSettings):
@@ -41,10 +45,20 @@ class AgentSettings(CoreSettings):
     metrics_port: int = Field(default=9100, ge=0, le=65535)
     # Job processes write their metrics here; the worker's /metrics sums them.
     prometheus_multiproc_dir: str | None = None
-    # Silence that ends speech for the VAD; below ~0.55 s, MIN_ENDPOINTING_DELAY has no effect.
-    vad_min_silence_seconds: float = Field(default=0.55, gt=0)
-    min_endpointing_delay: float = Field(default=0.5, ge=0)
+    # End of turn. The VAD's silence window ends each stretch of speech (and sends it to
+    # speech-to-text); the turn then ends MIN_ENDPOINTING_DELAY after the caller's last speech.
+    # With TURN_DETECTOR=smart-turn (morgana.agent.turn) a turn that sounds unfinished waits up to
+    # MAX_ENDPOINTING_DELAY for the caller to go on, which makes short windows safe. With
+    # TURN_DETECTOR=vad silence alone decides: raise both to about 0.55 and 0.5 s.
+    turn_detector: Literal["smart-turn", "vad"] = "smart-turn"
+    turn_detector_threshold: float = Field(default=0.5, gt=0, lt=1)
+    vad_min_silence_seconds: float = Field(default=0.25, gt=0)
+    min_endpointing_delay: float = Field(default=0.25, ge=0)
     max_endpointing_delay: float = Field(default=3.0, ge=0)
+    # livekit-agents can ask the API for a reply on the final transcript, before the turn is
+    # committed. Off by default: the API stores a turn once its reply is complete, so a reply
+    # made early for a caller who then goes on speaking would stay in their history.
+    preemptive_generation: bool = False
 
     # This worker's pod (the chart sets both through the downward API). With both set, the pod's
     # controller.kubernetes.io/pod-deletion-cost follows the active calls (morgana.agent.pod_cost),
@@ -53,6 +67,14 @@ class AgentSettings(CoreSettings):
     pod_namespace: str | None = None
     # A change of the call count waits this long before it is written: a burst is one PATCH.
     pod_cost_debounce_seconds: float = Field(default=0.2, ge=0)
+
+    @model_validator(mode="after")
+    def _smart_turn_hears_enough_silence(self) -> "AgentSettings":
+        # livekit-agents asks for a prediction after 200 ms of silence and refuses shorter
+        # VAD windows at the first call; said here, at start-up, instead.
+        if self.turn_detector == "smart-turn" and self.vad_min_silence_seconds < SMART_TURN_MIN_SILENCE:
+            raise ValueError(f"VAD_MIN_SILENCE_SECONDS must be at least {SMART_TURN_MIN_SILENCE} with smart-turn")
+        return self
 
     @property
     def speech_api_key(self) -> str:

@@ -2,13 +2,14 @@
 
 A `livekit.agents.llm.LLM` whose stream reads the API's Server-Sent Events, so the framework's
 turn handling, interruptions, metrics and transcripts apply unchanged. History lives in the API
-(one chat session per caller), so each turn sends only the caller's newest words.
+(the caller's own chat session), so each turn sends only the caller's newest words.
 """
 
 import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import Any, Never
 
@@ -34,10 +35,18 @@ def newest_user_text(chat_ctx: llm.ChatContext) -> str:
 
 class MorganaLLM(llm.LLM[Never]):  # no events beyond the base LLM's
     def __init__(
-        self, api: MorganaApi, session: ChatSession | None, *, retries: int, backoff: float, apology: str
+        self,
+        api: MorganaApi,
+        open_session: Callable[[], Awaitable[ChatSession]],
+        session: ChatSession | None,
+        *,
+        retries: int,
+        backoff: float,
+        apology: str,
     ) -> None:
         super().__init__()
         self._api = api
+        self._open_session = open_session
         # None when the API was down as the caller joined: opened at the first turn instead.
         self._session = session
         self._session_lock = asyncio.Lock()
@@ -48,7 +57,7 @@ class MorganaLLM(llm.LLM[Never]):  # no events beyond the base LLM's
     async def session(self) -> ChatSession:
         async with self._session_lock:
             if self._session is None:
-                self._session = await self._api.create_session()
+                self._session = await self._open_session()
             return self._session
 
     @property

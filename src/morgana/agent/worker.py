@@ -4,16 +4,18 @@ Run with `morgana-agent start` (production: drains on SIGTERM) or `morgana-agent
 (see morgana.agent.cli).
 """
 
+import json
 import logging
 import os
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import httpx
 import openai as openai_sdk
 from livekit.agents import Agent, AgentServer, AgentSession, JobContext, JobProcess, room_io
 from livekit.agents.llm import ChatMessage
 from livekit.agents.voice import ConversationItemAddedEvent
+from livekit.agents.voice.turn import TurnDetectionMode
 from livekit.plugins import openai, silero
 
 from morgana.agent import metrics
@@ -21,6 +23,7 @@ from morgana.agent.api_client import ApiError, ChatSession, MorganaApi
 from morgana.agent.config import AgentSettings, get_settings
 from morgana.agent.llm import MorganaLLM
 from morgana.agent.pod_cost import PodDeletionCost
+from morgana.agent.turn import SmartTurnDetector, SmartTurnModel
 
 log = logging.getLogger("morgana.agent")
 
@@ -28,8 +31,10 @@ log = logging.getLogger("morgana.agent")
 def prewarm(proc: JobProcess) -> None:
     """Once per process, before a call arrives: what a call would otherwise wait for."""
     settings = get_settings()
-    # The model ships in the wheel. Its silence window is the floor of end-of-turn latency.
+    # Both models ship in wheels (silero's VAD, pipecat's Smart Turn): nothing is downloaded.
     proc.userdata["vad"] = silero.VAD.load(min_silence_duration=settings.vad_min_silence_seconds)
+    if settings.turn_detector == "smart-turn":
+        proc.userdata["smart_turn"] = SmartTurnModel()
     # Loading CA certificates and these modules blocks an event loop for 0.1-3 s under load;
     # paid here, a caller's first turn does not wait for it.
     import anyio._backends._asyncio  # noqa: F401
@@ -54,6 +59,12 @@ def speech_client(settings: AgentSettings, base_url: str | None, tls: ssl.SSLCon
             timeout=httpx.Timeout(connect=15.0, read=5.0, write=5.0, pool=5.0),
         ),
     )
+
+
+def turn_detection(settings: AgentSettings, proc: JobProcess) -> TurnDetectionMode:
+    if settings.turn_detector == "smart-turn":
+        return SmartTurnDetector(proc.userdata["smart_turn"], threshold=settings.turn_detector_threshold)
+    return "vad"
 
 
 def load_of(max_calls: int) -> Callable[[AgentServer], float]:
@@ -92,13 +103,27 @@ def build_server(settings: AgentSettings) -> AgentServer:
     return server
 
 
-async def open_chat_session(api: MorganaApi) -> ChatSession | None:
-    """The caller's dedicated API session; None if the API is down (retried at the first turn)."""
+def session_opener(api: MorganaApi, job_metadata: str, room: str) -> Callable[[], Awaitable[ChatSession]]:
+    """How this call gets its API session. A room opened with the API's LiveKit token carries a
+    call credential in its dispatch: the call continues the caller's own conversation. Any other
+    room (a token minted elsewhere, a SIP call) gets a session of the agent's own account."""
     try:
-        return await api.create_session()
+        credential = json.loads(job_metadata or "{}").get("call")
+    except (ValueError, AttributeError):
+        credential = None
+    if isinstance(credential, str) and credential:
+        return lambda: api.join_call(credential, room)
+    log.info("room dispatched without a call credential: a session of the agent's own", extra={"room": room})
+    return api.create_session
+
+
+async def open_chat_session(open_session: Callable[[], Awaitable[ChatSession]]) -> ChatSession | None:
+    """The call's API session; None if the API is down (tried again at the first turn)."""
+    try:
+        return await open_session()
     except ApiError as exc:
         metrics.API_ERRORS.labels(kind="session").inc()
-        log.warning("could not create a chat session yet", extra={"error": str(exc)})
+        log.warning("could not open the call's chat session yet", extra={"error": str(exc)})
         return None
 
 
@@ -121,7 +146,8 @@ async def entrypoint(ctx: JobContext) -> None:
     metrics.ACTIVE_CALLS.inc()
     ctx.add_shutdown_callback(_call_ended)
 
-    chat = await open_chat_session(api)
+    open_session = session_opener(api, ctx.job.metadata, ctx.room.name)
+    chat = await open_chat_session(open_session)
     session: AgentSession[None] = AgentSession(
         stt=openai.STT(model=settings.stt_model, language=settings.stt_language, client=stt_client),
         tts=openai.TTS(
@@ -133,14 +159,16 @@ async def entrypoint(ctx: JobContext) -> None:
         vad=ctx.proc.userdata["vad"],
         llm=MorganaLLM(
             api,
+            open_session,
             chat,
             retries=settings.api_retries,
             backoff=settings.api_retry_backoff_seconds,
             apology=settings.apology,
         ),
         turn_handling={
-            "turn_detection": "vad",
+            "turn_detection": turn_detection(settings, ctx.proc),
             "endpointing": {"min_delay": settings.min_endpointing_delay, "max_delay": settings.max_endpointing_delay},
+            "preemptive_generation": {"enabled": settings.preemptive_generation},
         },
     )
     session.on("conversation_item_added", _record_turn_metrics)

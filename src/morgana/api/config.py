@@ -99,6 +99,9 @@ class ApiSettings(CoreSettings):
     # A token only has to be valid when its holder joins: kept short, so that one handed out
     # before its session was deleted (or its user logged out) is soon useless.
     livekit_token_ttl_minutes: int = Field(default=10, ge=1, le=15)
+    # How long a call may continue its session: its agent's credential (in the token's dispatch)
+    # and the session token it trades that for expire this long after the LiveKit token is issued.
+    livekit_call_max_minutes: int = Field(default=240, ge=1)
     # Voice rooms (calls, each with an agent) one user may hold at once.
     livekit_max_rooms_per_user: int = Field(default=2, ge=1)
 

@@ -13,7 +13,7 @@ from morgana.api import metrics
 from morgana.api.config import ApiSettings
 from morgana.api.models import ChatSession, User
 from morgana.api.ratelimit import RateLimitBackendDown, RateLimiter
-from morgana.api.security import InvalidToken, PasswordHasher, TokenClaims, TokenType, decode_token
+from morgana.api.security import Channel, InvalidToken, PasswordHasher, TokenClaims, TokenType, decode_token
 from morgana.api.services.chat import ChatAgent
 from morgana.api.services.conversation import Conversation
 from morgana.api.services.livekit import VoiceRooms
@@ -109,11 +109,15 @@ async def current_user(request: Request, claims: ClaimsDep) -> User:
     return user
 
 
-async def current_chat_session(request: Request, claims: ClaimsDep) -> ChatSession:
+async def _session_of(request: Request, claims: TokenClaims, *, voice: bool) -> ChatSession:
     if claims.type is not TokenType.SESSION:
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
             "This endpoint needs a session token (from POST /api/v1/auth/session)",
+        )
+    if claims.channel is Channel.VOICE and not voice:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, "A voice call's session token can only add turns to its conversation"
         )
     async with get_session_factory(request)() as db:
         row = (
@@ -133,15 +137,27 @@ async def current_chat_session(request: Request, claims: ClaimsDep) -> ChatSessi
     return session
 
 
+async def current_chat_session(request: Request, claims: ClaimsDep) -> ChatSession:
+    """The session of a session token that its user holds (not a call's agent)."""
+    return await _session_of(request, claims, voice=False)
+
+
+async def turn_session(request: Request, claims: ClaimsDep) -> ChatSession:
+    """The session a turn is added to: its user's, or a call's agent's (voice) token."""
+    return await _session_of(request, claims, voice=True)
+
+
 CurrentUser = Annotated[User, Depends(current_user)]
 CurrentChatSession = Annotated[ChatSession, Depends(current_chat_session)]
+TurnSession = Annotated[ChatSession, Depends(turn_session)]
 
 
 def get_conversation(
-    session: CurrentChatSession, settings: SettingsDep, agent: AgentDep, factory: SessionFactoryDep
+    session: TurnSession, claims: ClaimsDep, settings: SettingsDep, agent: AgentDep, factory: SessionFactoryDep
 ) -> Conversation:
-    """The conversation of the session token's chat session."""
-    return Conversation(agent, factory, session.id, settings.max_history_messages)
+    """The conversation of the session token's chat session; its turns are stored as said on the
+    token's channel (typed, or spoken in a call)."""
+    return Conversation(agent, factory, session.id, settings.max_history_messages, claims.channel)
 
 
 ConversationDep = Annotated[Conversation, Depends(get_conversation)]
@@ -226,8 +242,8 @@ def limit_by_user(name: str) -> params.Depends:
 
 
 def limit_by_session(name: str) -> params.Depends:
-    # Per session, not per user: the voice agent runs every call under one account.
-    async def dependency(request: Request, session: CurrentChatSession) -> None:
+    # Per session, a call's agent and its caller together.
+    async def dependency(request: Request, session: TurnSession) -> None:
         await _enforce(request, name, f"session:{session.id}")
 
     return cast(params.Depends, Depends(dependency))

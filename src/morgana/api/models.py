@@ -3,7 +3,7 @@
 import uuid
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Identity, Index, Integer, String, Text, func
+from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Identity, Index, Integer, String, Text, false, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -21,6 +21,9 @@ class User(Base):
     # In every token issued for this user; bumped by logout and a password change, which so
     # revoke every token issued before.
     token_version: Mapped[int] = mapped_column(Integer, server_default="0", default=0)
+    # The voice agent's account (`morgana-api migrate`): it may trade a call's credential for a
+    # token of the caller's session, and holds no conversations of its own.
+    is_service_account: Mapped[bool] = mapped_column(Boolean, server_default=false(), default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
     sessions: Mapped[list["ChatSession"]] = relationship(
@@ -48,4 +51,6 @@ class ChatMessage(Base):
     session_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("chat_sessions.id", ondelete="CASCADE"))
     role: Mapped[str] = mapped_column(String(16))
     content: Mapped[str] = mapped_column(Text)
+    # How it was said: "chat" (typed) or "voice" (spoken in a LiveKit call).
+    channel: Mapped[str] = mapped_column(String(8), server_default="chat", default="chat")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -211,6 +211,9 @@ class StoredMessage(BaseModel):
     role: Literal["user", "assistant"]
     content: str
     created_at: datetime
+    channel: Literal["chat", "voice"] = Field(
+        default="chat", description="How it was said: typed (chat) or spoken in a LiveKit call (voice)."
+    )
 
 
 class HistoryResponse(BaseModel):
@@ -219,8 +222,19 @@ class HistoryResponse(BaseModel):
             "examples": [
                 {
                     "messages": [
-                        {"role": "user", "content": "Hello", "created_at": "2025-09-27T14:00:00Z"},
-                        {"role": "assistant", "content": "Hi! How can I help?", "created_at": "2025-09-27T14:00:01Z"},
+                        {"role": "user", "content": "Hello", "created_at": "2025-09-27T14:00:00Z", "channel": "chat"},
+                        {
+                            "role": "assistant",
+                            "content": "Hi! How can I help?",
+                            "created_at": "2025-09-27T14:00:01Z",
+                            "channel": "chat",
+                        },
+                        {
+                            "role": "user",
+                            "content": "And tomorrow?",
+                            "created_at": "2025-09-27T14:02:00Z",
+                            "channel": "voice",
+                        },
                     ]
                 }
             ]
@@ -279,3 +293,18 @@ class ReadinessResponse(BaseModel):
 
     status: Literal["ready", "unavailable"]
     components: dict[str, str]
+
+
+class CallSessionRequest(BaseModel):
+    """What the voice agent got with its job: the call credential, and the room it was sent to."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"credential": "eyJhbGciOiJIUzI1NiIs…", "room": "morgana-a1b2c3d4-e5f6-7890-1234-567890abcdef"}
+            ]
+        }
+    )
+
+    credential: str = Field(min_length=1, max_length=4096, description="`call` from the job's dispatch metadata.")
+    room: str = Field(min_length=1, max_length=256, description="The LiveKit room the agent joined.")

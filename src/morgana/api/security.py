@@ -72,6 +72,16 @@ class PasswordHasher:
 class TokenType(StrEnum):
     USER = "user"
     SESSION = "session"
+    # A voice call's credential: in the dispatch metadata of the caller's LiveKit token, traded by
+    # the voice agent's account (and no one else) for a VOICE session token. Never a bearer token.
+    CALL = "call"
+
+
+class Channel(StrEnum):
+    """How a session token's turns are said; a voice token may only add turns."""
+
+    CHAT = "chat"
+    VOICE = "voice"
 
 
 class InvalidToken(Exception):
@@ -90,6 +100,9 @@ class TokenClaims:
     user_id: int
     session_id: uuid.UUID | None
     version: int  # the user's token_version when it was issued
+    expires_at: datetime
+    channel: Channel = Channel.CHAT  # session tokens
+    room: str | None = None  # call credentials: the LiveKit room they are bound to
 
 
 def issue_user_token(settings: ApiSettings, user_id: int, version: int) -> IssuedToken:
@@ -108,9 +121,32 @@ def issue_session_token(settings: ApiSettings, user_id: int, session_id: uuid.UU
     )
 
 
-def _issue(settings: ApiSettings, claims: dict[str, object], ttl: timedelta) -> IssuedToken:
+def issue_call_credential(
+    settings: ApiSettings, user_id: int, session_id: uuid.UUID, version: int, room: str
+) -> IssuedToken:
+    """The credential a call's agent trades for a token of the caller's session (see TokenType.CALL)."""
+    return _issue(
+        settings,
+        {"sub": str(session_id), "uid": user_id, "typ": TokenType.CALL.value, "ver": version, "room": room},
+        timedelta(minutes=settings.livekit_call_max_minutes),
+    )
+
+
+def issue_voice_session_token(settings: ApiSettings, call: TokenClaims) -> IssuedToken:
+    """A session token for the call's agent: adds voice turns to the caller's session, nothing
+    else, and expires with the call's credential."""
+    assert call.type is TokenType.CALL and call.session_id is not None
+    claims = {"sub": str(call.session_id), "uid": call.user_id, "typ": TokenType.SESSION.value, "ver": call.version}
+    return _issue(settings, {**claims, "ch": Channel.VOICE.value}, expires_at=call.expires_at)
+
+
+def _issue(
+    settings: ApiSettings, claims: dict[str, object], ttl: timedelta | None = None, expires_at: datetime | None = None
+) -> IssuedToken:
     now = datetime.now(UTC).replace(microsecond=0)
-    expires_at = now + ttl
+    if expires_at is None:
+        assert ttl is not None
+        expires_at = now + ttl
     payload = {**claims, "iat": now, "exp": expires_at, "jti": secrets.token_hex(8)}
     token = jwt.encode(payload, settings.jwt_secret_key.get_secret_value(), algorithm=settings.jwt_algorithm)
     return IssuedToken(access_token=token, expires_at=expires_at)
@@ -127,10 +163,19 @@ def decode_token(settings: ApiSettings, token: str) -> TokenClaims:
         )
         token_type = TokenType(payload["typ"])
         version = int(payload.get("ver", 0))
+        expires_at = datetime.fromtimestamp(int(payload["exp"]), UTC)
         if token_type is TokenType.USER:
-            return TokenClaims(type=token_type, user_id=int(payload["sub"]), session_id=None, version=version)
+            return TokenClaims(
+                type=token_type, user_id=int(payload["sub"]), session_id=None, version=version, expires_at=expires_at
+            )
         return TokenClaims(
-            type=token_type, user_id=int(payload["uid"]), session_id=uuid.UUID(payload["sub"]), version=version
+            type=token_type,
+            user_id=int(payload["uid"]),
+            session_id=uuid.UUID(payload["sub"]),
+            version=version,
+            expires_at=expires_at,
+            channel=Channel(payload.get("ch", Channel.CHAT.value)),
+            room=str(payload["room"]) if token_type is TokenType.CALL else None,
         )
     except (JWTError, KeyError, ValueError, TypeError) as exc:
         raise InvalidToken(str(exc)) from exc

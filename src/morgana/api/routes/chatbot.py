@@ -153,7 +153,9 @@ def _said(body: ChatRequest) -> list[Utterance]:
 async def get_messages(session: CurrentChatSession, db: DbDep) -> HistoryResponse:
     rows = await history.all_messages(db, session.id)
     return HistoryResponse(
-        messages=[StoredMessage(role=m.role, content=m.content, created_at=m.created_at) for m in rows]
+        messages=[
+            StoredMessage(role=m.role, content=m.content, created_at=m.created_at, channel=m.channel) for m in rows
+        ]
     )
 
 

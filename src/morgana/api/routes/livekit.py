@@ -1,7 +1,16 @@
 from fastapi import APIRouter, HTTPException, status
 
-from morgana.api.deps import CurrentChatSession, SettingsDep, VoiceRoomsDep, limit_by_session
-from morgana.api.schemas import ErrorResponse, LiveKitTokenResponse
+from morgana.api.deps import (
+    ClaimsDep,
+    CurrentChatSession,
+    CurrentUser,
+    SessionFactoryDep,
+    SettingsDep,
+    VoiceRoomsDep,
+    limit_by_session,
+)
+from morgana.api.schemas import CallSessionRequest, ErrorResponse, LiveKitTokenResponse, SessionResponse, TokenResponse
+from morgana.api.services.calls import CallRefused, join_call
 from morgana.api.services.livekit import VoiceRoomsUnavailable, participant_token, room_for_session
 
 router = APIRouter(prefix="/livekit", tags=["livekit"])
@@ -21,7 +30,7 @@ router = APIRouter(prefix="/livekit", tags=["livekit"])
     dependencies=[limit_by_session("livekit")],
 )
 async def livekit_token(
-    session: CurrentChatSession, settings: SettingsDep, voice_rooms: VoiceRoomsDep
+    session: CurrentChatSession, claims: ClaimsDep, settings: SettingsDep, voice_rooms: VoiceRoomsDep
 ) -> LiveKitTokenResponse:
     if not settings.livekit_configured:
         raise HTTPException(
@@ -42,10 +51,40 @@ async def livekit_token(
             f"At most {settings.livekit_max_rooms_per_user} voice calls at once per user: end one first",
             headers={"Retry-After": "60"},
         )
-    grant = participant_token(settings, session.user_id, session.id)
+    grant = participant_token(settings, session.user_id, session.id, claims.version)
     return LiveKitTokenResponse(
         server_url=grant.server_url,
         participant_token=grant.token,
         room_name=grant.room_name,
         participant_identity=grant.identity,
+    )
+
+
+@router.post(
+    "/call-session",
+    response_model=SessionResponse,
+    summary="For the voice agent: trade a call's credential for a voice token of the caller's session",
+    description=(
+        "The agent sends `call` from its job's dispatch metadata and the room it joined, with its own "
+        "user token (API_USER_EMAIL). The session token it gets adds the call's turns to the caller's "
+        "conversation, marked `voice`; it cannot read or delete the history, and expires with the call."
+    ),
+    responses={
+        401: {"model": ErrorResponse, "description": "Invalid or expired token or call credential"},
+        403: {"model": ErrorResponse, "description": "Not the voice agent's account, or another room's credential"},
+        404: {"model": ErrorResponse, "description": "The caller's session was deleted"},
+    },
+)
+async def call_session(
+    body: CallSessionRequest, agent: CurrentUser, factory: SessionFactoryDep, settings: SettingsDep
+) -> SessionResponse:
+    try:
+        session, token = await join_call(factory, settings, agent, body.credential, body.room)
+    except CallRefused as refused:
+        headers = {"WWW-Authenticate": "Bearer"} if refused.status == 401 else None
+        raise HTTPException(refused.status, refused.message, headers=headers) from None
+    return SessionResponse(
+        session_id=session.id,
+        name=session.name,
+        token=TokenResponse(access_token=token.access_token, expires_at=token.expires_at),
     )

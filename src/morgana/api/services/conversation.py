@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from morgana.api import metrics
+from morgana.api.security import Channel
 from morgana.api.services import history
 from morgana.api.services.chat import ChatAgent, ChatFailure
 from morgana.api.services.utterance import Utterance
@@ -63,11 +64,13 @@ class Conversation:
         session_factory: async_sessionmaker[AsyncSession],
         session_id: uuid.UUID,
         context_limit: int,
+        channel: Channel = Channel.CHAT,
     ) -> None:
         self._agent = agent
         self._session_factory = session_factory
         self._session_id = session_id
         self._context_limit = context_limit
+        self._channel = channel
 
     async def begin(self, said: Sequence[Utterance]) -> "Turn":
         """Start a turn: read the history now, so that a database outage is an error the caller
@@ -81,7 +84,7 @@ class Conversation:
         """Store a whole turn in one transaction; HistoryUnavailable if it cannot be."""
         try:
             async with self._session_factory() as db:
-                await history.append_turn(db, self._session_id, turn)
+                await history.append_turn(db, self._session_id, turn, self._channel)
         except Exception as exc:
             log.error("could not store a completed turn", extra={"session_id": str(self._session_id)}, exc_info=True)
             raise HistoryUnavailable() from exc

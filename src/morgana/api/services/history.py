@@ -31,14 +31,18 @@ async def all_messages(db: AsyncSession, session_id: uuid.UUID) -> list[ChatMess
     return list(rows)
 
 
-async def append_turn(db: AsyncSession, session_id: uuid.UUID, messages: Iterable[Utterance]) -> None:
+async def append_turn(
+    db: AsyncSession, session_id: uuid.UUID, messages: Iterable[Utterance], channel: str = "chat"
+) -> None:
     """Store a whole turn (the caller's messages and the reply) in one transaction.
 
     The session row is locked first so that concurrent turns on one session are stored
     one after the other, never interleaved.
     """
     await db.execute(select(ChatSession.id).where(ChatSession.id == session_id).with_for_update())
-    db.add_all(ChatMessage(session_id=session_id, role=role, content=content) for role, content in messages)
+    db.add_all(
+        ChatMessage(session_id=session_id, role=role, content=content, channel=channel) for role, content in messages
+    )
     await db.commit()
 
 

@@ -16,6 +16,7 @@ import redis.asyncio
 from livekit import api
 
 from morgana.api.config import ApiSettings
+from morgana.api.security import issue_call_credential
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,17 @@ def room_for_session(session_id: uuid.UUID) -> str:
     return f"morgana-{session_id}"
 
 
-def participant_token(settings: ApiSettings, user_id: int, session_id: uuid.UUID) -> ParticipantGrant:
+def participant_token(settings: ApiSettings, user_id: int, session_id: uuid.UUID, version: int) -> ParticipantGrant:
     assert settings.livekit_api_key and settings.livekit_api_secret
     room = room_for_session(session_id)
     identity = f"user-{user_id}"
-    # Explicit dispatch: the room gets the agent named here as soon as the client joins.
+    # Explicit dispatch: the room gets the agent named here as soon as the client joins. The call
+    # credential lets that agent (and only it: trading it needs the agent's own account) continue
+    # this session's conversation. The client can read it, and can do nothing with it.
+    call = issue_call_credential(settings, user_id, session_id, version, room)
     dispatch = api.RoomAgentDispatch(
         agent_name=settings.livekit_agent_name,
-        metadata=json.dumps({"user_id": user_id, "session_id": str(session_id)}),
+        metadata=json.dumps({"user_id": user_id, "session_id": str(session_id), "call": call.access_token}),
     )
     token = (
         api.AccessToken(settings.livekit_api_key, settings.livekit_api_secret.get_secret_value())

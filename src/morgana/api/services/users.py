@@ -71,13 +71,15 @@ async def change_password(db: AsyncSession, hasher: PasswordHasher, user: User, 
 
 
 async def ensure_service_account(db: AsyncSession, email: str, password: str) -> None:
-    """Create the voice agent's account, or reset its password to the configured one."""
+    """Create the voice agent's account, or reset its password to the configured one; either way
+    mark it as the service account (which may join callers' sessions during their calls)."""
     hasher = PasswordHasher(concurrency=1, queue=0)
     user = await db.scalar(select(User).where(User.email == email.lower()))
     if user is None:
         await register(db, hasher, email, password)
         log.info("created the service account", extra={"email": email.lower()})
-        return
-    if not await hasher.verify(password, user.hashed_password):
+    elif not await hasher.verify(password, user.hashed_password):
         await change_password(db, hasher, user, password)
         log.info("updated the service account's password", extra={"email": email.lower()})
+    await db.execute(update(User).where(User.email == email.lower()).values(is_service_account=True))
+    await db.commit()

@@ -1,0 +1,233 @@
+"""Offline semantic end-of-turn detection with Smart Turn v3.2, as a livekit-agents turn detector.
+
+Silence alone cannot tell "I want to book a flight to..." from "What time is it?": a short
+endpointing delay cuts the first caller off, a long one makes every answer slow. Smart Turn
+(pipecat-ai, BSD-2-Clause) is an 8.7 MB ONNX model that hears whether the last 8 s of speech
+sound finished, from the audio itself (intonation, not words), in about 10-100 ms of one core.
+It ships in the pinned `pipecat-ai` wheel, so nothing is fetched at run time: self-hosted and
+air-gapped clusters work as they are. LiveKit's own turn detector downloads its weights.
+
+livekit-agents drives it through its streaming turn-detector protocol (`voice.turn`): the
+caller's audio is pushed in as it arrives; after 200 ms of VAD silence the framework asks for a
+prediction; when the turn would end, a probability below the threshold makes it wait up to the
+maximum endpointing delay instead of the minimum one, unless the caller goes on speaking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime
+from livekit import rtc
+from livekit.agents import APIConnectOptions
+from livekit.agents.language import LanguageCode
+from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
+from livekit.agents.voice.turn import TurnDetectionEvent
+
+MODEL_NAME = "smart-turn-v3.2"
+SAMPLE_RATE = 16_000  # what the model was trained on
+WINDOW_SAMPLES = 8 * SAMPLE_RATE  # it hears the last 8 s, zero-padded in front when shorter
+
+_Audio = npt.NDArray[np.float32]
+
+
+class _FeatureModule(Protocol):
+    def compute_whisper_log_mel_features(self, audio: _Audio, *, do_normalize: bool = True) -> _Audio: ...
+
+
+def _pipecat_dir() -> Path:
+    # Found, not imported: `import pipecat` needs loguru and prints a banner, and the two files
+    # used here need neither.
+    spec = importlib.util.find_spec("pipecat")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the pipecat-ai wheel (Smart Turn's model) is not installed")
+    return Path(spec.submodule_search_locations[0]) / "audio" / "turn" / "smart_turn"
+
+
+def bundled_model_path() -> Path:
+    return _pipecat_dir() / "data" / "smart-turn-v3.2-cpu.onnx"
+
+
+def _load_features() -> _FeatureModule:
+    """pipecat's numpy-only Whisper log-mel extractor: exactly the features the model was trained on."""
+    path = _pipecat_dir() / "_whisper_features.py"
+    spec = importlib.util.spec_from_file_location("morgana_smart_turn_features", path)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot load {path}")
+    module: ModuleType = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class SmartTurnModel:
+    """The ONNX session, loaded once per process (in prewarm) and shared by its calls."""
+
+    def __init__(self, path: Path | None = None, *, threads: int = 1) -> None:
+        options = onnxruntime.SessionOptions()
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        options.inter_op_num_threads = 1
+        # One thread: a worker serves several calls per core, and their predictions interleave.
+        options.intra_op_num_threads = threads
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._session = onnxruntime.InferenceSession(
+            str(path or bundled_model_path()), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self._features = _load_features()
+        # Inference runs off the event loop, one at a time per process (the session is single-threaded).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smart-turn")
+
+    def probability(self, audio: _Audio) -> float:
+        """How likely the speech in `audio` (16 kHz mono, -1..1) is a finished turn."""
+        window = audio[-WINDOW_SAMPLES:]
+        if len(window) < WINDOW_SAMPLES:
+            window = np.pad(window, (WINDOW_SAMPLES - len(window), 0))
+        features = self._features.compute_whisper_log_mel_features(window, do_normalize=True)
+        (output,) = self._session.run(None, {"input_features": features[np.newaxis]})
+        return float(np.asarray(output).reshape(-1)[0])
+
+    def predict(self, audio: _Audio) -> asyncio.Future[float]:
+        return asyncio.wrap_future(self._executor.submit(self.probability, audio))
+
+
+@dataclass(frozen=True)
+class SmartTurnDetector:
+    """A livekit-agents streaming turn detector (`turn_handling={"turn_detection": ...}`)."""
+
+    smart_turn: SmartTurnModel
+    threshold: float = 0.5
+    prediction_timeout: float = 1.0
+
+    @property
+    def model(self) -> str:
+        return MODEL_NAME
+
+    @property
+    def provider(self) -> str:
+        return "pipecat"
+
+    def stream(self, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS) -> SmartTurnStream:
+        return SmartTurnStream(self)
+
+
+class SmartTurnStream:
+    """One caller's audio since their turn began (at most the model's window), and its predictions."""
+
+    def __init__(self, detector: SmartTurnDetector) -> None:
+        self._detector = detector
+        self._chunks: deque[npt.NDArray[np.int16]] = deque()
+        self._samples = 0
+        self._resampler: rtc.AudioResampler | None = None
+        self._input_rate: int | None = None
+        self._pending: asyncio.Future[TurnDetectionEvent] | None = None
+        self._closed = False
+
+    @property
+    def model(self) -> str:
+        return MODEL_NAME
+
+    @property
+    def provider(self) -> str:
+        return "pipecat"
+
+    @property
+    def is_fallback(self) -> bool:
+        return False
+
+    @property
+    def prediction_timeout(self) -> float:
+        return self._detector.prediction_timeout
+
+    async def unlikely_threshold(self, language: LanguageCode | None) -> float | None:
+        return self._detector.threshold
+
+    async def backchannel_threshold(self, language: LanguageCode | None) -> float | None:
+        return None  # the model gives no backchannel signal
+
+    async def supports_language(self, language: LanguageCode | None) -> bool:
+        # It hears intonation, not words; trained on 23 languages.
+        return True
+
+    def push_audio(self, frame: rtc.AudioFrame) -> None:
+        if self._closed:
+            return
+        if frame.sample_rate != self._input_rate:
+            self._input_rate = frame.sample_rate
+            self._resampler = (
+                None if frame.sample_rate == SAMPLE_RATE else rtc.AudioResampler(frame.sample_rate, SAMPLE_RATE)
+            )
+        frames = self._resampler.push(frame) if self._resampler is not None else [frame]
+        for piece in frames:
+            samples = np.frombuffer(piece.data, dtype=np.int16)
+            if piece.num_channels > 1:
+                samples = samples.reshape(-1, piece.num_channels).mean(axis=1).astype(np.int16)
+            self._append(samples)
+
+    def _append(self, samples: npt.NDArray[np.int16]) -> None:
+        self._chunks.append(samples)
+        self._samples += len(samples)
+        while self._chunks and self._samples - len(self._chunks[0]) >= WINDOW_SAMPLES:
+            self._samples -= len(self._chunks.popleft())
+
+    def audio(self) -> _Audio:
+        """The buffered audio as the model takes it (16 kHz, float32)."""
+        if not self._chunks:
+            return np.zeros(0, dtype=np.float32)
+        return np.concatenate(self._chunks).astype(np.float32) / 32768.0
+
+    def predict(self) -> asyncio.Future[TurnDetectionEvent]:
+        self.cancel_inference()
+        asked_at = time.time()
+        started = time.perf_counter()
+        inference = self._detector.smart_turn.predict(self.audio())
+        result: asyncio.Future[TurnDetectionEvent] = asyncio.get_running_loop().create_future()
+
+        def done(finished: asyncio.Future[float]) -> None:
+            if result.done():
+                return
+            if finished.cancelled():
+                result.cancel()
+            elif (error := finished.exception()) is not None:
+                result.set_exception(error)
+            else:
+                elapsed = time.perf_counter() - started
+                result.set_result(
+                    TurnDetectionEvent(
+                        type="eot_prediction",
+                        end_of_turn_probability=finished.result(),
+                        last_speaking_time=asked_at,
+                        detection_delay=elapsed,
+                        inference_duration=elapsed,
+                    )
+                )
+
+        inference.add_done_callback(done)
+        self._pending = result
+        return result
+
+    def cancel_inference(self, *, timed_out: bool = False) -> None:
+        if self._pending is not None and not self._pending.done():
+            self._pending.cancel()
+        self._pending = None
+
+    def flush(self, reason: str | None = None) -> None:
+        """The turn was committed or cleared: the next prediction hears only what follows."""
+        self.cancel_inference()
+        self._chunks.clear()
+        self._samples = 0
+
+    def end_input(self) -> None:
+        self._closed = True
+
+    async def aclose(self) -> None:
+        self.end_input()
+        self.flush()

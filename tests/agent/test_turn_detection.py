@@ -1,0 +1,151 @@
+"""End of turn with the offline Smart Turn model: on real (espeak-ng) speech, alone and in a call.
+
+A caller who pauses mid-sentence keeps the turn; with silence alone deciding (TURN_DETECTOR=vad,
+the same short windows) the same speech is cut in two. The stand-in speech-to-text answers queued
+transcripts, one per stretch of speech the VAD sends it.
+"""
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+
+import numpy as np
+import pytest
+from livekit import rtc
+
+from morgana.agent.turn import SAMPLE_RATE, WINDOW_SAMPLES, SmartTurnDetector, SmartTurnModel
+from morgana_devtools.openai_server import FakeOpenAIProcess
+from morgana_devtools.processes import AgentWorker
+from morgana_devtools.services import eventually_async
+from morgana_devtools.voice_client import SAMPLE_RATE as CALLER_RATE
+from morgana_devtools.voice_client import Caller, direct_token, speech_pcm
+from tests.agent.history import agent_sessions
+from tests.conftest import OPENAI_KEY
+
+pytestmark = pytest.mark.timeout(180)
+
+# espeak-ng's flat prosody makes most fragments sound finished to the model (it hears intonation,
+# not words); a trailing hesitation ("um,") is what it hears as unfinished, as a person's would be.
+UNFINISHED = "Book me a flight to, um,"
+FINISHED = "What time is it?"
+REST = "Paris next Monday."
+
+
+@pytest.fixture(scope="module")
+def smart_turn() -> SmartTurnModel:
+    return SmartTurnModel()
+
+
+def probability(model: SmartTurnModel, samples: np.ndarray, *, silence_s: float = 0.2) -> float:
+    """What the detector says after the caller's 48 kHz speech and `silence_s` of quiet, pushed as
+    the 10 ms frames a room delivers."""
+
+    async def run() -> float:
+        stream = SmartTurnDetector(model).stream()
+        audio = np.concatenate([samples, np.zeros(int(CALLER_RATE * silence_s), dtype=np.int16)])
+        step = CALLER_RATE // 100
+        for start in range(0, len(audio) - step + 1, step):
+            stream.push_audio(rtc.AudioFrame(audio[start : start + step].tobytes(), CALLER_RATE, 1, step))
+        event = await stream.predict()
+        await stream.aclose()
+        return event.end_of_turn_probability
+
+    return asyncio.run(run())
+
+
+def test_smart_turn_tells_a_finished_question_from_an_unfinished_phrase(
+    smart_turn: SmartTurnModel, fake_openai: FakeOpenAIProcess
+) -> None:
+    finished = probability(smart_turn, speech_pcm(fake_openai.root_url, OPENAI_KEY, FINISHED))
+    unfinished = probability(smart_turn, speech_pcm(fake_openai.root_url, OPENAI_KEY, UNFINISHED))
+    assert finished > 0.5 > unfinished, (finished, unfinished)
+
+
+def test_the_stream_keeps_the_models_window_and_forgets_a_committed_turn(smart_turn: SmartTurnModel) -> None:
+    async def run() -> None:
+        stream = SmartTurnDetector(smart_turn).stream()
+        step = CALLER_RATE // 100
+        tone = (3000 * np.sin(np.arange(step) / 7)).astype(np.int16).tobytes()
+        for _ in range(1000):  # 10 s at 48 kHz, resampled to 16 kHz
+            stream.push_audio(rtc.AudioFrame(tone, CALLER_RATE, 1, step))
+        heard = len(stream.audio())
+        assert WINDOW_SAMPLES <= heard < WINDOW_SAMPLES + SAMPLE_RATE // 10
+        stream.flush(reason="turn committed")
+        assert len(stream.audio()) == 0
+        # A prediction asked for and then cancelled (the caller spoke again) never resolves.
+        pending = stream.predict()
+        stream.cancel_inference()
+        assert pending.cancelled()
+        await stream.aclose()
+
+    asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def silence_only_worker(agent_env: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentWorker]:
+    """A worker with the same short windows as the default, but silence alone ending turns."""
+    env = {**agent_env, "LIVEKIT_AGENT_NAME": "morgana-agent-vad", "TURN_DETECTOR": "vad"}
+    worker = AgentWorker(env, tmp_path_factory.mktemp("agent-vad") / "agent.log").start()
+    yield worker
+    worker.stop()
+
+
+def pause_mid_sentence(
+    join: Callable[[], Awaitable[Caller]], fake_openai: FakeOpenAIProcess
+) -> tuple[Caller, float, float]:
+    """A caller joins, says UNFINISHED, pauses a second, says REST; with when each part ended."""
+    first = speech_pcm(fake_openai.root_url, OPENAI_KEY, UNFINISHED)
+    rest = speech_pcm(fake_openai.root_url, OPENAI_KEY, REST)
+
+    async def talk() -> tuple[Caller, float, float]:
+        caller = await join()
+        try:
+            await eventually_async(lambda: len(caller.room.remote_participants) > 0, 30, what="an agent joined")
+            await caller.silence(1.0)
+            paused_at = await caller.say(first, trailing_silence_s=1.0)
+            ended_at = await caller.say(rest, trailing_silence_s=0.5)
+            await eventually_async(lambda: caller.first_audio_after(ended_at) is not None, 30, what="a reply heard")
+            await eventually_async(caller.agent_texts, 15, what="the reply's transcript")
+            await caller.silence(2.0)
+        finally:
+            await caller.leave()
+        return caller, paused_at, ended_at
+
+    return asyncio.run(talk())
+
+
+def test_a_pause_mid_sentence_keeps_the_turn(voice_api, agent_worker, fake_openai: FakeOpenAIProcess) -> None:
+    fake_openai.queue_transcripts("Book me a flight to um", "Paris next Monday")
+
+    async def join() -> Caller:
+        caller = Caller(voice_api.url)
+        await caller.join()
+        return caller
+
+    caller, paused_at, ended_at = pause_mid_sentence(join, fake_openai)
+
+    # Nothing was said into the pause, and the one reply answers the whole sentence.
+    assert [t for t, level in caller.heard if paused_at <= t < ended_at and level > 300] == []
+    whole = "Book me a flight to um Paris next Monday"
+    assert caller.agent_texts() == [f"You said: {whole}"]
+    assert asyncio.run(caller.history()) == [("user", whole, "voice"), ("assistant", f"You said: {whole}", "voice")]
+
+
+def test_silence_alone_cuts_the_same_caller_off(
+    livekit, silence_only_worker: AgentWorker, fake_openai: FakeOpenAIProcess, voice_env: dict
+) -> None:
+    agents_own = len(agent_sessions(voice_env))
+    fake_openai.queue_transcripts("Book me a flight to um", "Paris next Monday")
+
+    async def join() -> Caller:
+        caller = Caller("")
+        await caller.connect(livekit.url, direct_token(livekit, "caller-vad", "morgana-agent-vad"))
+        return caller
+
+    caller, paused_at, ended_at = pause_mid_sentence(join, fake_openai)
+
+    assert caller.first_audio_after(paused_at) is not None
+    assert caller.first_audio_after(paused_at) < ended_at  # answered into the pause
+    assert caller.agent_texts()[0] == "You said: Book me a flight to um"
+    # A room opened with a token minted elsewhere carries no call credential: its turns go to a
+    # session of the agent's own account.
+    assert len(agent_sessions(voice_env)) == agents_own + 1
