@@ -174,7 +174,7 @@ def agent_env(services: Services, config: WorkerConfig) -> dict[str, str]:
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         "OTEL_EXPORTER_OTLP_ENDPOINT": "",
         "NO_PROXY": "127.0.0.1,localhost",
-        "LOG_LEVEL": "INFO",  # `AgentWorker` waits for the "registered worker" log line
+        "LOG_LEVEL": "INFO",
     }
 
 

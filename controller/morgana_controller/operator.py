@@ -26,11 +26,11 @@ from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.core_v1 import Secret
 from lightkube.types import PatchType
 
+from morgana.core.livekit_rooms import LiveKitLoadReader, LiveKitRejected, LiveKitUnreachable, Load
+from morgana.core.redispatch import DispatchPlanner
 from morgana_controller import metrics
 from morgana_controller.config import ControllerSettings
-from morgana_controller.livekit_load import LiveKitLoadReader, LiveKitRejected, LiveKitUnreachable, Load
 from morgana_controller.policy import Decision, Direction, ScalePolicy
-from morgana_controller.redispatch import DispatchPlanner
 from morgana_controller.resource import (
     GROUP,
     KIND,

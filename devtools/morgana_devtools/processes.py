@@ -122,15 +122,18 @@ class AgentWorker(ChildProcess):
     ready_timeout = 90.0
 
     def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
-        self.health_port, self.metrics_port = free_port(), free_port()
+        self.health_port, self.metrics_port, self.readiness_port = free_port(), free_port(), free_port()
+        ports = {
+            "HEALTH_PORT": self.health_port,
+            "METRICS_PORT": self.metrics_port,
+            "READINESS_PORT": self.readiness_port,
+        }
         super().__init__(
             [sys.executable, "-m", "morgana.agent.cli", "start"],
-            {**env, "HEALTH_PORT": str(self.health_port), "METRICS_PORT": str(self.metrics_port)},
+            {**env, **{name: str(port) for name, port in ports.items()}},
             log_path,
         )
 
     def ready(self) -> bool:
-        # Registered by this run: `make run` appends every run to one log, and a phrase from the
-        # last run would announce a worker that LiveKit cannot dispatch to yet.
-        httpx.get(f"http://127.0.0.1:{self.health_port}/worker", timeout=1).raise_for_status()
-        return "registered worker" in self.log()
+        # The worker's own readiness: 200 only once this process has registered with LiveKit.
+        return httpx.get(f"http://127.0.0.1:{self.readiness_port}/ready", timeout=1).status_code == 200

@@ -5,6 +5,7 @@ microphone and records what it hears and the transcripts the agent publishes.
 """
 
 import asyncio
+import json
 import math
 import time
 import uuid
@@ -72,6 +73,7 @@ class Caller:
     heard: list[tuple[float, float]] = field(default_factory=list)  # (time, frame rms)
     session_id: str = ""
     session_token: str = ""
+    statuses: list[dict] = field(default_factory=list)  # what the API said on `morgana.status`
     # Identities of participants that left while this caller was still in the room: an agent
     # among them is a call cut (or, after a kill, an agent to be replaced).
     left_while_connected: list[str] = field(default_factory=list)
@@ -98,6 +100,7 @@ class Caller:
         self.room.on("track_subscribed", self._on_track)
         self.room.on("participant_disconnected", lambda p: self.left_while_connected.append(p.identity))
         self.room.register_text_stream_handler("lk.transcription", self._on_transcription)
+        self.room.on("data_received", self._on_data)
         await self.room.connect(server_url, token)
         self._source = rtc.AudioSource(SAMPLE_RATE, 1)
         track = rtc.LocalAudioTrack.create_audio_track("microphone", self._source)
@@ -146,6 +149,10 @@ class Caller:
         for task in self._tasks:
             task.cancel()
         await self.room.disconnect()
+
+    def _on_data(self, packet: rtc.DataPacket) -> None:
+        if packet.topic == "morgana.status":
+            self.statuses.append(json.loads(packet.data))
 
     def _on_track(self, track: rtc.Track, _pub: rtc.RemoteTrackPublication, participant: rtc.RemoteParticipant) -> None:
         if track.kind == rtc.TrackKind.KIND_AUDIO:

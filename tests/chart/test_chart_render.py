@@ -538,6 +538,7 @@ def test_network_policies_let_in_only_what_each_component_serves() -> None:
     # The workers and the controller serve only metrics and probes.
     for name in ("morgana-agent", "morgana-controller"):
         assert [rule["ports"][0]["port"] for rule in policies[name]["ingress"]] == ["metrics", "health"]
+    assert policies["morgana-agent"]["ingress"][1]["ports"][1] == {"port": "ready", "protocol": "TCP"}
     agent = policies["morgana-agent"]
     assert agent["policyTypes"] == ["Ingress", "Egress"]
     assert agent["egress"][0]["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "api"

@@ -2,8 +2,8 @@
 
 from livekit import api
 
-from morgana_controller.livekit_load import Load, RoomLoad, room_load
-from morgana_controller.redispatch import MAX_RETRY_SECONDS, MIN_RETRY_SECONDS, DispatchPlanner
+from morgana.core.livekit_rooms import Load, RoomLoad, room_load
+from morgana.core.redispatch import MAX_RETRY_SECONDS, MIN_RETRY_SECONDS, DispatchPlanner
 
 
 def load(*rooms: tuple[str, int, int]) -> Load:

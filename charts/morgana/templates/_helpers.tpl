@@ -236,6 +236,11 @@ RATE_LIMIT_SESSION: {{ $v.api.rateLimits.session | quote }}
 RATE_LIMIT_CHAT: {{ $v.api.rateLimits.chat | quote }}
 RATE_LIMIT_MESSAGES: {{ $v.api.rateLimits.messages | quote }}
 RATE_LIMIT_LIVEKIT: {{ $v.api.rateLimits.livekit | quote }}
+{{- /* Callers left alone get the agent again: from the controller when it does that, else the API. */}}
+{{- $a := $v.controller.autoscaler }}
+{{- if and $v.controller.enabled $a.enabled $v.agent.enabled $a.redispatch.enabled }}
+LIVEKIT_REDISPATCH_SECONDS: "0"
+{{- end }}
 {{- end }}
 
 {{- define "morgana.agentConfig" -}}

@@ -42,6 +42,8 @@ class AgentSettings(CoreSettings):
     # Below the chart's terminationGracePeriodSeconds (600), so a call can finish on SIGTERM.
     drain_timeout_seconds: int = Field(default=540, ge=0)
     health_port: int = Field(default=8081, ge=0, le=65535)
+    # GET /ready: 200 only once registered with LiveKit (morgana.agent.readiness); 0 turns it off.
+    readiness_port: int = Field(default=8082, ge=0, le=65535)
     metrics_port: int = Field(default=9100, ge=0, le=65535)
     # Job processes write their metrics here; the worker's /metrics sums them.
     prometheus_multiproc_dir: str | None = None

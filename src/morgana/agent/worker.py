@@ -23,6 +23,7 @@ from morgana.agent.api_client import ApiError, ChatSession, MorganaApi
 from morgana.agent.config import AgentSettings, get_settings
 from morgana.agent.llm import MorganaLLM
 from morgana.agent.pod_cost import PodDeletionCost
+from morgana.agent.readiness import Readiness
 from morgana.agent.turn import SmartTurnDetector, SmartTurnModel
 
 log = logging.getLogger("morgana.agent")
@@ -96,6 +97,8 @@ def build_server(settings: AgentSettings) -> AgentServer:
         prometheus_multiproc_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
     )
     server.rtc_session(entrypoint, agent_name=settings.livekit_agent_name)
+    if settings.readiness_port:
+        Readiness(settings.readiness_port).attach(server)
     if settings.pod_name and settings.pod_namespace:
         PodDeletionCost(settings.pod_name, settings.pod_namespace, debounce=settings.pod_cost_debounce_seconds).attach(
             server

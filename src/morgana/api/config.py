@@ -102,6 +102,15 @@ class ApiSettings(CoreSettings):
     # How long a call may continue its session: its agent's credential (in the token's dispatch)
     # and the session token it trades that for expire this long after the LiveKit token is issued.
     livekit_call_max_minutes: int = Field(default=240, ge=1)
+    # A caller alone in their room for the grace period gets the agent sent again (LiveKit does not
+    # queue a dispatch that found no worker), checked this often; 0 turns it off (the chart does when
+    # its controller redispatches). A caller still alone after the notice is told on `morgana.status`.
+    livekit_redispatch_seconds: float = Field(default=2.0, ge=0)
+    livekit_redispatch_grace_seconds: float = Field(default=3.0, ge=0)
+    # A room the agent was sent to is sent it again no sooner than this (doubling each time), so
+    # that a job still starting never gets a twin.
+    livekit_redispatch_retry_seconds: float = Field(default=10.0, gt=0)
+    livekit_no_agent_notice_seconds: float = Field(default=20.0, ge=0)
     # Voice rooms (calls, each with an agent) one user may hold at once.
     livekit_max_rooms_per_user: int = Field(default=2, ge=1)
 

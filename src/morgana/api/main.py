@@ -18,6 +18,7 @@ from morgana.api.middleware import AccessLogMiddleware, BodySizeLimitMiddleware
 from morgana.api.ratelimit import RateLimiter
 from morgana.api.routes import auth, chatbot, health, livekit
 from morgana.api.security import PasswordHasher
+from morgana.api.services.agentless import AgentlessRoomsTask
 from morgana.api.services.chat import ChatAgent
 from morgana.api.services.livekit import VoiceRooms
 from morgana.api.telemetry import configure_tracing
@@ -38,6 +39,14 @@ session's history, and get a LiveKit token to talk to the voice agent.
 """
 
 
+def start_agentless_rooms(settings: ApiSettings) -> AgentlessRoomsTask | None:
+    """Send the agent to callers left alone (morgana.api.services.agentless), unless voice or the
+    check is off."""
+    if not settings.livekit_configured or settings.livekit_redispatch_seconds <= 0:
+        return None
+    return AgentlessRoomsTask(settings)
+
+
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_format, request_id=correlation_id.get)
@@ -51,6 +60,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         app.state.password_hasher = PasswordHasher(settings.password_hash_concurrency, settings.password_hash_queue)
         app.state.voice_rooms = VoiceRooms(settings)
         app.state.agent = ChatAgent(settings)
+        agentless = start_agentless_rooms(settings)
         if tracer_provider is not None:
             from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 
@@ -63,6 +73,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             },
         )
         yield
+        if agentless is not None:
+            await agentless.stop()
         await app.state.voice_rooms.aclose()
         await engine.dispose()
         if tracer_provider is not None:

@@ -29,8 +29,11 @@ class ParticipantGrant:
     identity: str
 
 
+ROOM_PREFIX = "morgana-"
+
+
 def room_for_session(session_id: uuid.UUID) -> str:
-    return f"morgana-{session_id}"
+    return f"{ROOM_PREFIX}{session_id}"
 
 
 def participant_token(settings: ApiSettings, user_id: int, session_id: uuid.UUID, version: int) -> ParticipantGrant:

@@ -82,7 +82,8 @@ def room_load(name: str, participants: Iterable[api.ParticipantInfo]) -> RoomLoa
 
 
 class LiveKitLoadReader:
-    """A LiveKit API client for one server and key; `read()` takes one snapshot of the load."""
+    """A LiveKit API client for one server and key: `read()` takes one snapshot of the load,
+    `dispatch()` sends an agent to a room, `send()` a data packet to its participants."""
 
     def __init__(self, url: str, api_key: str, api_secret: str, timeout: float) -> None:
         self.identity = (url, api_key, api_secret)
@@ -110,19 +111,29 @@ class LiveKitLoadReader:
             rooms = await asyncio.gather(*(load_of(name) for name in names))
         return Load(rooms=tuple(room for room in rooms if room.humans or room.agents))
 
-    async def dispatch(self, agent_name: str, room: str) -> str:
+    async def dispatch(self, agent_name: str, room: str, *, again_only: bool = False) -> str | None:
         """Ask LiveKit to send `agent_name` to `room`; returns the dispatch id.
 
         The room's earlier dispatch of that agent (the one in the caller's token) lends its
         metadata: for a Morgana call, the credential that continues the caller's conversation.
+        With `again_only`, a room that agent was never dispatched to is left alone (None).
         """
         async with _translated_errors():
-            earlier = await self._api.agent_dispatch.list_dispatch(room)
-            metadata = next((d.metadata for d in earlier if d.agent_name == agent_name and d.metadata), "")
+            earlier = [d for d in await self._api.agent_dispatch.list_dispatch(room) if d.agent_name == agent_name]
+            if again_only and not earlier:
+                return None
+            metadata = next((d.metadata for d in earlier if d.metadata), "")
             dispatch = await self._api.agent_dispatch.create_dispatch(
                 api.CreateAgentDispatchRequest(agent_name=agent_name, room=room, metadata=metadata)
             )
         return dispatch.id
+
+    async def send(self, room: str, topic: str, data: bytes) -> None:
+        """A reliable data packet to everyone in `room`, on `topic`."""
+        async with _translated_errors():
+            await self._api.room.send_data(
+                api.SendDataRequest(room=room, data=data, kind=api.DataPacket.Kind.RELIABLE, topic=topic)
+            )
 
     async def aclose(self) -> None:
         await self._api.aclose()
