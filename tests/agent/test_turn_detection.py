@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import numpy as np
 import pytest
 from livekit import rtc
+from livekit.agents.voice.turn import _StreamingTurnDetector, _StreamingTurnDetectorStream
 
 from morgana.agent.turn import SAMPLE_RATE, WINDOW_SAMPLES, SmartTurnDetector, SmartTurnModel
 from morgana_devtools.openai_server import FakeOpenAIProcess
@@ -62,7 +63,12 @@ def test_smart_turn_tells_a_finished_question_from_an_unfinished_phrase(
 
 def test_the_stream_keeps_the_models_window_and_forgets_a_committed_turn(smart_turn: SmartTurnModel) -> None:
     async def run() -> None:
-        stream = SmartTurnDetector(smart_turn).stream()
+        detector = SmartTurnDetector(smart_turn)
+        stream = detector.stream()
+        # What livekit-agents checks to drive it as an audio turn detector (its protocols are
+        # structural: an upgrade that changes them fails here, not silently in calls).
+        assert isinstance(detector, _StreamingTurnDetector)
+        assert isinstance(stream, _StreamingTurnDetectorStream)
         step = CALLER_RATE // 100
         tone = (3000 * np.sin(np.arange(step) / 7)).astype(np.int16).tobytes()
         for _ in range(1000):  # 10 s at 48 kHz, resampled to 16 kHz

@@ -55,6 +55,8 @@ class AgentSettings(CoreSettings):
     turn_detector: Literal["smart-turn", "vad"] = "smart-turn"
     turn_detector_threshold: float = Field(default=0.5, gt=0, lt=1)
     vad_min_silence_seconds: float = Field(default=0.25, gt=0)
+    # Below this speech probability the VAD counts silence (silero's default: 0.35).
+    vad_deactivation_threshold: float | None = Field(default=None, gt=0, lt=1)
     min_endpointing_delay: float = Field(default=0.25, ge=0)
     max_endpointing_delay: float = Field(default=3.0, ge=0)
     # livekit-agents can ask the API for a reply on the final transcript, before the turn is

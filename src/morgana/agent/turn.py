@@ -99,13 +99,8 @@ class SmartTurnModel:
         return asyncio.wrap_future(self._executor.submit(self.probability, audio))
 
 
-@dataclass(frozen=True)
-class SmartTurnDetector:
-    """A livekit-agents streaming turn detector (`turn_handling={"turn_detection": ...}`)."""
-
-    smart_turn: SmartTurnModel
-    threshold: float = 0.5
-    prediction_timeout: float = 1.0
+class _Named:
+    """What the framework's metrics and traces call the detector and its streams."""
 
     @property
     def model(self) -> str:
@@ -115,11 +110,20 @@ class SmartTurnDetector:
     def provider(self) -> str:
         return "pipecat"
 
+
+@dataclass(frozen=True)
+class SmartTurnDetector(_Named):
+    """A livekit-agents streaming turn detector (`turn_handling={"turn_detection": ...}`)."""
+
+    smart_turn: SmartTurnModel
+    threshold: float = 0.5
+    prediction_timeout: float = 1.0
+
     def stream(self, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS) -> SmartTurnStream:
         return SmartTurnStream(self)
 
 
-class SmartTurnStream:
+class SmartTurnStream(_Named):
     """One caller's audio since their turn began (at most the model's window), and its predictions."""
 
     def __init__(self, detector: SmartTurnDetector) -> None:
@@ -130,14 +134,6 @@ class SmartTurnStream:
         self._input_rate: int | None = None
         self._pending: asyncio.Future[TurnDetectionEvent] | None = None
         self._closed = False
-
-    @property
-    def model(self) -> str:
-        return MODEL_NAME
-
-    @property
-    def provider(self) -> str:
-        return "pipecat"
 
     @property
     def is_fallback(self) -> bool:

@@ -14,6 +14,7 @@ import httpx
 import openai as openai_sdk
 from livekit.agents import Agent, AgentServer, AgentSession, JobContext, JobProcess, room_io
 from livekit.agents.llm import ChatMessage
+from livekit.agents.types import NOT_GIVEN
 from livekit.agents.voice import ConversationItemAddedEvent
 from livekit.agents.voice.turn import TurnDetectionMode
 from livekit.plugins import openai, silero
@@ -33,7 +34,10 @@ def prewarm(proc: JobProcess) -> None:
     """Once per process, before a call arrives: what a call would otherwise wait for."""
     settings = get_settings()
     # Both models ship in wheels (silero's VAD, pipecat's Smart Turn): nothing is downloaded.
-    proc.userdata["vad"] = silero.VAD.load(min_silence_duration=settings.vad_min_silence_seconds)
+    proc.userdata["vad"] = silero.VAD.load(
+        min_silence_duration=settings.vad_min_silence_seconds,
+        deactivation_threshold=settings.vad_deactivation_threshold or NOT_GIVEN,
+    )
     if settings.turn_detector == "smart-turn":
         proc.userdata["smart_turn"] = SmartTurnModel()
     # Loading CA certificates and these modules blocks an event loop for 0.1-3 s under load;
