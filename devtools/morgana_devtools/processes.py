@@ -9,7 +9,7 @@ from typing import Self
 
 import httpx
 
-from morgana_devtools.services import eventually, free_port
+from morgana_devtools.services import eventually, free_port, free_ports
 
 
 def migrate(env: Mapping[str, str]) -> None:
@@ -122,17 +122,30 @@ class AgentWorker(ChildProcess):
     ready_timeout = 90.0
 
     def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
-        self.health_port, self.metrics_port, self.readiness_port = free_port(), free_port(), free_port()
-        ports = {
-            "HEALTH_PORT": self.health_port,
-            "METRICS_PORT": self.metrics_port,
-            "READINESS_PORT": self.readiness_port,
+        super().__init__([sys.executable, "-m", "morgana.agent.cli", "start"], env, log_path)
+        self._given_env = dict(env)
+        self._pick_ports()
+
+    def _pick_ports(self) -> None:
+        self.health_port, self.metrics_port, self.readiness_port = free_ports(3)
+        self.env = {
+            **self._given_env,
+            "HEALTH_PORT": str(self.health_port),
+            "METRICS_PORT": str(self.metrics_port),
+            "READINESS_PORT": str(self.readiness_port),
         }
-        super().__init__(
-            [sys.executable, "-m", "morgana.agent.cli", "start"],
-            {**env, **{name: str(port) for name, port in ports.items()}},
-            log_path,
-        )
+
+    def start(self, timeout: float | None = None) -> "Self":
+        # A port found free can be taken before the worker binds it (any process's outgoing
+        # connection may get it): then start again on other ports, twice at most.
+        for attempt in range(3):
+            try:
+                return super().start(timeout)
+            except RuntimeError as exc:
+                if "address already in use" not in str(exc) or attempt == 2:
+                    raise
+                self._pick_ports()
+        raise AssertionError("unreachable")
 
     def ready(self) -> bool:
         # The worker's own readiness: 200 only once this process has registered with LiveKit.

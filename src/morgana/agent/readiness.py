@@ -44,5 +44,10 @@ class Readiness:
         app.router.add_get("/ready", self.ready)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
+        try:
+            await web.TCPSite(self._runner, self.host, self.port).start()
+        except OSError as exc:
+            # Never Ready then: said plainly, not left to an unretrieved task exception.
+            log.error("readiness endpoint cannot listen", extra={"port": self.port, "error": str(exc)})
+            raise
         log.info("readiness endpoint listening", extra={"port": self.port})

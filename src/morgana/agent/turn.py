@@ -133,6 +133,7 @@ class SmartTurnStream(_Named):
         self._resampler: rtc.AudioResampler | None = None
         self._input_rate: int | None = None
         self._pending: asyncio.Future[TurnDetectionEvent] | None = None
+        self._inference: asyncio.Future[float] | None = None
         self._closed = False
 
     @property
@@ -207,13 +208,17 @@ class SmartTurnStream(_Named):
                 )
 
         inference.add_done_callback(done)
-        self._pending = result
+        self._pending, self._inference = result, inference
         return result
 
     def cancel_inference(self, *, timed_out: bool = False) -> None:
         if self._pending is not None and not self._pending.done():
             self._pending.cancel()
-        self._pending = None
+        # Also the model run itself, if it has not begun: a stale one queued on the process's one
+        # inference thread would delay the next prediction by a whole run.
+        if self._inference is not None and not self._inference.done():
+            self._inference.cancel()
+        self._pending = self._inference = None
 
     def flush(self, reason: str | None = None) -> None:
         """The turn was committed or cleared: the next prediction hears only what follows."""

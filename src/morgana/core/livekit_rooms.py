@@ -92,10 +92,11 @@ class LiveKitLoadReader:
             url, api_key, api_secret, timeout=aiohttp.ClientTimeout(total=timeout), failover=False
         )
 
-    async def read(self) -> Load:
+    async def read(self, prefix: str = "") -> Load:
+        """The rooms (those whose names start with `prefix`) and who is in them."""
         async with _translated_errors():
             listed = await self._api.room.list_rooms(api.ListRoomsRequest())
-            names = [room.name for room in listed.rooms]
+            names = [room.name for room in listed.rooms if room.name.startswith(prefix)]
             gate = asyncio.Semaphore(_PARALLEL_LISTINGS)
 
             async def load_of(name: str) -> RoomLoad:

@@ -9,8 +9,9 @@ LIVEKIT_REDISPATCH_SECONDS it reads LiveKit's rooms and sends the agent to each 
 metadata of the room's first dispatch (the call credential). A caller still alone after
 LIVEKIT_NO_AGENT_NOTICE_SECONDS is told so once, on the room's `morgana.status` data topic.
 
-With several API processes, each room is dispatched (and its caller told) by one of them at a
-time: a Redis key per room, taken with SET NX. Without Redis there is one process to ask.
+With several API processes one of them looks (a Redis key it renews; another takes over if it
+stops), and each room is dispatched (and its caller told) by one at a time (a key per room, SET
+NX). Without Redis there is one process to ask.
 """
 
 import asyncio
@@ -18,7 +19,9 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import time
+import uuid
 from collections.abc import Callable
 
 import redis.asyncio
@@ -57,7 +60,10 @@ class AgentlessRooms:
         self._planner = DispatchPlanner(min_retry=settings.livekit_redispatch_retry_seconds)
         self._sent: set[str] = set()  # rooms this process sent the agent to, still agentless
         self._told: set[str] = set()
-        self._owner = f"{os.getpid()}"
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # Per agent name: releases that share a Redis and a LiveKit server keep to their own.
+        self._keys = f"morgana-agentless:{self._agent_name}"
+        self._leader_key = f"{self._keys}:leader"
 
     async def run(self) -> None:
         """Check every interval until cancelled; LiveKit being away is logged, not fatal."""
@@ -76,18 +82,18 @@ class AgentlessRooms:
             await asyncio.sleep(self._interval)
 
     async def check(self) -> None:
-        load = await self._rooms.read()
+        if not await self._lead():
+            return
+        load = await self._rooms.read(ROOM_PREFIX)
         now = self._clock()
         self._planner.observe(load, now)
         self._told &= set(self._planner.agentless_since)
         self._sent &= set(self._planner.agentless_since)
         for room in self._planner.due(load, now, self._grace):
-            if not room.startswith(ROOM_PREFIX):
-                continue  # not a room of this API's: its owner decides who joins
             retry = self._planner.retry_after(self._planner.attempts_at(room) + 1, self._grace)
             # Only rooms whose token dispatched this API's agent: another release's rooms on a
             # shared LiveKit server are theirs to serve.
-            claimed = await self._claim(f"morgana-agentless:dispatch:{room}", retry)
+            claimed = await self._claim(f"{self._keys}:dispatch:{room}", retry)
             if claimed and await self._rooms.dispatch(self._agent_name, room, again_only=True):
                 self._sent.add(room)
                 log.info("sent the agent to a room whose caller was alone", extra={"room": room})
@@ -96,9 +102,22 @@ class AgentlessRooms:
             if room in self._told or room not in self._sent or now - since < self._notice_after:
                 continue
             self._told.add(room)
-            if await self._claim(f"morgana-agentless:told:{room}", 24 * 3600):
+            if await self._claim(f"{self._keys}:told:{room}", 24 * 3600):
                 await self._rooms.send(room, STATUS_TOPIC, json.dumps(NO_AGENT).encode())
                 log.warning("no agent came to a caller's room: told the caller", extra={"room": room})
+
+    async def _lead(self) -> bool:
+        """One API process looks at the rooms at a time (each listing costs LiveKit a request
+        per room); another takes over within a few intervals if it stops."""
+        if self._redis is None:
+            return True
+        ttl = max(int(self._interval * 3000), 1000)
+        if await self._redis.set(self._leader_key, self._owner, nx=True, px=ttl):
+            return True
+        if await self._redis.get(self._leader_key) == self._owner.encode():
+            await self._redis.pexpire(self._leader_key, ttl)
+            return True
+        return False
 
     async def _claim(self, key: str, seconds: float) -> bool:
         if self._redis is None:
