@@ -195,8 +195,12 @@ def test_scale_down_removes_the_idle_workers_and_the_call_goes_on(
     )
     worker_view.http.close()
 
-    # One worker per pod, and an API whose tokens dispatch this module's agent name.
-    api = ApiProcess({**voice_env, "LIVEKIT_AGENT_NAME": AGENT_NAME}, tmp_path / "api.log")
+    # One worker per pod, and an API whose tokens dispatch this module's agent name. Its own
+    # redispatch is off, as the chart sets it beside the controller: a second agent sent to a
+    # caller briefly alone would make a second worker busy.
+    api = ApiProcess(
+        {**voice_env, "LIVEKIT_AGENT_NAME": AGENT_NAME, "LIVEKIT_REDISPATCH_SECONDS": "0"}, tmp_path / "api.log"
+    )
     workers = {
         pod: AgentWorker(
             {
