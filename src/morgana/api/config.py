@@ -106,7 +106,9 @@ class ApiSettings(CoreSettings):
     # queue a dispatch that found no worker), checked this often; 0 turns it off (the chart does when
     # its controller redispatches). A caller still alone after the notice is told on `morgana.status`.
     livekit_redispatch_seconds: float = Field(default=2.0, ge=0)
-    livekit_redispatch_grace_seconds: float = Field(default=3.0, ge=0)
+    # As long as the controller's: a job still starting on a loaded worker (a new process, the
+    # models loading) can take several seconds to join, and must not get a twin meanwhile.
+    livekit_redispatch_grace_seconds: float = Field(default=10.0, ge=0)
     # A room the agent was sent to is sent it again no sooner than this (doubling each time), so
     # that a job still starting never gets a twin.
     livekit_redispatch_retry_seconds: float = Field(default=10.0, gt=0)
