@@ -115,7 +115,7 @@ async def bench_sessions(res: Results, plan: Plan, targets: list[Target]) -> Non
 
 async def bench_chat(res: Results, plan: Plan, targets: list[Target], fake: FakeOpenAIProcess) -> None:
     fake.set_scenario(tokens=REPLY_TOKENS)
-    expected = REPLY_TOKENS + 1
+    expected = REPLY_TOKENS
     async with client_session(plan.stream_concurrency) as http:
         for t in targets:  # warm-up
             for _ in range(max(3, plan.warmup // 6)):
@@ -126,6 +126,9 @@ async def bench_chat(res: Results, plan: Plan, targets: list[Target], fake: Fake
         # Sequential: time to first content event, and whole-stream time, with no contention.
         log(f"chat_stream: {plan.ttfe_pairs} sequential streams per target (alternating)")
         seq = {t.name: Tally() for t in targets}
+        events: dict[str, list[float]] = {
+            t.name: [] for t in targets
+        }  # per stream: the API may send several tokens per event
         deadline = time.monotonic() + 60
         for i in range(plan.ttfe_pairs):
             if time.monotonic() > deadline:
@@ -136,6 +139,7 @@ async def bench_chat(res: Results, plan: Plan, targets: list[Target], fake: Fake
                     seq[t.name].ttfes.append(r.ttfe)
                     seq[t.name].latencies.append(r.total)
                     seq[t.name].done += 1
+                    events[t.name].append(r.events)
                 else:
                     seq[t.name].note(r.problem)
         m, b = seq["morgana"], seq["baseline"]
@@ -144,6 +148,8 @@ async def bench_chat(res: Results, plan: Plan, targets: list[Target], fake: Fake
             res.add("chat_stream", f"ttfe_p{q}", mv, bv, "ms", overhead_ms=rounded(mv - bv), n=m.done)
         mv, bv = 1000 * percentile(m.latencies, 50), 1000 * percentile(b.latencies, 50)
         res.add("chat_stream", "stream_time_p50", mv, bv, "ms", overhead_ms=rounded(mv - bv), tokens=REPLY_TOKENS)
+        me, be = (percentile(events[name], 50) for name in ("morgana", "baseline"))
+        res.add("chat_stream", "events_per_stream_p50", me, be, "events", tokens=REPLY_TOKENS)
         res.add(
             "chat_stream",
             "sequential_errors",
@@ -216,7 +222,7 @@ class OpenRun:
     wall: float
 
 
-async def open_many(target: Target, count: int, expected_events: int) -> OpenRun:
+async def open_many(target: Target, count: int, expected_tokens: int) -> OpenRun:
     """Open `count` streams at once; sample server RSS and (Morgana) /metrics while they run."""
     open_now = closed_count = rejected = 0
     peak = {"open": 0, "gauge": None, "db": None, "db_steady": None, "rss": 0}
@@ -270,7 +276,7 @@ async def open_many(target: Target, count: int, expected_events: int) -> OpenRun
                 first_event_times.append(time.perf_counter() - started)
 
             nonlocal rejected
-            r = await one_stream(http, target, expected_events, opened, closed, opened_with_content)
+            r = await one_stream(http, target, expected_tokens, opened, closed, opened_with_content)
             if r.status != 200:  # refused (or failed) before it opened
                 rejected += 1
             return r
@@ -301,7 +307,7 @@ async def bench_open_streams(
 ) -> None:
     n = plan.open_streams
     fake.set_scenario(tokens=plan.open_tokens, delay_ms=plan.open_delay_ms)
-    expected = plan.open_tokens + 1
+    expected = plan.open_tokens
     runs: dict[str, OpenRun] = {}
     for t in targets:
         log(f"open_streams: {n} concurrent streams to {t.name} ({plan.open_tokens} tokens x {plan.open_delay_ms} ms)")

@@ -20,7 +20,12 @@ def history(client: httpx.Client, token: str) -> list[tuple[str, str]]:
     return [(m["role"], m["content"]) for m in response.json()["messages"]]
 
 
-def test_stream_events_follow_the_spec(client: httpx.Client, chat_session: dict) -> None:
+def test_stream_events_follow_the_spec(
+    client: httpx.Client, chat_session: dict, fake_openai: FakeOpenAIProcess
+) -> None:
+    # A model that takes its time between tokens: each is passed on as it comes (tokens that
+    # arrive together may share an event, see test_model_stream.py).
+    fake_openai.set_scenario(delay_ms=30)
     result = stream_chat(client, chat_session["token"]["access_token"], "Hello, who are you?")
     assert result.status_code == 200
     assert all(set(data) == {"content", "done"} for _, data in result.events)

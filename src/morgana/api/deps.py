@@ -1,6 +1,7 @@
 """FastAPI dependencies: settings, database, the two kinds of bearer token, rate limits."""
 
 import hashlib
+import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, cast
 
@@ -14,13 +15,17 @@ from morgana.api.config import ApiSettings
 from morgana.api.models import ChatSession, User
 from morgana.api.ratelimit import RateLimitBackendDown, RateLimiter
 from morgana.api.security import Channel, InvalidToken, PasswordHasher, TokenClaims, TokenType, decode_token
+from morgana.api.services import history
 from morgana.api.services.chat import ChatAgent
 from morgana.api.services.conversation import Conversation
+from morgana.api.services.history import SessionWithHistory
 from morgana.api.services.livekit import VoiceRooms
 
 
-# `request.app.state` is untyped: each getter below names what create_app stores there.
-def app_settings(request: Request) -> ApiSettings:
+# `request.app.state` is untyped: each getter below names what create_app stores there. They are
+# `async def`, as are all dependencies here: FastAPI runs a plain `def` one in a worker thread,
+# a thread hop per dependency per request.
+async def app_settings(request: Request) -> ApiSettings:
     """The settings the app was created with (create_app may be given its own, e.g. in tests)."""
     return cast(ApiSettings, request.app.state.settings)
 
@@ -36,29 +41,33 @@ async def get_db(request: Request) -> AsyncIterator[AsyncSession]:
 DbDep = Annotated[AsyncSession, Depends(get_db)]
 
 
-def get_session_factory(request: Request) -> async_sessionmaker[AsyncSession]:
-    """For work that must hold a connection only briefly (not for the whole request)."""
+def _session_factory(request: Request) -> async_sessionmaker[AsyncSession]:
     return cast(async_sessionmaker[AsyncSession], request.app.state.session_factory)
+
+
+async def get_session_factory(request: Request) -> async_sessionmaker[AsyncSession]:
+    """For work that must hold a connection only briefly (not for the whole request)."""
+    return _session_factory(request)
 
 
 SessionFactoryDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_session_factory)]
 
 
-def get_agent(request: Request) -> ChatAgent:
+async def get_agent(request: Request) -> ChatAgent:
     return cast(ChatAgent, request.app.state.agent)
 
 
 AgentDep = Annotated[ChatAgent, Depends(get_agent)]
 
 
-def get_voice_rooms(request: Request) -> VoiceRooms:
+async def get_voice_rooms(request: Request) -> VoiceRooms:
     return cast(VoiceRooms, request.app.state.voice_rooms)
 
 
 VoiceRoomsDep = Annotated[VoiceRooms, Depends(get_voice_rooms)]
 
 
-def get_hasher(request: Request) -> PasswordHasher:
+async def get_hasher(request: Request) -> PasswordHasher:
     return cast(PasswordHasher, request.app.state.password_hasher)
 
 
@@ -74,7 +83,7 @@ def _unauthorized(detail: str) -> HTTPException:
     return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"})
 
 
-def _claims(
+async def _claims(
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> TokenClaims:
@@ -93,15 +102,15 @@ def _revoked() -> HTTPException:
     return _unauthorized("This token was revoked (logged out or password changed): log in again")
 
 
-# Short-lived DB sessions here, so a long chat stream does not pin a pooled connection.
-async def current_user(request: Request, claims: ClaimsDep) -> User:
+async def current_user(claims: ClaimsDep, db: DbDep) -> User:
+    """The user of a user token, read in the request's own database session: user-token endpoints
+    answer at once, and one connection (one checkout) serves the check and the endpoint."""
     if claims.type is not TokenType.USER:
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
             "This endpoint needs a user token (from /api/v1/auth/register or /api/v1/auth/login)",
         )
-    async with get_session_factory(request)() as db:
-        user = await db.get(User, claims.user_id)
+    user = await db.get(User, claims.user_id)
     if user is None:
         raise _unauthorized("The account behind this token no longer exists")
     if user.token_version != claims.version:
@@ -109,8 +118,9 @@ async def current_user(request: Request, claims: ClaimsDep) -> User:
     return user
 
 
-async def _session_of(request: Request, claims: TokenClaims, *, voice: bool) -> ChatSession:
-    if claims.type is not TokenType.SESSION:
+def _check_session_token(claims: TokenClaims, *, voice: bool) -> uuid.UUID:
+    """The token's session id, if it is a session token this endpoint takes."""
+    if claims.type is not TokenType.SESSION or claims.session_id is None:
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
             "This endpoint needs a session token (from POST /api/v1/auth/session)",
@@ -119,45 +129,55 @@ async def _session_of(request: Request, claims: TokenClaims, *, voice: bool) -> 
         raise HTTPException(
             status.HTTP_403_FORBIDDEN, "A voice call's session token can only add turns to its conversation"
         )
-    async with get_session_factory(request)() as db:
+    return claims.session_id
+
+
+def _check_owner(claims: TokenClaims, user_id: int | None, token_version: int) -> None:
+    if user_id != claims.user_id:
+        raise _unauthorized("The session behind this token no longer exists")
+    if token_version != claims.version:
+        raise _revoked()
+
+
+# Short-lived DB sessions here, so a long chat stream does not pin a pooled connection.
+async def current_chat_session(request: Request, claims: ClaimsDep) -> ChatSession:
+    """The session of a session token that its user holds (not a call's agent)."""
+    session_id = _check_session_token(claims, voice=False)
+    async with _session_factory(request)() as db:
         row = (
-            (
-                await db.execute(
-                    select(ChatSession, User.token_version).join(User).where(ChatSession.id == claims.session_id)
-                )
-            )
+            (await db.execute(select(ChatSession, User.token_version).join(User).where(ChatSession.id == session_id)))
             .tuples()
             .one_or_none()
         )
-    if row is None or row[0].user_id != claims.user_id:
+    if row is None:
         raise _unauthorized("The session behind this token no longer exists")
-    session, version = row
-    if version != claims.version:
-        raise _revoked()
-    return session
+    _check_owner(claims, row[0].user_id, row[1])
+    return row[0]
 
 
-async def current_chat_session(request: Request, claims: ClaimsDep) -> ChatSession:
-    """The session of a session token that its user holds (not a call's agent)."""
-    return await _session_of(request, claims, voice=False)
-
-
-async def turn_session(request: Request, claims: ClaimsDep) -> ChatSession:
-    """The session a turn is added to: its user's, or a call's agent's (voice) token."""
-    return await _session_of(request, claims, voice=True)
+async def turn_session(request: Request, claims: ClaimsDep, settings: SettingsDep) -> SessionWithHistory:
+    """The session a turn is added to (its user's, or a call's agent's voice token), with the
+    recent history the turn is answered from: one round trip to the database."""
+    session_id = _check_session_token(claims, voice=True)
+    async with _session_factory(request)() as db:
+        found = await history.session_with_recent(db, session_id, settings.max_history_messages)
+    if found is None:
+        raise _unauthorized("The session behind this token no longer exists")
+    _check_owner(claims, found.user_id, found.token_version)
+    return found
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
 CurrentChatSession = Annotated[ChatSession, Depends(current_chat_session)]
-TurnSession = Annotated[ChatSession, Depends(turn_session)]
+TurnSession = Annotated[SessionWithHistory, Depends(turn_session)]
 
 
-def get_conversation(
-    session: TurnSession, claims: ClaimsDep, settings: SettingsDep, agent: AgentDep, factory: SessionFactoryDep
+async def get_conversation(
+    session: TurnSession, claims: ClaimsDep, agent: AgentDep, factory: SessionFactoryDep
 ) -> Conversation:
     """The conversation of the session token's chat session; its turns are stored as said on the
     token's channel (typed, or spoken in a call)."""
-    return Conversation(agent, factory, session.id, settings.max_history_messages, claims.channel)
+    return Conversation(agent, factory, session.id, session.recent, claims.channel)
 
 
 ConversationDep = Annotated[Conversation, Depends(get_conversation)]

@@ -76,6 +76,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         if agentless is not None:
             await agentless.stop()
         await app.state.voice_rooms.aclose()
+        await app.state.agent.aclose()
         await engine.dispose()
         if tracer_provider is not None:
             tracer_provider.shutdown()

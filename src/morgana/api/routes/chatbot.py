@@ -112,8 +112,8 @@ async def _sse_stream(turn: Turn) -> AsyncGenerator[ServerSentEvent, None]:
 )
 async def chat_stream(body: ChatRequest, settings: SettingsDep, conversation: ConversationDep) -> EventSourceResponse:
     _check_size(body, settings)
-    # The history is read before the 200 goes out, so a database outage is a plain 503.
-    turn = await conversation.begin(_said(body))
+    # The history was read with the session (TurnSession), so a database outage is a plain 503.
+    turn = conversation.begin(_said(body))
     return EventSourceResponse(_sse_stream(turn), ping=15, headers={"Cache-Control": "no-cache"})
 
 
@@ -131,7 +131,7 @@ async def chat_stream(body: ChatRequest, settings: SettingsDep, conversation: Co
 )
 async def chat(body: ChatRequest, settings: SettingsDep, conversation: ConversationDep) -> ChatResponse:
     _check_size(body, settings)
-    turn = await conversation.begin(_said(body))
+    turn = conversation.begin(_said(body))
     try:
         answer = await turn.reply()
     except ChatFailure as failure:

@@ -9,17 +9,20 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import cast
 
 import httpx
 import openai
-from langchain_core.messages import AIMessage, AIMessageChunk, AnyMessage, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_openai import ChatOpenAI
+from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, MessagesState, StateGraph
 from opentelemetry import trace
 
 from morgana.api import metrics
 from morgana.api.config import ApiSettings
+from morgana.api.services.model_stream import MergingHttpClient
 from morgana.api.services.utterance import Utterance
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,8 @@ class ChatAgent:
     def __init__(self, settings: ApiSettings) -> None:
         self._system_prompt = SystemMessage(settings.system_prompt)
         self._model_name = settings.llm_model
+        # Its own HTTP client: merges the reply's text deltas that arrive together (model_stream).
+        self._http = MergingHttpClient()
         self._llm = ChatOpenAI(
             model=settings.llm_model,
             api_key=settings.openai_api_key,
@@ -72,6 +77,7 @@ class ChatAgent:
             max_retries=settings.llm_max_retries,
             streaming=True,
             stream_usage=True,
+            http_async_client=self._http,
         )
         graph = StateGraph(MessagesState)
         graph.add_node("respond", self._respond)
@@ -79,9 +85,22 @@ class ChatAgent:
         graph.add_edge("respond", END)
         self._graph = graph.compile()
 
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
     async def _respond(self, state: MessagesState) -> dict[str, list[BaseMessage]]:
-        reply = await self._llm.ainvoke([self._system_prompt, *state["messages"]])
-        return {"messages": [reply]}
+        # The node streams its text itself (LangGraph's "custom" stream mode): the callback-driven
+        # "messages" mode costs a handler call and a message-chunk merge per token.
+        write = get_stream_writer()
+        texts: list[str] = []
+        async for chunk in self._llm.astream([self._system_prompt, *state["messages"]]):
+            if chunk.usage_metadata:
+                write(_OutputTokens(chunk.usage_metadata.get("output_tokens", 0)))
+            text = chunk.content if isinstance(chunk.content, str) else chunk.text
+            if text:
+                texts.append(text)
+                write(text)
+        return {"messages": [AIMessage("".join(texts))]}
 
     async def stream(self, conversation: Sequence[Utterance]) -> AsyncGenerator[str, None]:
         """Yield the reply's text as it arrives; raise ChatFailure if the model fails.
@@ -116,21 +135,25 @@ class ChatAgent:
 
     async def _text_chunks(self, conversation: Sequence[Utterance], usage: "_Usage") -> AsyncGenerator[str, None]:
         # Pregel.astream is an async generator function (typed as returning an AsyncIterator); in
-        # "messages" mode it yields (message chunk, metadata) pairs.
+        # "custom" mode it yields what the node wrote: text, and the provider's token count.
         graph_stream = cast(
-            AsyncGenerator[tuple[BaseMessage, dict[str, Any]], None],
-            self._graph.astream({"messages": to_langchain(conversation)}, stream_mode="messages"),
+            AsyncGenerator[str | _OutputTokens, None],
+            self._graph.astream({"messages": to_langchain(conversation)}, stream_mode="custom"),
         )
         async with aclosing(graph_stream):
-            async for chunk, _metadata in graph_stream:
-                if not isinstance(chunk, AIMessageChunk):
-                    continue
-                if chunk.usage_metadata:
-                    usage.reported = chunk.usage_metadata.get("output_tokens")
-                text = chunk.content if isinstance(chunk.content, str) else chunk.text
-                if text:
+            async for item in graph_stream:
+                if isinstance(item, _OutputTokens):
+                    usage.reported = item.count
+                else:
                     usage.chunks += 1
-                    yield text
+                    yield item
+
+
+@dataclass(frozen=True, slots=True)
+class _OutputTokens:
+    """The provider's count of the reply's tokens, written by the node beside the text."""
+
+    count: int
 
 
 class _Usage:
@@ -149,11 +172,16 @@ _END = object()
 
 
 async def _in_own_task(source: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
-    """Iterate `source` in a task of its own, cancelled as soon as this generator stops.
+    """Iterate `source` in a task of its own, cancelled as soon as this generator stops, and yield
+    its text in as few pieces as keeps it flowing.
 
     Starlette streams run under anyio cancel scopes, whose repeated cancellation can cut
     LangGraph's own clean-up short and leave the model call running. A plain asyncio
     task, cancelled once, shuts the HTTP stream to the model down promptly.
+
+    Each piece joins everything queued while the last one was being sent, so a client (or an
+    event loop) slower than the model gets fewer, larger events rather than a backlog of tiny
+    ones; nothing waits for more.
     """
     queue: asyncio.Queue[object] = asyncio.Queue()
 
@@ -168,9 +196,24 @@ async def _in_own_task(source: AsyncGenerator[str, None]) -> AsyncGenerator[str,
 
     task = asyncio.create_task(pump())
     try:
-        while (item := await queue.get()) is not _END:
+        while True:
+            item = await queue.get()
+            if item is _END:
+                return
             if isinstance(item, Exception):
                 raise item
-            yield cast(str, item)  # pump() queues the source's str items, an exception or _END
+            pieces = [cast(str, item)]  # pump() queues the source's str items, an exception or _END
+            ending: object = None
+            while ending is None and not queue.empty():
+                item = queue.get_nowait()
+                if item is _END or isinstance(item, Exception):
+                    ending = item  # after the text before it
+                else:
+                    pieces.append(cast(str, item))
+            yield "".join(pieces)
+            if ending is _END:
+                return
+            if isinstance(ending, Exception):
+                raise ending
     finally:
         task.cancel()

@@ -55,30 +55,27 @@ TurnEvent = ReplyText | TurnStored | TurnFailed
 
 
 class Conversation:
-    """A chat session's conversation: each turn sends its recent history and the new messages to
-    the model and stores the turn once the reply is whole."""
+    """A chat session's conversation: a turn sends the recent history and the new messages to the
+    model and stores the turn once the reply is whole."""
 
     def __init__(
         self,
         agent: ChatAgent,
         session_factory: async_sessionmaker[AsyncSession],
         session_id: uuid.UUID,
-        context_limit: int,
+        recent: list[Utterance],
         channel: Channel = Channel.CHAT,
     ) -> None:
         self._agent = agent
         self._session_factory = session_factory
         self._session_id = session_id
-        self._context_limit = context_limit
+        self._recent = recent
         self._channel = channel
 
-    async def begin(self, said: Sequence[Utterance]) -> "Turn":
-        """Start a turn: read the history now, so that a database outage is an error the caller
-        can report before any reply begins. Database errors propagate as they are."""
-        async with self._session_factory() as db:
-            stored = await history.recent(db, self._session_id, self._context_limit)
-        context = [Utterance(history.role_of(m), m.content) for m in stored] + list(said)
-        return Turn(self._agent, self.store, context, list(said))
+    def begin(self, said: Sequence[Utterance]) -> "Turn":
+        """Start a turn on the session's recent history (read with the session itself, before any
+        reply begins, so a database outage is an error the caller can report)."""
+        return Turn(self._agent, self.store, [*self._recent, *said], list(said))
 
     async def store(self, turn: list[Utterance]) -> None:
         """Store a whole turn in one transaction; HistoryUnavailable if it cannot be."""

@@ -2,28 +2,59 @@
 
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, select
+from sqlalchemy import CursorResult, delete, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from morgana.api.models import ChatMessage, ChatSession
+from morgana.api.models import ChatMessage, ChatSession, User
 from morgana.api.services.utterance import Role, Utterance
 
 
-def role_of(message: ChatMessage) -> Role:
-    """A stored message's role (the column holds only what append_turn wrote)."""
-    if message.role not in ("user", "assistant"):
-        raise ValueError(f"message {message.id} has an unknown role {message.role!r}")
-    return cast(Role, message.role)
+@dataclass(frozen=True, slots=True)
+class SessionWithHistory:
+    """A chat session, what its owner's tokens must match, and its last messages (oldest first)."""
+
+    id: uuid.UUID
+    user_id: int
+    token_version: int
+    recent: list[Utterance]
 
 
-async def recent(db: AsyncSession, session_id: uuid.UUID, limit: int) -> list[ChatMessage]:
-    """The last `limit` messages of a session, oldest first."""
-    newest_first = await db.scalars(
-        select(ChatMessage).where(ChatMessage.session_id == session_id).order_by(ChatMessage.id.desc()).limit(limit)
+async def session_with_recent(db: AsyncSession, session_id: uuid.UUID, limit: int) -> SessionWithHistory | None:
+    """The session and its last `limit` messages in one round trip (a chat turn needs both before
+    it can start); None if there is no such session."""
+    recent = (
+        select(ChatMessage.id, ChatMessage.role, ChatMessage.content)
+        .where(ChatMessage.session_id == ChatSession.id)
+        .order_by(ChatMessage.id.desc())
+        .limit(limit)
+        .lateral()
     )
-    return list(reversed(list(newest_first)))
+    rows = (
+        await db.execute(
+            select(ChatSession.user_id, User.token_version, recent.c.id, recent.c.role, recent.c.content)
+            .join(User, User.id == ChatSession.user_id)
+            .outerjoin(recent, true())
+            .where(ChatSession.id == session_id)
+        )
+    ).all()
+    if not rows:
+        return None
+    messages = sorted((row[2], row[3], row[4]) for row in rows if row[2] is not None)
+    return SessionWithHistory(
+        session_id,
+        rows[0][0],
+        rows[0][1],
+        [Utterance(_checked_role(message_id, role), content) for message_id, role, content in messages],
+    )
+
+
+def _checked_role(message_id: int, role: str) -> Role:
+    if role not in ("user", "assistant"):
+        raise ValueError(f"message {message_id} has an unknown role {role!r}")
+    return cast(Role, role)
 
 
 async def all_messages(db: AsyncSession, session_id: uuid.UUID) -> list[ChatMessage]:

@@ -1,0 +1,155 @@
+"""The model's streamed text deltas merged where they arrive together (morgana.api.services.model_stream)."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterable
+
+import httpx2
+import openai
+import pytest
+
+from morgana.api.services.model_stream import MergingHttpClient, MergingStream, merge_events
+from morgana_devtools.openai_server import FakeOpenAIProcess
+from tests.conftest import OPENAI_KEY
+
+
+def chunk(delta: dict, *, id: str = "c1", finish: str | None = None, usage: dict | None = None) -> dict:
+    return {
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        "usage": usage,
+    }
+
+
+def sse(*events: dict | str) -> bytes:
+    return b"".join(
+        b"data: " + (e.encode() if isinstance(e, str) else json.dumps(e).encode()) + b"\n\n" for e in events
+    )
+
+
+def parsed(data: bytes) -> list[dict | str]:
+    out: list[dict | str] = []
+    for event in data.split(b"\n\n")[:-1]:
+        assert event.startswith(b"data: ")
+        body = event[6:].decode()
+        out.append(body if body == "[DONE]" else json.loads(body))
+    return out
+
+
+def test_consecutive_text_deltas_become_one_and_everything_else_passes_as_it_came() -> None:
+    role = chunk({"role": "assistant", "content": ""})
+    finish = chunk({}, finish="stop")
+    usage = {**chunk({}), "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}}
+    data = sse(
+        role, chunk({"content": "Hel"}), chunk({"content": "lo"}), chunk({"content": "!"}), finish, usage, "[DONE]"
+    )
+    events = parsed(merge_events(data))
+    assert events == [role, chunk({"content": "Hello!"}), finish, usage, "[DONE]"]
+
+
+def test_tool_calls_other_completions_and_deltas_with_more_than_text_are_not_merged() -> None:
+    tool = chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]})
+    refusal = chunk({"content": "a", "refusal": "no"})
+    data = sse(
+        chunk({"content": "a"}),
+        tool,
+        chunk({"content": "b"}),
+        chunk({"content": "c"}, id="c2"),
+        refusal,
+        chunk({"content": "d", "role": None, "refusal": None}),
+        chunk({"content": "e"}),
+    )
+    events = parsed(merge_events(data))
+    assert events == [
+        chunk({"content": "a"}),
+        tool,
+        chunk({"content": "b"}),
+        chunk({"content": "c"}, id="c2"),
+        refusal,
+        chunk({"content": "de", "role": None, "refusal": None}),
+    ]
+
+
+class Reads(httpx2.AsyncByteStream):
+    """A response body that arrives in the given reads."""
+
+    def __init__(self, reads: Iterable[bytes]) -> None:
+        self.reads, self.closed = list(reads), False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for data in self.reads:
+            yield data
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def collect(stream: MergingStream) -> list[bytes]:
+    return [data async for data in stream]
+
+
+def test_only_what_arrives_in_one_read_is_merged_and_split_events_are_completed_first() -> None:
+    first, second = sse(chunk({"content": "a"}), chunk({"content": "b"})), sse(chunk({"content": "c"}))
+    cut = len(first) - 7  # the second event of the first read arrives partly in the next one
+    upstream = Reads([first[:cut], first[cut:] + second[:10], second[10:]])
+    reads = asyncio.run(collect(MergingStream(upstream)))
+    assert [parsed(data) for data in reads] == [
+        [chunk({"content": "a"})],
+        [chunk({"content": "b"})],
+        [chunk({"content": "c"})],
+    ]
+    upstream = Reads([first + second])
+    assert [parsed(data) for data in asyncio.run(collect(MergingStream(upstream)))] == [[chunk({"content": "abc"})]]
+
+
+def test_a_stream_with_crlf_line_ends_passes_through_byte_for_byte() -> None:
+    data = sse(chunk({"content": "a"}), chunk({"content": "b"})).replace(b"\n", b"\r\n")
+    assert b"".join(asyncio.run(collect(MergingStream(Reads([data[:30], data[30:]]))))) == data
+
+
+def test_closing_the_stream_closes_the_upstream() -> None:
+    upstream = Reads([])
+    asyncio.run(MergingStream(upstream).aclose())
+    assert upstream.closed
+
+
+def test_the_real_sdk_reads_the_same_text_from_a_burst(fake_openai: FakeOpenAIProcess) -> None:
+    fake_openai.set_scenario(tokens=300)
+
+    async def run() -> tuple[str, str]:
+        client = openai.AsyncOpenAI(api_key=OPENAI_KEY, base_url=fake_openai.base_url, http_client=MergingHttpClient())
+        raw = openai.AsyncOpenAI(api_key=OPENAI_KEY, base_url=fake_openai.base_url)
+        try:
+            request = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            stream = await client.chat.completions.create(**request, stream=True)
+            texts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+            whole = await raw.chat.completions.create(**request)
+            return "".join(texts), whole.choices[0].message.content or ""
+        finally:
+            await client.close()
+            await raw.close()
+
+    text, unstreamed = asyncio.run(run())
+    assert text == unstreamed and len(text.split()) == 300
+
+
+def test_errors_and_unstreamed_replies_reach_the_sdk_unchanged(fake_openai: FakeOpenAIProcess) -> None:
+    async def run() -> None:
+        client = openai.AsyncOpenAI(
+            api_key=OPENAI_KEY, base_url=fake_openai.base_url, http_client=MergingHttpClient(), max_retries=0
+        )
+        try:
+            request = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            fake_openai.set_scenario(reply="All at once.")
+            whole = await client.chat.completions.create(**request)
+            assert whole.choices[0].message.content == "All at once."
+            fake_openai.set_scenario(status=429)
+            with pytest.raises(openai.RateLimitError):
+                await client.chat.completions.create(**request, stream=True)
+        finally:
+            await client.close()
+
+    asyncio.run(run())
