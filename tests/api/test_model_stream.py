@@ -8,6 +8,7 @@ import httpx2
 import openai
 import pytest
 
+from morgana.api.services.model_client import PlainCompletions
 from morgana.api.services.model_stream import MergingHttpClient, MergingStream, merge_events
 from morgana_devtools.openai_server import FakeOpenAIProcess
 from tests.conftest import OPENAI_KEY
@@ -153,3 +154,36 @@ def test_errors_and_unstreamed_replies_reach_the_sdk_unchanged(fake_openai: Fake
             await client.close()
 
     asyncio.run(run())
+
+
+def test_plain_completions_send_what_the_sdk_sends_and_read_what_it_reads(fake_openai: FakeOpenAIProcess) -> None:
+    """PlainCompletions skips the SDK's request transform: the same payload must reach the model."""
+    payload = {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": "You said: first"},
+            {"role": "user", "content": "second"},
+        ],
+        "temperature": 0.7,
+        "max_tokens": 64,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+    async def run() -> list[str]:
+        stock = openai.AsyncOpenAI(api_key=OPENAI_KEY, base_url=fake_openai.base_url)
+        plain = PlainCompletions(stock)
+        texts = []
+        try:
+            for create in (stock.chat.completions.create, plain.create):
+                stream = await create(**payload)
+                texts.append("".join([c.choices[0].delta.content or "" async for c in stream if c.choices]))
+        finally:
+            await stock.close()
+        return texts
+
+    assert asyncio.run(run()) == ["You said: second"] * 2
+    by_sdk, by_plain = fake_openai.requests()[-2:]
+    assert by_plain == by_sdk

@@ -22,7 +22,7 @@ from opentelemetry import trace
 
 from morgana.api import metrics
 from morgana.api.config import ApiSettings
-from morgana.api.services.model_stream import MergingHttpClient
+from morgana.api.services.model_client import chat_completions
 from morgana.api.services.utterance import Utterance
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,9 @@ class ChatAgent:
     def __init__(self, settings: ApiSettings) -> None:
         self._system_prompt = SystemMessage(settings.system_prompt)
         self._model_name = settings.llm_model
-        # Its own HTTP client: merges the reply's text deltas that arrive together (model_stream).
-        self._http = MergingHttpClient()
+        # Its own OpenAI client: no per-message transform of requests, and the reply's text
+        # deltas that arrive together merged before they are parsed (model_client).
+        self._client, completions = chat_completions(settings)
         self._llm = ChatOpenAI(
             model=settings.llm_model,
             api_key=settings.openai_api_key,
@@ -77,7 +78,8 @@ class ChatAgent:
             max_retries=settings.llm_max_retries,
             streaming=True,
             stream_usage=True,
-            http_async_client=self._http,
+            root_async_client=self._client,
+            async_client=completions,
         )
         graph = StateGraph(MessagesState)
         graph.add_node("respond", self._respond)
@@ -86,7 +88,7 @@ class ChatAgent:
         self._graph = graph.compile()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._client.close()
 
     async def _respond(self, state: MessagesState) -> dict[str, list[BaseMessage]]:
         # The node streams its text itself (LangGraph's "custom" stream mode): the callback-driven

@@ -1,0 +1,67 @@
+"""The OpenAI client behind the chat agent's langchain-openai model.
+
+Two costs of the SDK's own chat-completions client grow with every request and every token,
+for work this API does not need:
+
+- `create` runs the request through the SDK's type-driven transform, which walks every message
+  of the conversation: about 0.2 ms of CPU per message, 40 ms for a 200-message history, before
+  the request is even sent. The payload here is plain JSON built by langchain-openai from text
+  messages (no files, dates or aliased keys, which are what the transform is for), so it is sent
+  as it is.
+- Each streamed chunk is parsed into pydantic objects; `MergingHttpClient` (model_stream) merges
+  the text deltas that arrive together first.
+
+Everything else is the SDK's: retries, timeouts, errors, streaming, authentication.
+"""
+
+from typing import Any
+
+import openai
+from openai._base_client import make_request_options
+from openai.resources.chat.completions import AsyncCompletions
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from morgana.api.config import ApiSettings
+from morgana.api.services.model_stream import MergingHttpClient
+
+
+class PlainCompletions(AsyncCompletions):
+    """`chat.completions` whose `create` sends langchain-openai's payload without the transform."""
+
+    async def create(  # type: ignore[override]  # the SDK's keyword-only signature, taken as **params
+        self,
+        *,
+        extra_headers: Any = None,
+        extra_query: Any = None,
+        extra_body: Any = None,
+        timeout: Any = openai.NOT_GIVEN,
+        **params: Any,
+    ) -> ChatCompletion | openai.AsyncStream[ChatCompletionChunk]:
+        stream = bool(params.get("stream"))
+        return await self._post(
+            "/chat/completions",
+            body=params,
+            options=make_request_options(
+                extra_headers=extra_headers,
+                extra_query=extra_query,
+                extra_body=extra_body,
+                timeout=timeout,
+                security={"bearer_auth": True},
+            ),
+            cast_to=ChatCompletion,
+            stream=stream,
+            stream_cls=openai.AsyncStream[ChatCompletionChunk],
+        )
+
+
+def chat_completions(settings: ApiSettings) -> tuple[openai.AsyncOpenAI, PlainCompletions]:
+    """The client (close it on shutdown) and its chat completions, for ChatOpenAI's
+    `root_async_client` and `async_client`."""
+    client = openai.AsyncOpenAI(
+        api_key=settings.openai_api_key.get_secret_value() if settings.openai_api_key else None,
+        base_url=settings.openai_base_url,
+        timeout=settings.llm_timeout_seconds,
+        max_retries=settings.llm_max_retries,
+        http_client=MergingHttpClient(),
+    )
+    return client, PlainCompletions(client)
