@@ -66,7 +66,10 @@ class ApiSettings(CoreSettings):
     postgres_db: str = "morgana"
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
-    db_pool_timeout_seconds: float = Field(default=5.0, gt=0)
+    # How long a request waits for a pooled connection before it is a 503 ("busy"). A burst (500
+    # chat streams opened at once on one worker) queues for longer than a few seconds, and serving it
+    # late beats refusing it; clients and proxies wait longer than this.
+    db_pool_timeout_seconds: float = Field(default=30.0, gt=0)
 
     # Redis backs rate limits shared by every replica; unset means an in-process store.
     redis_url: str | None = None

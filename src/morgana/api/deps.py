@@ -102,20 +102,37 @@ def _revoked() -> HTTPException:
     return _unauthorized("This token was revoked (logged out or password changed): log in again")
 
 
-async def current_user(claims: ClaimsDep, db: DbDep) -> User:
-    """The user of a user token, read in the request's own database session: user-token endpoints
-    answer at once, and one connection (one checkout) serves the check and the endpoint."""
+async def user_claims(claims: ClaimsDep) -> TokenClaims:
+    """The claims of a user token (not yet checked against the database)."""
     if claims.type is not TokenType.USER:
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
             "This endpoint needs a user token (from /api/v1/auth/register or /api/v1/auth/login)",
         )
-    user = await db.get(User, claims.user_id)
+    return claims
+
+
+UserClaims = Annotated[TokenClaims, Depends(user_claims)]
+
+
+def _refused(user: User | None) -> HTTPException:
     if user is None:
-        raise _unauthorized("The account behind this token no longer exists")
-    if user.token_version != claims.version:
-        raise _revoked()
+        return _unauthorized("The account behind this token no longer exists")
+    return _revoked()
+
+
+async def current_user(claims: UserClaims, db: DbDep) -> User:
+    """The user of a user token, read in the request's own database session: user-token endpoints
+    answer at once, and one connection (one checkout) serves the check and the endpoint."""
+    user = await db.get(User, claims.user_id)
+    if user is None or user.token_version != claims.version:
+        raise _refused(user)
     return user
+
+
+async def token_refused(db: AsyncSession, claims: TokenClaims) -> HTTPException:
+    """Why a user token that a combined check-and-write statement did not accept was refused."""
+    return _refused(await db.get(User, claims.user_id))
 
 
 def _check_session_token(claims: TokenClaims, *, voice: bool) -> uuid.UUID:
@@ -255,8 +272,10 @@ def limit_by_client(name: str) -> params.Depends:
 
 
 def limit_by_user(name: str) -> params.Depends:
-    async def dependency(request: Request, user: CurrentUser) -> None:
-        await _enforce(request, name, f"user:{user.id}")
+    """Limit a user token's calls per user, before the database is asked about the token."""
+
+    async def dependency(request: Request, claims: UserClaims) -> None:
+        await _enforce(request, name, f"user:{claims.user_id}")
 
     return cast(params.Depends, Depends(dependency))
 

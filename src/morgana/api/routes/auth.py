@@ -10,8 +10,10 @@ from morgana.api.deps import (
     HasherDep,
     SessionFactoryDep,
     SettingsDep,
+    UserClaims,
     limit_by_client,
     limit_by_user,
+    token_refused,
 )
 from morgana.api.routes import Responses
 from morgana.api.schemas import (
@@ -143,9 +145,12 @@ async def change_password(
     responses={**_UNAUTHORIZED, **_WRONG_TOKEN, **_LIMITED},
     dependencies=[limit_by_user("session")],
 )
-async def create_session(user: CurrentUser, db: DbDep, settings: SettingsDep) -> SessionResponse:
-    session = await sessions.create(db, user.id)
-    token = issue_session_token(settings, user.id, session.id, user.token_version)
+async def create_session(claims: UserClaims, factory: SessionFactoryDep, settings: SettingsDep) -> SessionResponse:
+    async with factory() as db:
+        session = await sessions.create_for_token(db, claims.user_id, claims.version)
+        if session is None:
+            raise await token_refused(db, claims)
+    token = issue_session_token(settings, claims.user_id, session.id, claims.version)
     return SessionResponse(
         session_id=session.id,
         name=session.name,

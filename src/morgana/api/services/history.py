@@ -5,7 +5,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, select, true
+from sqlalchemy import CursorResult, delete, insert, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from morgana.api.models import ChatMessage, ChatSession, User
@@ -71,8 +71,14 @@ async def append_turn(
     one after the other, never interleaved.
     """
     await db.execute(select(ChatSession.id).where(ChatSession.id == session_id).with_for_update())
-    db.add_all(
-        ChatMessage(session_id=session_id, role=role, content=content, channel=channel) for role, content in messages
+    # One multi-row INSERT (Core: nothing is read back, so the ORM's unit of work has no job here).
+    await db.execute(
+        insert(ChatMessage).values(
+            [
+                {"session_id": session_id, "role": role, "content": content, "channel": channel}
+                for role, content in messages
+            ]
+        )
     )
     await db.commit()
 

@@ -3,17 +3,28 @@
 import uuid
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, select
+from sqlalchemy import CursorResult, delete, insert, literal, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from morgana.api.models import ChatSession
+from morgana.api.models import ChatSession, User
 from morgana.api.names import friendly_name
 
 
-async def create(db: AsyncSession, user_id: int, name: str | None = None) -> ChatSession:
-    session = ChatSession(id=uuid.uuid4(), user_id=user_id, name=name or friendly_name())
-    db.add(session)
+async def create_for_token(db: AsyncSession, user_id: int, token_version: int) -> ChatSession | None:
+    """A new session of the user a token names, if that user exists and the token is not revoked
+    (its version is the user's): checked and created in one statement, one round trip. None if not."""
+    session = ChatSession(id=uuid.uuid4(), user_id=user_id, name=friendly_name())
+    owner = select(literal(session.id, ChatSession.id.type), User.id, literal(session.name, ChatSession.name.type))
+    created = await db.execute(
+        insert(ChatSession)
+        .from_select(["id", "user_id", "name"], owner.where(User.id == user_id, User.token_version == token_version))
+        .returning(ChatSession.created_at)
+    )
+    created_at = created.scalar_one_or_none()
     await db.commit()
+    if created_at is None:
+        return None
+    session.created_at = created_at
     return session
 
 
