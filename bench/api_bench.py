@@ -3,20 +3,23 @@
     uv run python -m bench.api_bench [--quick]      (or: make bench [BENCH_ARGS=--quick])
 
 Starts real Postgres and Valkey (from wheels), the fake OpenAI-protocol model server, the
-Morgana API (one uvicorn worker) and the baseline (`bench/baseline_app.py`, a plain Starlette
-app doing the same I/O with no framework logic), then measures both with the same client:
+Morgana API (one uvicorn worker; a second one with two gunicorn workers, for `scaling`) and the
+baseline (`bench/baseline_app.py`, a plain Starlette app doing the same I/O with no framework
+logic), then measures both with the same client:
 
 1. session_create  POST /api/v1/auth/session  vs  POST /session (one INSERT)
 2. chat_stream     POST /api/v1/chatbot/chat/stream  vs  POST /chat/stream (relay of the model's
                    SSE), 200-token replies: time to first event (sequential) and streams/s (c=8)
 3. open_streams    N concurrent long-lived streams (500; --quick 100): errors, peak open,
-                   server RSS per open stream
+                   server RSS per open stream; open_streams_large: 2000 (full run only)
+4. scaling         chat streams/s of a second Morgana API with two gunicorn workers vs the
+                   one-worker API (the baseline column), concurrency 8 per worker
 
 Results: one JSON object per line on stdout and in bench-results/api.jsonl, then a table.
 Progress goes to stderr. Every process started here is stopped in `finally` blocks.
 
 The parts: bench/api_load.py (the client side: targets, one timed request, closed-loop load),
-bench/api_scenarios.py (the three benchmarks), bench/api_report.py (result lines and table).
+bench/api_scenarios.py (the benchmarks), bench/api_report.py (result lines and table).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from bench.api_load import (
     rotating_headers,
 )
 from bench.api_report import RESULTS, Results, print_report
-from bench.api_scenarios import FULL, QUICK, Plan, bench_chat, bench_open_streams, bench_sessions
+from bench.api_scenarios import FULL, QUICK, Plan, bench_chat, bench_open_streams, bench_scaling, bench_sessions
 from bench.common import (
     MODEL,
     REPO,
@@ -99,7 +102,12 @@ class Baseline(ChildProcess):
 
 
 async def run_benchmarks(
-    res: Results, plan: Plan, api: ApiProcess, baseline: Baseline, fake: FakeOpenAIProcess
+    res: Results,
+    plan: Plan,
+    api: ApiProcess,
+    baseline: Baseline,
+    fake: FakeOpenAIProcess,
+    api_workers: ApiProcess | None,
 ) -> None:
     assert api.process is not None and baseline.process is not None
     async with client_session(16) as http:
@@ -112,6 +120,9 @@ async def run_benchmarks(
         # Chat sessions for every Morgana stream phase, created before any timing starts.
         rotations = (plan.ttfe_pairs + plan.stream_requests) // SESSION_ROTATE_EVERY
         needed = rotations + plan.stream_concurrency * (plan.rounds + 1) + 20 + plan.open_streams
+        # ... and for the second burst, and the scaling rounds (a session per load worker and round)
+        scaling = plan.stream_concurrency * plan.scaling_workers * (plan.rounds + 1) * 2
+        needed += plan.open_streams_large + scaling + 2 * plan.stream_requests // SESSION_ROTATE_EVERY + 20
         log(f"creating {needed} Morgana chat sessions for the stream benchmarks")
         pool = SessionPool(await create_sessions(http, api.url, user_token, needed))
 
@@ -132,7 +143,22 @@ async def run_benchmarks(
     morgana.stream_headers = rotating_headers(pool)
     await bench_chat(res, plan, targets, fake)
 
-    await bench_open_streams(res, plan, targets, fake, pool)
+    await bench_open_streams(res, plan, targets, fake, pool, plan.open_streams)
+    if plan.open_streams_large:
+        await bench_open_streams(res, plan, targets, fake, pool, plan.open_streams_large, "open_streams_large")
+
+    if api_workers is not None:
+        assert api_workers.process is not None
+        many = Target(
+            f"morgana_{plan.scaling_workers}_workers",
+            api_workers.url,
+            api_workers.process.pid,
+            morgana.session_path,
+            morgana.stream_path,
+            stream_headers=rotating_headers(pool),
+        )
+        morgana.stream_headers = rotating_headers(pool)
+        await bench_scaling(res, plan, morgana, many, plan.scaling_workers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
             api = ApiProcess(env, workdir / "api.log", workers=1)
             stack.callback(api.stop)
             api.start()
+            api_workers = None
+            if plan.scaling_workers:
+                api_workers = ApiProcess(env, workdir / "api-workers.log", workers=plan.scaling_workers)
+                stack.callback(api_workers.stop)
+                api_workers.start()
             baseline = Baseline(
                 {
                     "BASELINE_DATABASE_URL": "postgresql+psycopg" + pg.url()[len("postgresql") :],
@@ -189,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             )
 
             runner = _uvloop_run()
-            runner(run_benchmarks(res, plan, api, baseline, fake))
+            runner(run_benchmarks(res, plan, api, baseline, fake, api_workers))
 
             problems = log_problems(api.log_path, "TimeoutError")
             res.emit(

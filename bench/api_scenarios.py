@@ -53,9 +53,11 @@ class Plan:
     open_delay_ms: int
     rounds: int  # alternating rounds per target (even: ABBA ordering)
     warmup: int
+    open_streams_large: int = 0  # a second, larger burst (0: none)
+    scaling_workers: int = 2  # gunicorn workers measured against one (0: not measured)
 
 
-FULL = Plan(2000, 16, 100, 400, 8, 500, 20, 500, 4, 60)
+FULL = Plan(2000, 16, 100, 400, 8, 500, 20, 500, 4, 60, open_streams_large=2000)
 QUICK = Plan(300, 16, 20, 60, 8, 100, 10, 400, 2, 20)
 
 
@@ -303,14 +305,19 @@ async def open_many(target: Target, count: int, expected_tokens: int) -> OpenRun
 
 
 async def bench_open_streams(
-    res: Results, plan: Plan, targets: list[Target], fake: FakeOpenAIProcess, morgana_tokens: SessionPool
+    res: Results,
+    plan: Plan,
+    targets: list[Target],
+    fake: FakeOpenAIProcess,
+    morgana_tokens: SessionPool,
+    n: int,
+    name: str = "open_streams",
 ) -> None:
-    n = plan.open_streams
     fake.set_scenario(tokens=plan.open_tokens, delay_ms=plan.open_delay_ms)
     expected = plan.open_tokens
     runs: dict[str, OpenRun] = {}
     for t in targets:
-        log(f"open_streams: {n} concurrent streams to {t.name} ({plan.open_tokens} tokens x {plan.open_delay_ms} ms)")
+        log(f"{name}: {n} concurrent streams to {t.name} ({plan.open_tokens} tokens x {plan.open_delay_ms} ms)")
         if t.name == "morgana":  # one fresh session per stream, created beforehand
             tokens = [morgana_tokens.take() for _ in range(n)]
             t.stream_headers = lambda tokens=tokens: {"Authorization": f"Bearer {tokens.pop()}"}
@@ -328,7 +335,7 @@ async def bench_open_streams(
 
     (me, mp), (be, bp) = errors(m), errors(b)
     res.add(
-        "open_streams",
+        name,
         "errors",
         me,
         be,
@@ -336,9 +343,9 @@ async def bench_open_streams(
         streams=n,
         problems={"morgana": mp, "baseline": bp} if me or be else None,
     )
-    res.add("open_streams", "peak_open_client_side", m.peak_open, b.peak_open, "streams", streams=n)
+    res.add(name, "peak_open_client_side", m.peak_open, b.peak_open, "streams", streams=n)
     res.add(
-        "open_streams",
+        name,
         "peak_open_server_gauge",
         m.peak_gauge,
         None,
@@ -346,7 +353,7 @@ async def bench_open_streams(
         note="morgana_api_chat_streams_open from /metrics; the baseline has no such gauge",
     )
     res.add(
-        "open_streams",
+        name,
         "peak_db_pool_checked_out",
         m.peak_db_checked_out,
         None,
@@ -355,7 +362,7 @@ async def bench_open_streams(
         "end-of-stream history writes (pool is 10+10)",
     )
     res.add(
-        "open_streams",
+        name,
         "mid_stream_db_pool_checked_out",
         m.steady_db_checked_out,
         None,
@@ -363,7 +370,7 @@ async def bench_open_streams(
         note="max while every stream was open and mid-reply (should be 0)",
     )
     res.add(
-        "open_streams",
+        name,
         "all_open_after",
         1000 * m.all_open_after,
         1000 * b.all_open_after,
@@ -373,30 +380,63 @@ async def bench_open_streams(
     for q in (50, 95):
         mt = [r.ttfe for r in m.results if r.ok]
         bt = [r.ttfe for r in b.results if r.ok]
-        res.add("open_streams", f"ttfe_p{q}", 1000 * percentile(mt, q), 1000 * percentile(bt, q), "ms")
+        res.add(name, f"ttfe_p{q}", 1000 * percentile(mt, q), 1000 * percentile(bt, q), "ms")
     ideal = (plan.open_tokens - 1) * plan.open_delay_ms
     res.add(
-        "open_streams",
+        name,
         "stream_time_p95",
         1000 * percentile([r.total for r in m.results if r.ok], 95),
         1000 * percentile([r.total for r in b.results if r.ok], 95),
         "ms",
         note=f"ideal is ~{ideal} ms (model pacing)",
     )
-    res.add("open_streams", "rss_before", m.rss_before, b.rss_before, "KiB")
-    res.add("open_streams", "rss_peak", m.rss_peak, b.rss_peak, "KiB")
+    res.add(name, "rss_before", m.rss_before, b.rss_before, "KiB")
+    res.add(name, "rss_peak", m.rss_peak, b.rss_peak, "KiB")
     res.add(
-        "open_streams",
+        name,
         "rss_per_open_stream",
         (m.rss_peak - m.rss_before) / m.peak_open if m.peak_open else None,
         (b.rss_peak - b.rss_before) / b.peak_open if b.peak_open else None,
         "KiB/stream",
     )
     res.add(
-        "open_streams",
+        name,
         "rss_after_close_growth",
         m.rss_after - m.rss_before,
         b.rss_after - b.rss_before,
         "KiB",
         note="RSS 1 s after all streams closed minus before",
+    )
+
+
+async def bench_scaling(res: Results, plan: Plan, one: Target, many: Target, workers: int) -> None:
+    """Chat streams per second of `workers` gunicorn workers against one uvicorn worker, the same
+    load per worker (concurrency x workers), in alternating rounds."""
+    concurrency = plan.stream_concurrency * workers
+    log(f"scaling: {plan.stream_requests} streams per target at concurrency {concurrency}, {workers} workers vs 1")
+    tallies = {t.name: Tally() for t in (one, many)}
+    per_round = math.ceil(plan.stream_requests / plan.rounds)
+    deadline = time.monotonic() + 120
+    async with client_session(concurrency) as http:
+        for t in (one, many):
+            for _ in range(3):
+                await one_stream(http, t, REPLY_TOKENS)
+        for t in abba([one, many], plan.rounds):
+
+            async def call(t: Target = t) -> tuple[bool, float, float, str]:
+                r = await one_stream(http, t, REPLY_TOKENS)
+                return r.ok, r.total, r.ttfe, r.problem
+
+            await closed_loop(per_round, concurrency, deadline, call, tallies[t.name], t.pid)
+    m, s = tallies[many.name], tallies[one.name]
+    res.add(
+        "scaling",
+        f"throughput_{workers}_workers",
+        m.rate,
+        s.rate,
+        "streams/s",
+        note=f"baseline column: one worker; target ratio >= {0.9 * workers:.1f} (0.9 x workers). The client, "
+        "the model stand-in and Postgres share this machine's cores with the API",
+        concurrency=concurrency,
+        errors={many.name: m.errors, one.name: s.errors},
     )

@@ -21,7 +21,9 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_sessions_and_streamed_replies(api, account: str) -> None:
+def test_sessions_and_streamed_replies(api, account: str, fake_openai: FakeOpenAIProcess) -> None:
+    fake_openai.set_scenario(delay_ms=30)  # tokens that arrive together may share an event
+
     async def scenario() -> list[str]:
         client = MorganaApi(api.url, account, STRONG_PASSWORD)
         try:
