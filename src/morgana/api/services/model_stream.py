@@ -13,12 +13,12 @@ reason, log probabilities or usage, the same completion id. Everything else (the
 tool calls, the last chunk, usage, `[DONE]`, errors) passes through as it came, in order.
 """
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx2
 import openai
+import orjson
 
 _EVENT_END = b"\n\n"
 
@@ -28,8 +28,8 @@ def _text_delta(event: bytes) -> tuple[dict[str, Any], str] | None:
     if not event.startswith(b"data:") or b"\n" in event:
         return None
     try:
-        chunk = json.loads(event[5:])
-    except ValueError:  # "[DONE]", or not JSON
+        chunk = orjson.loads(event[5:])
+    except orjson.JSONDecodeError:  # "[DONE]", or not JSON
         return None
     if not isinstance(chunk, dict) or chunk.get("object") != "chat.completion.chunk" or chunk.get("usage"):
         return None
@@ -58,7 +58,7 @@ class _Merged:
     def event(self) -> bytes:
         if len(self.texts) > 1:
             self.chunk["choices"][0]["delta"]["content"] = "".join(self.texts)
-        return b"data: " + json.dumps(self.chunk, separators=(",", ":")).encode() + _EVENT_END
+        return b"data: " + orjson.dumps(self.chunk) + _EVENT_END
 
 
 def merge_events(data: bytes) -> bytes:
