@@ -159,7 +159,8 @@ class _OutputTokens:
 
 
 class _Usage:
-    """Completion tokens of one call: the provider's count when it reports one, else chunks."""
+    """Completion tokens of one call: the provider's count when it reports one, else the pieces of
+    text received (a lower bound: tokens that arrived together were merged, see model_stream)."""
 
     def __init__(self) -> None:
         self.chunks = 0
