@@ -14,13 +14,13 @@ from morgana_devtools.openai_server import FakeOpenAIProcess
 from tests.conftest import OPENAI_KEY
 
 
-def chunk(delta: dict, *, id: str = "c1", finish: str | None = None, usage: dict | None = None) -> dict:
+def chunk(delta: dict, *, id: str = "c1", finish: str | None = None, usage: dict | None = None, index: int = 0) -> dict:
     return {
         "id": id,
         "object": "chat.completion.chunk",
         "created": 1,
         "model": "m",
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}],
         "usage": usage,
     }
 
@@ -51,7 +51,7 @@ def test_consecutive_text_deltas_become_one_and_everything_else_passes_as_it_cam
     assert events == [role, chunk({"content": "Hello!"}), finish, usage, "[DONE]"]
 
 
-def test_tool_calls_other_completions_and_deltas_with_more_than_text_are_not_merged() -> None:
+def test_tool_calls_other_completions_or_choices_and_deltas_with_more_than_text_are_not_merged() -> None:
     tool = chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]})
     refusal = chunk({"content": "a", "refusal": "no"})
     data = sse(
@@ -59,6 +59,7 @@ def test_tool_calls_other_completions_and_deltas_with_more_than_text_are_not_mer
         tool,
         chunk({"content": "b"}),
         chunk({"content": "c"}, id="c2"),
+        chunk({"content": "other choice"}, id="c2", index=1),
         refusal,
         chunk({"content": "d", "role": None, "refusal": None}),
         chunk({"content": "e"}),
@@ -69,6 +70,7 @@ def test_tool_calls_other_completions_and_deltas_with_more_than_text_are_not_mer
         tool,
         chunk({"content": "b"}),
         chunk({"content": "c"}, id="c2"),
+        chunk({"content": "other choice"}, id="c2", index=1),
         refusal,
         chunk({"content": "de", "role": None, "refusal": None}),
     ]

@@ -9,7 +9,7 @@ Nothing waits for more: a chunk is passed on in the read it arrived in, so the t
 token and the pace of the stream are unchanged. The client sees the same text.
 
 Only plain text deltas are merged: one choice, `delta` holding `content` alone, no finish
-reason, log probabilities or usage, the same completion id. Everything else (the role chunk,
+reason, log probabilities or usage, the same completion, model and choice index. Everything else (the role chunk,
 tool calls, the last chunk, usage, `[DONE]`, errors) passes through as it came, in order.
 """
 
@@ -53,7 +53,9 @@ class _Merged:
         self.chunk, self.texts = chunk, [text]
 
     def takes(self, chunk: dict[str, Any]) -> bool:
-        return bool(chunk.get("id") == self.chunk.get("id") and chunk.get("model") == self.chunk.get("model"))
+        """Whether `chunk` continues the same text: the same completion, model and choice."""
+        same_choice = chunk["choices"][0].get("index") == self.chunk["choices"][0].get("index")
+        return same_choice and chunk.get("id") == self.chunk.get("id") and chunk.get("model") == self.chunk.get("model")
 
     def event(self) -> bytes:
         if len(self.texts) > 1:
