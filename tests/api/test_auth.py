@@ -199,9 +199,13 @@ def test_logout_revokes_every_token_of_the_account(client: httpx.Client) -> None
         assert refused.status_code == 401
         assert refused.json()["detail"].startswith("This token was revoked")
     assert client.get("/api/v1/chatbot/messages", headers=bearer(session_token)).status_code == 401
+    # Creating a session checks the token and inserts in one statement: refused, nothing created.
+    created = client.post("/api/v1/auth/session", headers=bearer(user_token))
+    assert created.status_code == 401 and created.json()["detail"].startswith("This token was revoked")
     # Logging in again gives a token that works.
     again = client.post("/api/v1/auth/login", data={"username": user["email"], "password": STRONG_PASSWORD})
-    assert client.get("/api/v1/auth/sessions", headers=bearer(again.json()["access_token"])).status_code == 200
+    listed = client.get("/api/v1/auth/sessions", headers=bearer(again.json()["access_token"]))
+    assert listed.status_code == 200 and len(listed.json()) == 1
 
 
 def test_a_password_change_revokes_the_old_tokens_and_the_old_password(client: httpx.Client) -> None:

@@ -108,6 +108,11 @@ def test_only_what_arrives_in_one_read_is_merged_and_split_events_are_completed_
     assert [parsed(data) for data in asyncio.run(collect(MergingStream(upstream)))] == [[chunk({"content": "abc"})]]
 
 
+def test_a_delta_with_nothing_to_merge_with_passes_byte_for_byte() -> None:
+    data = b'data: {"id":"c1", "object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
+    assert merge_events(data) == data
+
+
 def test_a_stream_with_crlf_line_ends_passes_through_byte_for_byte() -> None:
     data = sse(chunk({"content": "a"}), chunk({"content": "b"})).replace(b"\n", b"\r\n")
     assert b"".join(asyncio.run(collect(MergingStream(Reads([data[:30], data[30:]]))))) == data

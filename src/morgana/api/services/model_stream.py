@@ -49,8 +49,8 @@ def _text_delta(event: bytes) -> tuple[dict[str, Any], str] | None:
 class _Merged:
     """Text deltas of one read, merged into the first one's chunk."""
 
-    def __init__(self, chunk: dict[str, Any], text: str) -> None:
-        self.chunk, self.texts = chunk, [text]
+    def __init__(self, raw: bytes, chunk: dict[str, Any], text: str) -> None:
+        self.raw, self.chunk, self.texts = raw, chunk, [text]
 
     def takes(self, chunk: dict[str, Any]) -> bool:
         """Whether `chunk` continues the same text: the same completion, model and choice."""
@@ -58,8 +58,9 @@ class _Merged:
         return same_choice and chunk.get("id") == self.chunk.get("id") and chunk.get("model") == self.chunk.get("model")
 
     def event(self) -> bytes:
-        if len(self.texts) > 1:
-            self.chunk["choices"][0]["delta"]["content"] = "".join(self.texts)
+        if len(self.texts) == 1:
+            return self.raw + _EVENT_END  # nothing merged: as it came
+        self.chunk["choices"][0]["delta"]["content"] = "".join(self.texts)
         return b"data: " + orjson.dumps(self.chunk) + _EVENT_END
 
 
@@ -76,7 +77,7 @@ def merge_events(data: bytes) -> bytes:
             out.append(merged.event())
             merged = None
         if delta is not None:
-            merged = _Merged(*delta)
+            merged = _Merged(event, *delta)
         else:
             out.append(event + _EVENT_END)
     if merged is not None:
@@ -100,10 +101,11 @@ class MergingStream(httpx2.AsyncByteStream):
                 pending = b""
                 continue
             pending += data
-            complete = pending.rfind(_EVENT_END) + len(_EVENT_END)
-            if complete >= len(_EVENT_END):
-                out = merge_events(pending[:complete])
-                pending = pending[complete:]
+            last_end = pending.rfind(_EVENT_END)
+            if last_end >= 0:
+                cut = last_end + len(_EVENT_END)
+                out = merge_events(pending[:cut])
+                pending = pending[cut:]
                 if out:
                     yield out
         if pending:
@@ -119,8 +121,7 @@ class MergingHttpClient(openai.DefaultAsyncHttpxClient):
 
     async def send(self, request: httpx2.Request, **kwargs: Any) -> httpx2.Response:
         response: httpx2.Response = await super().send(request, **kwargs)
-        content_type = response.headers.get("content-type", "")
-        if response.status_code == 200 and content_type.startswith("text/event-stream"):
-            assert isinstance(response.stream, httpx2.AsyncByteStream)
+        streamed = response.headers.get("content-type", "").startswith("text/event-stream")
+        if response.status_code == 200 and streamed and isinstance(response.stream, httpx2.AsyncByteStream):
             response.stream = MergingStream(response.stream)
         return response
