@@ -10,7 +10,7 @@ from tests.conftest import STRONG_PASSWORD, bearer, new_session, register, uniqu
 
 @pytest.fixture(scope="module")
 def replicas(api_env: dict, tmp_path_factory: pytest.TempPathFactory):
-    env = {**api_env, "RATE_LIMIT_SESSION": "4/minute", "RATE_LIMIT_LOGIN": "3/minute"}
+    env = {**api_env, "RATE_LIMIT_SESSION": "4/minute", "RATE_LIMIT_LOGIN": "3/minute", "RATE_LIMIT_CHAT": "3/minute"}
     logs = tmp_path_factory.mktemp("replicas")
     first, second = ApiProcess(env, logs / "a.log"), ApiProcess(env, logs / "b.log")
     with first, second:
@@ -52,6 +52,30 @@ def test_rate_limits_are_shared_by_the_replicas(replicas) -> None:
         # Limits are per user: somebody else is unaffected.
         other = register(b)["token"]["access_token"]
         assert a.post("/api/v1/auth/session", headers=bearer(other)).status_code == 200
+
+
+def test_chat_turns_are_limited_per_session_by_the_replicas_together(replicas) -> None:
+    first, second = replicas
+    with httpx.Client(base_url=first.url, timeout=20) as a, httpx.Client(base_url=second.url, timeout=20) as b:
+        user_token = register(a)["token"]["access_token"]
+        limited, other = (new_session(a, user_token)["token"]["access_token"] for _ in range(2))
+        statuses = [stream_chat(a if n % 2 == 0 else b, limited, f"turn {n}").status_code for n in range(3)]
+        assert statuses == [200, 200, 200]
+        refused = stream_chat(b, limited, "one too many")
+        assert refused.status_code == 429
+        assert refused.last["detail"].startswith("Too many requests")
+        as_json = a.post(
+            "/api/v1/chatbot/chat",
+            json={"messages": [{"role": "user", "content": "one too many"}]},
+            headers=bearer(limited),
+        )
+        assert as_json.status_code == 429
+        assert 1 <= int(as_json.headers["retry-after"]) <= 60
+        # Refused turns were not stored; the session's history is still readable, and the
+        # user's other session is not limited.
+        stored = a.get("/api/v1/chatbot/messages", headers=bearer(limited)).json()["messages"]
+        assert [m["content"] for m in stored if m["role"] == "user"] == ["turn 0", "turn 1", "turn 2"]
+        assert stream_chat(b, other, "elsewhere").status_code == 200
 
 
 def test_login_attempts_are_limited_per_client(replicas) -> None:

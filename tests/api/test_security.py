@@ -5,6 +5,7 @@ import uuid
 
 import pytest
 from jose import jwt
+from pydantic import SecretStr
 
 from morgana.api import security
 from morgana.api.config import ApiSettings
@@ -52,6 +53,26 @@ def test_tokens_signed_with_another_algorithm_are_refused() -> None:
     token = jwt.encode({"sub": "7", "typ": "user", "exp": 4102444800}, "s" * 40, algorithm="HS512")
     with pytest.raises(InvalidToken):
         decode_token(SETTINGS, token)
+
+
+def test_a_verified_token_is_refused_once_it_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verified tokens are cached; expiry is still checked on every use."""
+    issued = issue_user_token(SETTINGS, 7, 3)
+    exp = int(issued.expires_at.timestamp())
+    assert decode_token(SETTINGS, issued.access_token).user_id == 7  # verified, now cached
+    monkeypatch.setattr(security.time, "time", lambda: exp + 0.9)  # python-jose: valid through its second
+    assert decode_token(SETTINGS, issued.access_token).user_id == 7
+    monkeypatch.setattr(security.time, "time", lambda: exp + 1.0)
+    with pytest.raises(InvalidToken, match="expired"):
+        decode_token(SETTINGS, issued.access_token)
+
+
+def test_a_cached_token_is_refused_under_another_secret() -> None:
+    token = issue_user_token(SETTINGS, 7, 3).access_token
+    assert decode_token(SETTINGS, token).user_id == 7
+    rotated = SETTINGS.model_copy(update={"jwt_secret_key": SecretStr("r" * 40)})
+    with pytest.raises(InvalidToken):
+        decode_token(rotated, token)
 
 
 def test_login_path_checks_a_password_even_for_unknown_emails(monkeypatch: pytest.MonkeyPatch) -> None:

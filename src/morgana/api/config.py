@@ -73,8 +73,11 @@ class ApiSettings(CoreSettings):
 
     # Redis backs rate limits shared by every replica; unset means an in-process store.
     redis_url: str | None = None
-    # Connections per process; more requests at once wait for one (up to 2 s).
+    # Connections per process; more requests at once wait for one, up to the pool timeout, before
+    # they are a 503. As for the database: a burst is served late rather than refused (a dead
+    # Redis is found by the 2 s socket timeouts, not by this wait).
     redis_max_connections: int = Field(default=32, ge=1)
+    redis_pool_timeout_seconds: float = Field(default=30.0, gt=0)
 
     jwt_secret_key: SecretStr = SecretStr("")
     jwt_algorithm: str = Field(default="HS256", pattern="^HS(256|384|512)$")

@@ -41,3 +41,9 @@ def _track_pool(engine: AsyncEngine) -> None:
 
 def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def autocommit(engine: AsyncEngine) -> AsyncEngine:
+    """The same pool, each statement its own transaction: a request that needs one statement (a
+    chat turn's session and history, a new session) skips the BEGIN and ROLLBACK round trips."""
+    return engine.execution_options(isolation_level="AUTOCOMMIT")

@@ -1,5 +1,6 @@
 """FastAPI dependencies: settings, database, the two kinds of bearer token, rate limits."""
 
+import asyncio
 import hashlib
 import uuid
 from collections.abc import AsyncIterator
@@ -8,7 +9,7 @@ from typing import Annotated, cast
 from fastapi import Depends, HTTPException, Request, params, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from morgana.api import metrics
 from morgana.api.config import ApiSettings
@@ -51,6 +52,18 @@ async def get_session_factory(request: Request) -> async_sessionmaker[AsyncSessi
 
 
 SessionFactoryDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_session_factory)]
+
+
+def _autocommit_engine(request: Request) -> AsyncEngine:
+    return cast(AsyncEngine, request.app.state.autocommit_engine)
+
+
+async def get_autocommit_engine(request: Request) -> AsyncEngine:
+    """For a request whose database work is one statement (see db.autocommit)."""
+    return _autocommit_engine(request)
+
+
+AutocommitDep = Annotated[AsyncEngine, Depends(get_autocommit_engine)]
 
 
 async def get_agent(request: Request) -> ChatAgent:
@@ -115,8 +128,8 @@ async def user_claims(claims: ClaimsDep) -> TokenClaims:
 UserClaims = Annotated[TokenClaims, Depends(user_claims)]
 
 
-def _refused(user: User | None) -> HTTPException:
-    if user is None:
+def _refused(user_exists: bool) -> HTTPException:
+    if not user_exists:
         return _unauthorized("The account behind this token no longer exists")
     return _revoked()
 
@@ -126,13 +139,13 @@ async def current_user(claims: UserClaims, db: DbDep) -> User:
     answer at once, and one connection (one checkout) serves the check and the endpoint."""
     user = await db.get(User, claims.user_id)
     if user is None or user.token_version != claims.version:
-        raise _refused(user)
+        raise _refused(user is not None)
     return user
 
 
-async def token_refused(db: AsyncSession, claims: TokenClaims) -> HTTPException:
+async def token_refused(conn: AsyncConnection, claims: TokenClaims) -> HTTPException:
     """Why a user token that a combined check-and-write statement did not accept was refused."""
-    return _refused(await db.get(User, claims.user_id))
+    return _refused(await conn.scalar(select(User.id).where(User.id == claims.user_id)) is not None)
 
 
 def _check_session_token(claims: TokenClaims, *, voice: bool) -> uuid.UUID:
@@ -174,14 +187,28 @@ async def current_chat_session(request: Request, claims: ClaimsDep) -> ChatSessi
 
 async def turn_session(request: Request, claims: ClaimsDep, settings: SettingsDep) -> SessionWithHistory:
     """The session a turn is added to (its user's, or a call's agent's voice token), with the
-    recent history the turn is answered from: one round trip to the database."""
+    recent history the turn is answered from: one round trip to the database. The session's
+    `chat` rate limit is checked meanwhile, keyed on the signed token's session id, so that the
+    two round trips overlap; a refusal by the limit wins over what the database says."""
     session_id = _check_session_token(claims, voice=True)
-    async with _session_factory(request)() as db:
-        found = await history.session_with_recent(db, session_id, settings.max_history_messages)
+    limited, found = await asyncio.gather(
+        _enforce(request, "chat", f"session:{session_id}"),
+        _read_turn_session(request, session_id, settings.max_history_messages),
+        return_exceptions=True,
+    )
+    if isinstance(limited, BaseException):
+        raise limited
+    if isinstance(found, BaseException):
+        raise found
     if found is None:
         raise _unauthorized("The session behind this token no longer exists")
     _check_owner(claims, found.user_id, found.token_version)
     return found
+
+
+async def _read_turn_session(request: Request, session_id: uuid.UUID, limit: int) -> SessionWithHistory | None:
+    async with _autocommit_engine(request).connect() as conn:
+        return await history.session_with_recent(conn, session_id, limit)
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
@@ -281,8 +308,10 @@ def limit_by_user(name: str) -> params.Depends:
 
 
 def limit_by_session(name: str) -> params.Depends:
-    # Per session, a call's agent and its caller together.
-    async def dependency(request: Request, session: TurnSession) -> None:
-        await _enforce(request, name, f"session:{session.id}")
+    """Limit a session token's calls per session (a call's agent and its caller together), before
+    the database is asked about the token. Chat turns are limited by TurnSession instead."""
+
+    async def dependency(request: Request, claims: ClaimsDep) -> None:
+        await _enforce(request, name, f"session:{_check_session_token(claims, voice=True)}")
 
     return cast(params.Depends, Depends(dependency))

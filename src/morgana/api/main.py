@@ -12,7 +12,7 @@ from prometheus_fastapi_instrumentator import metrics as http_metrics
 
 from morgana import __version__
 from morgana.api.config import ApiSettings, get_settings
-from morgana.api.db import create_engine, create_session_factory
+from morgana.api.db import autocommit, create_engine, create_session_factory
 from morgana.api.errors import install_error_handlers
 from morgana.api.middleware import AccessLogMiddleware, BodySizeLimitMiddleware
 from morgana.api.ratelimit import RateLimiter
@@ -56,6 +56,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         engine = create_engine(settings)
         app.state.engine = engine
         app.state.session_factory = create_session_factory(engine)
+        app.state.autocommit_engine = autocommit(engine)
         app.state.rate_limiter = RateLimiter(settings)
         app.state.password_hasher = PasswordHasher(settings.password_hash_concurrency, settings.password_hash_queue)
         app.state.voice_rooms = VoiceRooms(settings)

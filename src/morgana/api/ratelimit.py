@@ -33,13 +33,14 @@ class RateLimiter:
         self.shared = settings.redis_url is not None
         self._storage: Storage
         if settings.redis_url:
-            # A blocking pool: past REDIS_MAX_CONNECTIONS a request waits (up to 2 s) for a free
-            # connection. redis-py's default pool refuses with "Too many connections" instead,
-            # which turned a burst of 200 logins into 100 false "Redis unavailable" 503s.
+            # A blocking pool: past REDIS_MAX_CONNECTIONS a request waits (REDIS_POOL_TIMEOUT_SECONDS)
+            # for a free connection. redis-py's default pool refuses with "Too many connections"
+            # instead, which turned a burst of 200 logins into 100 false "Redis unavailable" 503s;
+            # a 2 s wait still refused some of 500 chat streams opened at once.
             pool = redis.asyncio.BlockingConnectionPool.from_url(
                 settings.redis_url,
                 max_connections=settings.redis_max_connections,
-                timeout=2,
+                timeout=settings.redis_pool_timeout_seconds,
                 socket_timeout=2,
                 socket_connect_timeout=2,
             )

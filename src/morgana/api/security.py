@@ -1,6 +1,8 @@
 """Password hashing (argon2 through the passlib API) and the two kinds of JWT."""
 
+import functools
 import secrets
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,14 +155,23 @@ def _issue(
 
 
 def decode_token(settings: ApiSettings, token: str) -> TokenClaims:
+    claims = _verified(settings.jwt_secret_key.get_secret_value(), settings.jwt_algorithm, token)
+    # Checked on every use: a verified token stays in the cache after it expires. (As python-jose
+    # does: valid through its `exp` second.)
+    if int(time.time()) > claims.expires_at.timestamp():
+        raise InvalidToken("Signature has expired.")
+    return claims
+
+
+# Verifying a signature and parsing the claims costs more CPU than the rest of a session's
+# creation; a client sends the same token again and again. Only what the token itself says is
+# cached: revocation is checked against the user's token_version on every request, expiry above.
+# Forged or malformed tokens raise, and exceptions are not cached.
+@functools.lru_cache(maxsize=4096)
+def _verified(secret: str, algorithm: str, token: str) -> TokenClaims:
     try:
         # An explicit one-algorithm list closes algorithm-confusion attacks.
-        payload = jwt.decode(
-            token,
-            settings.jwt_secret_key.get_secret_value(),
-            algorithms=[settings.jwt_algorithm],
-            options={"require_exp": True, "require_sub": True},
-        )
+        payload = jwt.decode(token, secret, algorithms=[algorithm], options={"require_exp": True, "require_sub": True})
         token_type = TokenType(payload["typ"])
         version = int(payload.get("ver", 0))
         expires_at = datetime.fromtimestamp(int(payload["exp"]), UTC)

@@ -4,6 +4,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, HTTPException, Request, status
 
 from morgana.api.deps import (
+    AutocommitDep,
     CurrentUser,
     DbDep,
     FailedLogins,
@@ -145,11 +146,11 @@ async def change_password(
     responses={**_UNAUTHORIZED, **_WRONG_TOKEN, **_LIMITED},
     dependencies=[limit_by_user("session")],
 )
-async def create_session(claims: UserClaims, factory: SessionFactoryDep, settings: SettingsDep) -> SessionResponse:
-    async with factory() as db:
-        session = await sessions.create_for_token(db, claims.user_id, claims.version)
+async def create_session(claims: UserClaims, engine: AutocommitDep, settings: SettingsDep) -> SessionResponse:
+    async with engine.connect() as conn:
+        session = await sessions.create_for_token(conn, claims.user_id, claims.version)
         if session is None:
-            raise await token_refused(db, claims)
+            raise await token_refused(conn, claims)
     token = issue_session_token(settings, claims.user_id, session.id, claims.version)
     return SessionResponse(
         session_id=session.id,

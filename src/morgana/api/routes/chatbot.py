@@ -108,11 +108,11 @@ async def _sse_stream(turn: Turn) -> AsyncGenerator[ServerSentEvent, None]:
     summary="Send messages and stream the agent's reply as Server-Sent Events",
     response_class=EventSourceResponse,
     responses={**_STREAM_DOC, **_ERRORS},
-    dependencies=[limit_by_session("chat")],
 )
 async def chat_stream(body: ChatRequest, settings: SettingsDep, conversation: ConversationDep) -> EventSourceResponse:
     _check_size(body, settings)
-    # The history was read with the session (TurnSession), so a database outage is a plain 503.
+    # The history was read with the session (TurnSession, which also applies the `chat` rate
+    # limit), so a database outage is a plain 503.
     turn = conversation.begin(_said(body))
     return EventSourceResponse(_sse_stream(turn), ping=15, headers={"Cache-Control": "no-cache"})
 
@@ -127,7 +127,6 @@ async def chat_stream(body: ChatRequest, settings: SettingsDep, conversation: Co
         502: {"model": ErrorResponse, "description": "The model rejected the request"},
         504: {"model": ErrorResponse, "description": "The model timed out"},
     },
-    dependencies=[limit_by_session("chat")],
 )
 async def chat(body: ChatRequest, settings: SettingsDep, conversation: ConversationDep) -> ChatResponse:
     _check_size(body, settings)

@@ -5,8 +5,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, insert, select, true
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import CursorResult, Integer, Select, bindparam, delete, insert, select, true
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from morgana.api.models import ChatMessage, ChatSession, User
 from morgana.api.services.utterance import Role, Utterance
@@ -22,24 +22,30 @@ class SessionWithHistory:
     recent: list[Utterance]
 
 
-async def session_with_recent(db: AsyncSession, session_id: uuid.UUID, limit: int) -> SessionWithHistory | None:
-    """The session and its last `limit` messages in one round trip (a chat turn needs both before
-    it can start); None if there is no such session."""
+def _session_with_recent() -> Select[tuple[int, int, int | None, str | None, str | None]]:
     recent = (
         select(ChatMessage.id, ChatMessage.role, ChatMessage.content)
         .where(ChatMessage.session_id == ChatSession.id)
         .order_by(ChatMessage.id.desc())
-        .limit(limit)
+        .limit(bindparam("limit", type_=Integer))
         .lateral()
     )
-    rows = (
-        await db.execute(
-            select(ChatSession.user_id, User.token_version, recent.c.id, recent.c.role, recent.c.content)
-            .join(User, User.id == ChatSession.user_id)
-            .outerjoin(recent, true())
-            .where(ChatSession.id == session_id)
-        )
-    ).all()
+    return (
+        select(ChatSession.user_id, User.token_version, recent.c.id, recent.c.role, recent.c.content)
+        .join(User, User.id == ChatSession.user_id)
+        .outerjoin(recent, true())
+        .where(ChatSession.id == bindparam("session_id", type_=ChatSession.id.type))
+    )
+
+
+# Built once: building the lateral subquery per turn cost more CPU than running it.
+_SESSION_WITH_RECENT = _session_with_recent()
+
+
+async def session_with_recent(conn: AsyncConnection, session_id: uuid.UUID, limit: int) -> SessionWithHistory | None:
+    """The session and its last `limit` messages in one round trip (a chat turn needs both before
+    it can start); None if there is no such session."""
+    rows = (await conn.execute(_SESSION_WITH_RECENT, {"session_id": session_id, "limit": limit})).all()
     if not rows:
         return None
     messages = sorted((row[2], row[3], row[4]) for row in rows if row[2] is not None)

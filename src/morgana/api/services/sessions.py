@@ -3,25 +3,36 @@
 import uuid
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, insert, literal, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import CursorResult, bindparam, delete, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from morgana.api.models import ChatSession, User
 from morgana.api.names import friendly_name
 
+# Built once, with the new row's values as parameters: the statement is the same every time.
+_CREATE_FOR_TOKEN = (
+    insert(ChatSession)
+    .from_select(
+        ["id", "user_id", "name"],
+        select(
+            bindparam("id", type_=ChatSession.id.type), User.id, bindparam("name", type_=ChatSession.name.type)
+        ).where(User.id == bindparam("user_id"), User.token_version == bindparam("version")),
+    )
+    .returning(ChatSession.created_at)
+)
 
-async def create_for_token(db: AsyncSession, user_id: int, token_version: int) -> ChatSession | None:
+
+async def create_for_token(conn: AsyncConnection, user_id: int, token_version: int) -> ChatSession | None:
     """A new session of the user a token names, if that user exists and the token is not revoked
-    (its version is the user's): checked and created in one statement, one round trip. None if not."""
+    (its version is the user's): checked and created in one statement, one round trip. None if not.
+
+    One statement is atomic on its own: `conn` may be an autocommit connection."""
     session = ChatSession(id=uuid.uuid4(), user_id=user_id, name=friendly_name())
-    owner = select(literal(session.id, ChatSession.id.type), User.id, literal(session.name, ChatSession.name.type))
-    created = await db.execute(
-        insert(ChatSession)
-        .from_select(["id", "user_id", "name"], owner.where(User.id == user_id, User.token_version == token_version))
-        .returning(ChatSession.created_at)
+    created = await conn.execute(
+        _CREATE_FOR_TOKEN, {"id": session.id, "name": session.name, "user_id": user_id, "version": token_version}
     )
     created_at = created.scalar_one_or_none()
-    await db.commit()
+    await conn.commit()
     if created_at is None:
         return None
     session.created_at = created_at
