@@ -6,6 +6,7 @@ the agent's account alone reaches the caller's conversation, and the voice token
 """
 
 import json
+import uuid
 
 import httpx
 import pytest
@@ -90,6 +91,26 @@ def test_the_voice_token_adds_turns_and_nothing_else(
     for what, response in refused.items():
         assert response.status_code == 403, (what, response.text)
         assert response.json()["detail"] == "A voice call's session token can only add turns to its conversation"
+
+
+def test_the_voice_token_takes_back_the_calls_turns_and_no_other(
+    client: httpx.Client, chat_session: dict, agent_token: str
+) -> None:
+    caller_token = chat_session["token"]["access_token"]
+    typed, spoken = str(uuid.uuid4()), str(uuid.uuid4())
+    stream_chat(client, caller_token, "Typed by the caller", turn_id=typed)
+    credential, room = call_of(client, chat_session)
+    voice = join(client, agent_token, credential, room).json()["token"]["access_token"]
+    stream_chat(client, voice, "A reply prepared too early", turn_id=spoken)
+
+    not_its_own = client.delete(f"/api/v1/chatbot/turns/{typed}", headers=bearer(voice))
+    assert not_its_own.status_code == 200 and not_its_own.json() == {"deleted": 0}
+    its_own = client.delete(f"/api/v1/chatbot/turns/{spoken}", headers=bearer(voice))
+    assert its_own.status_code == 200 and its_own.json() == {"deleted": 2}
+    assert history(client, caller_token) == [
+        ("user", "Typed by the caller", "chat"),
+        ("assistant", "You said: Typed by the caller", "chat"),
+    ]
 
 
 def test_only_the_agent_account_can_trade_a_credential_and_only_for_its_room(

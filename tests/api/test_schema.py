@@ -50,6 +50,7 @@ def test_openapi_documents_every_endpoint_with_examples(client: httpx.Client) ->
         ("/api/v1/chatbot/chat", "post"),
         ("/api/v1/chatbot/messages", "get"),
         ("/api/v1/chatbot/messages", "delete"),
+        ("/api/v1/chatbot/turns/{turn_id}", "delete"),
         ("/api/v1/livekit/token", "post"),
         ("/api/v1/livekit/call-session", "post"),
     }

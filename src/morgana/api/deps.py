@@ -172,7 +172,15 @@ def _check_owner(claims: TokenClaims, user_id: int | None, token_version: int) -
 # Short-lived DB sessions here, so a long chat stream does not pin a pooled connection.
 async def current_chat_session(request: Request, claims: ClaimsDep) -> ChatSession:
     """The session of a session token that its user holds (not a call's agent)."""
-    session_id = _check_session_token(claims, voice=False)
+    return await _owned_session(request, claims, _check_session_token(claims, voice=False))
+
+
+async def any_channel_session(request: Request, claims: ClaimsDep) -> ChatSession:
+    """The session of a session token, its user's or a call's agent's."""
+    return await _owned_session(request, claims, _check_session_token(claims, voice=True))
+
+
+async def _owned_session(request: Request, claims: TokenClaims, session_id: uuid.UUID) -> ChatSession:
     async with _session_factory(request)() as db:
         row = (
             (await db.execute(select(ChatSession, User.token_version).join(User).where(ChatSession.id == session_id)))
@@ -213,6 +221,7 @@ async def _read_turn_session(request: Request, session_id: uuid.UUID, limit: int
 
 CurrentUser = Annotated[User, Depends(current_user)]
 CurrentChatSession = Annotated[ChatSession, Depends(current_chat_session)]
+AnyChannelSession = Annotated[ChatSession, Depends(any_channel_session)]
 TurnSession = Annotated[SessionWithHistory, Depends(turn_session)]
 
 

@@ -22,7 +22,7 @@ CHAT_STREAMS_OPEN = Gauge(
 )
 CHAT_TURNS = Counter(
     "chat_turns_total",
-    "Chat turns by outcome (completed, error, cancelled) and transport (stream, json).",
+    "Chat turns by outcome (completed, error, cancelled, withdrawn) and transport (stream, json).",
     ["outcome", "transport"],
     namespace=NAMESPACE,
 )

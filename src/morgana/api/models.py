@@ -1,9 +1,23 @@
-"""Database tables: users, their chat sessions, and each session's message history."""
+"""Database tables: users, their chat sessions, each session's message history, and the turns
+withdrawn from it."""
 
 import uuid
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Identity, Index, Integer, String, Text, false, func
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    String,
+    Text,
+    false,
+    func,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -44,7 +58,12 @@ class ChatSession(Base):
 
 class ChatMessage(Base):
     __tablename__ = "chat_messages"
-    __table_args__ = (Index("ix_chat_messages_session_id_id", "session_id", "id"),)
+    __table_args__ = (
+        Index("ix_chat_messages_session_id_id", "session_id", "id"),
+        Index(
+            "ix_chat_messages_session_id_turn_id", "session_id", "turn_id", postgresql_where=text("turn_id IS NOT NULL")
+        ),
+    )
 
     # The identity gives the order of turns, also across concurrent writers.
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -53,4 +72,17 @@ class ChatMessage(Base):
     content: Mapped[str] = mapped_column(Text)
     # How it was said: "chat" (typed) or "voice" (spoken in a LiveKit call).
     channel: Mapped[str] = mapped_column(String(8), server_default="chat", default="chat")
+    # The client's id for the turn this message belongs to, when it gave one (ChatRequest.turn_id).
+    turn_id: Mapped[uuid.UUID | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class WithdrawnTurn(Base):
+    """A turn its client took back (a voice reply prepared while the caller was still speaking,
+    then dropped): it is deleted if stored, and never stored if its reply is still running."""
+
+    __tablename__ = "withdrawn_turns"
+
+    session_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("chat_sessions.id", ondelete="CASCADE"), primary_key=True)
+    turn_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    withdrawn_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -195,6 +195,13 @@ class ChatRequest(BaseModel):
     )
 
     messages: list[UserMessage] = Field(min_length=1)
+    turn_id: uuid.UUID | None = Field(
+        default=None,
+        description=(
+            "Your id for this turn (a UUID you make). A turn with an id is stored at most once, and "
+            "`DELETE /api/v1/chatbot/turns/{turn_id}` takes it back, even while its reply is running."
+        ),
+    )
 
 
 class ChatResponse(BaseModel):
@@ -214,6 +221,7 @@ class StoredMessage(BaseModel):
     channel: Literal["chat", "voice"] = Field(
         default="chat", description="How it was said: typed (chat) or spoken in a LiveKit call (voice)."
     )
+    turn_id: uuid.UUID | None = Field(default=None, description="The turn's id, when its client gave one.")
 
 
 class HistoryResponse(BaseModel):

@@ -80,7 +80,7 @@ class TokenType(StrEnum):
 
 
 class Channel(StrEnum):
-    """How a session token's turns are said; a voice token may only add turns."""
+    """How a session token's turns are said; a voice token may only add turns (and take back its own)."""
 
     CHAT = "chat"
     VOICE = "voice"

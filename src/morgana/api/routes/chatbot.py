@@ -1,5 +1,6 @@
 """Chat: a turn streamed as Server-Sent Events or answered as JSON, and the session's history."""
 
+import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
@@ -8,7 +9,15 @@ from fastapi.exceptions import RequestValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from morgana.api.config import ApiSettings
-from morgana.api.deps import ConversationDep, CurrentChatSession, DbDep, SettingsDep, limit_by_session
+from morgana.api.deps import (
+    AnyChannelSession,
+    ClaimsDep,
+    ConversationDep,
+    CurrentChatSession,
+    DbDep,
+    SettingsDep,
+    limit_by_session,
+)
 from morgana.api.routes import Responses
 from morgana.api.schemas import (
     ChatRequest,
@@ -21,9 +30,10 @@ from morgana.api.schemas import (
     StoredMessage,
     StreamEvent,
 )
+from morgana.api.security import Channel
 from morgana.api.services import history
 from morgana.api.services.chat import ChatFailure
-from morgana.api.services.conversation import ReplyText, Turn, TurnEvent, TurnFailed, TurnStored
+from morgana.api.services.conversation import ReplyText, Turn, TurnEvent, TurnFailed, TurnStored, TurnWithdrawn
 from morgana.api.services.utterance import Utterance
 
 router = APIRouter(prefix="/chatbot", tags=["chatbot"])
@@ -113,7 +123,7 @@ async def chat_stream(body: ChatRequest, settings: SettingsDep, conversation: Co
     _check_size(body, settings)
     # The history was read with the session (TurnSession, which also applies the `chat` rate
     # limit), so a database outage is a plain 503.
-    turn = conversation.begin(_said(body))
+    turn = conversation.begin(_said(body), body.turn_id)
     return EventSourceResponse(_sse_stream(turn), ping=15, headers={"Cache-Control": "no-cache"})
 
 
@@ -124,17 +134,20 @@ async def chat_stream(body: ChatRequest, settings: SettingsDep, conversation: Co
     responses={
         **_ERRORS,
         500: {"model": ErrorResponse, "description": "The reply failed unexpectedly"},
+        409: {"model": ErrorResponse, "description": "The turn was withdrawn before its reply was complete"},
         502: {"model": ErrorResponse, "description": "The model rejected the request"},
         504: {"model": ErrorResponse, "description": "The model timed out"},
     },
 )
 async def chat(body: ChatRequest, settings: SettingsDep, conversation: ConversationDep) -> ChatResponse:
     _check_size(body, settings)
-    turn = conversation.begin(_said(body))
+    turn = conversation.begin(_said(body), body.turn_id)
     try:
         answer = await turn.reply()
     except ChatFailure as failure:
         raise HTTPException(_FAILURE_STATUS.get(failure.reason, 503), failure.message) from None
+    except TurnWithdrawn as withdrawn:
+        raise HTTPException(409, withdrawn.message) from None
     return ChatResponse(messages=[Message(role=answer.role, content=answer.content)])
 
 
@@ -153,7 +166,8 @@ async def get_messages(session: CurrentChatSession, db: DbDep) -> HistoryRespons
     rows = await history.all_messages(db, session.id)
     return HistoryResponse(
         messages=[
-            StoredMessage(role=m.role, content=m.content, created_at=m.created_at, channel=m.channel) for m in rows
+            StoredMessage(role=m.role, content=m.content, created_at=m.created_at, channel=m.channel, turn_id=m.turn_id)
+            for m in rows
         ]
     )
 
@@ -167,3 +181,23 @@ async def get_messages(session: CurrentChatSession, db: DbDep) -> HistoryRespons
 )
 async def delete_messages(session: CurrentChatSession, db: DbDep) -> DeletedResponse:
     return DeletedResponse(deleted=await history.clear(db, session.id))
+
+
+@router.delete(
+    "/turns/{turn_id}",
+    response_model=DeletedResponse,
+    summary="Take back a turn sent with a turn_id, stored or still running",
+    description=(
+        "Deletes the turn's messages if it is stored; if its reply is still running, the reply is "
+        "never stored (its stream ends with a `turn_withdrawn` error event). Withdrawing twice, or a "
+        "turn id never sent, is not an error. A voice call's token takes back only the call's turns. "
+        "The voice agent uses this for a reply it prepared while the caller was still speaking."
+    ),
+    responses=_ERRORS,
+    dependencies=[limit_by_session("messages")],
+)
+async def withdraw_turn(
+    turn_id: uuid.UUID, session: AnyChannelSession, claims: ClaimsDep, db: DbDep
+) -> DeletedResponse:
+    channel = claims.channel.value if claims.channel is Channel.VOICE else None
+    return DeletedResponse(deleted=await history.withdraw_turn(db, session.id, turn_id, channel))

@@ -31,6 +31,14 @@ class HistoryUnavailable(Exception):
     message = "The reply could not be saved to the history; please retry."
 
 
+class TurnWithdrawn(Exception):
+    """The turn's client withdrew it (DELETE /chatbot/turns/{turn_id}) before its reply was
+    whole, so the reply was not stored."""
+
+    code = "turn_withdrawn"
+    message = "This turn was withdrawn by its client before its reply was complete; it was not stored."
+
+
 @dataclass(frozen=True, slots=True)
 class ReplyText:
     """The next piece of the model's reply."""
@@ -72,19 +80,27 @@ class Conversation:
         self._recent = recent
         self._channel = channel
 
-    def begin(self, said: Sequence[Utterance]) -> "Turn":
+    def begin(self, said: Sequence[Utterance], turn_id: uuid.UUID | None = None) -> "Turn":
         """Start a turn on the session's recent history (read with the session itself, before any
-        reply begins, so a database outage is an error the caller can report)."""
-        return Turn(self._agent, self.store, [*self._recent, *said], list(said))
+        reply begins, so a database outage is an error the caller can report). A turn with the
+        client's `turn_id` is stored at most once, and not at all once withdrawn."""
 
-    async def store(self, turn: list[Utterance]) -> None:
-        """Store a whole turn in one transaction; HistoryUnavailable if it cannot be."""
+        async def store(turn: list[Utterance]) -> None:
+            await self.store(turn, turn_id)
+
+        return Turn(self._agent, store, [*self._recent, *said], list(said))
+
+    async def store(self, turn: list[Utterance], turn_id: uuid.UUID | None = None) -> None:
+        """Store a whole turn in one transaction; HistoryUnavailable if it cannot be, TurnWithdrawn
+        if its client took it back meanwhile."""
         try:
             async with self._session_factory() as db:
-                await history.append_turn(db, self._session_id, turn, self._channel)
+                outcome = await history.append_turn(db, self._session_id, turn, self._channel, turn_id)
         except Exception as exc:
             log.error("could not store a completed turn", extra={"session_id": str(self._session_id)}, exc_info=True)
             raise HistoryUnavailable() from exc
+        if outcome is history.StoreOutcome.WITHDRAWN:
+            raise TurnWithdrawn()
 
 
 class Turn:
@@ -116,7 +132,8 @@ class Turn:
             await self._store([*self._said, Utterance("assistant", "".join(parts))])
             outcome = "completed"
             yield TurnStored()
-        except (ChatFailure, HistoryUnavailable) as failure:
+        except (ChatFailure, HistoryUnavailable, TurnWithdrawn) as failure:
+            outcome = "withdrawn" if isinstance(failure, TurnWithdrawn) else outcome
             yield TurnFailed(failure.code, failure.message)
         except asyncio.CancelledError:
             outcome = "cancelled"
@@ -126,7 +143,8 @@ class Turn:
             metrics.CHAT_TURNS.labels(outcome=outcome, transport="stream").inc()
 
     async def reply(self) -> Utterance:
-        """Run the turn to completion and store it; raises ChatFailure or HistoryUnavailable."""
+        """Run the turn to completion and store it; raises ChatFailure, HistoryUnavailable or
+        TurnWithdrawn."""
         outcome = "error"
         try:
             async with aclosing(self._agent.stream(self._context)) as reply_parts:
@@ -134,6 +152,9 @@ class Turn:
             await self._store([*self._said, answer])
             outcome = "completed"
             return answer
+        except TurnWithdrawn:
+            outcome = "withdrawn"
+            raise
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise

@@ -1,14 +1,16 @@
 """A session's message history, kept in Postgres so every replica and restart sees it."""
 
+import enum
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Integer, Select, bindparam, delete, insert, select, true
+from sqlalchemy import CursorResult, Integer, Select, bindparam, delete, exists, insert, select, true
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from morgana.api.models import ChatMessage, ChatSession, User
+from morgana.api.models import ChatMessage, ChatSession, User, WithdrawnTurn
 from morgana.api.services.utterance import Role, Utterance
 
 
@@ -68,25 +70,64 @@ async def all_messages(db: AsyncSession, session_id: uuid.UUID) -> list[ChatMess
     return list(rows)
 
 
+class StoreOutcome(enum.Enum):
+    STORED = "stored"
+    # A turn with this id is in the history already: nothing stored twice.
+    ALREADY_STORED = "already_stored"
+    # Its client took it back (withdraw_turn) while the reply was running: nothing stored.
+    WITHDRAWN = "withdrawn"
+
+
 async def append_turn(
-    db: AsyncSession, session_id: uuid.UUID, messages: Iterable[Utterance], channel: str = "chat"
-) -> None:
+    db: AsyncSession,
+    session_id: uuid.UUID,
+    messages: Iterable[Utterance],
+    channel: str = "chat",
+    turn_id: uuid.UUID | None = None,
+) -> StoreOutcome:
     """Store a whole turn (the caller's messages and the reply) in one transaction.
 
-    The session row is locked first so that concurrent turns on one session are stored
-    one after the other, never interleaved.
+    The session row is locked first so that concurrent turns on one session are stored one after
+    the other, never interleaved, and so that a turn and its withdrawal are never both half done.
     """
     await db.execute(select(ChatSession.id).where(ChatSession.id == session_id).with_for_update())
+    if turn_id is not None:
+        withdrawn, stored = (
+            await db.execute(
+                select(
+                    exists().where(WithdrawnTurn.session_id == session_id, WithdrawnTurn.turn_id == turn_id),
+                    exists().where(ChatMessage.session_id == session_id, ChatMessage.turn_id == turn_id),
+                )
+            )
+        ).one()
+        if withdrawn or stored:
+            await db.rollback()
+            return StoreOutcome.WITHDRAWN if withdrawn else StoreOutcome.ALREADY_STORED
     # One multi-row INSERT (Core: nothing is read back, so the ORM's unit of work has no job here).
     await db.execute(
         insert(ChatMessage).values(
             [
-                {"session_id": session_id, "role": role, "content": content, "channel": channel}
+                {"session_id": session_id, "role": role, "content": content, "channel": channel, "turn_id": turn_id}
                 for role, content in messages
             ]
         )
     )
     await db.commit()
+    return StoreOutcome.STORED
+
+
+async def withdraw_turn(db: AsyncSession, session_id: uuid.UUID, turn_id: uuid.UUID, channel: str | None) -> int:
+    """Take a turn back: delete its messages if stored, and make sure a reply still running for
+    it is never stored. `channel` limits it to turns said that way (a call's token withdraws only
+    the call's turns). How many messages were deleted."""
+    await db.execute(select(ChatSession.id).where(ChatSession.id == session_id).with_for_update())
+    await db.execute(pg_insert(WithdrawnTurn).values(session_id=session_id, turn_id=turn_id).on_conflict_do_nothing())
+    stored = delete(ChatMessage).where(ChatMessage.session_id == session_id, ChatMessage.turn_id == turn_id)
+    if channel is not None:
+        stored = stored.where(ChatMessage.channel == channel)
+    result = await db.execute(stored)
+    await db.commit()
+    return cast("CursorResult[Any]", result).rowcount
 
 
 async def clear(db: AsyncSession, session_id: uuid.UUID) -> int:
