@@ -20,7 +20,7 @@ The configurations (bench/voice_settings.py; `--only` picks some, in this order)
                         p95 <= 800 ms.
   realistic             the shipped defaults with the fake server's first chat token 350 ms, first
                         TTS byte 150 ms and transcription 100 ms late. Target: p50 <= 1000 ms.
-  realistic_preemptive  as realistic, with PREEMPTIVE_GENERATION=true.
+  realistic_no_preemptive  as realistic, with PREEMPTIVE_GENERATION=false.
 
 Per configuration:
 
@@ -47,7 +47,7 @@ Per configuration:
                answered before the caller speaks again.
 
 Across configurations (bench/voice_compare.py): `default` beside `today` (and
-`realistic_preemptive` beside `realistic`), the targets with pass/fail, and for the realistic
+`realistic_no_preemptive` beside `realistic`), the targets with pass/fail, and for the realistic
 configurations how much of the injected 600 ms reached the caller (p50 over `default`'s) and in
 which stage (means over `default`'s).
 

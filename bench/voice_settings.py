@@ -133,9 +133,9 @@ CONFIGS = (
     ),
     replace(
         SHIPPED,
-        name="realistic_preemptive",
-        summary="as realistic, with PREEMPTIVE_GENERATION=true",
-        preemptive=True,
+        name="realistic_no_preemptive",
+        summary="as realistic, with PREEMPTIVE_GENERATION=false",
+        preemptive=False,
         provider_delays_ms=PROVIDER_DELAYS_MS,
         capacity=False,
         targets=Targets(),

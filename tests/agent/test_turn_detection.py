@@ -6,7 +6,7 @@ transcripts, one per stretch of speech the VAD sends it.
 """
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -16,19 +16,13 @@ from livekit.agents.voice.turn import _StreamingTurnDetector, _StreamingTurnDete
 from morgana.agent.turn import SAMPLE_RATE, WINDOW_SAMPLES, SmartTurnDetector, SmartTurnModel
 from morgana_devtools.openai_server import FakeOpenAIProcess
 from morgana_devtools.processes import AgentWorker
-from morgana_devtools.services import eventually_async
 from morgana_devtools.voice_client import SAMPLE_RATE as CALLER_RATE
 from morgana_devtools.voice_client import Caller, direct_token, speech_pcm
 from tests.agent.history import agent_sessions
+from tests.agent.pauses import FINISHED, UNFINISHED, pause_mid_sentence
 from tests.conftest import OPENAI_KEY
 
 pytestmark = pytest.mark.timeout(180)
-
-# espeak-ng's flat prosody makes most fragments sound finished to the model (it hears intonation,
-# not words); a trailing hesitation ("um,") is what it hears as unfinished, as a person's would be.
-UNFINISHED = "Book me a flight to, um,"
-FINISHED = "What time is it?"
-REST = "Paris next Monday."
 
 
 @pytest.fixture(scope="module")
@@ -93,30 +87,6 @@ def silence_only_worker(agent_env: dict, tmp_path_factory: pytest.TempPathFactor
     worker = AgentWorker(env, tmp_path_factory.mktemp("agent-vad") / "agent.log").start()
     yield worker
     worker.stop()
-
-
-def pause_mid_sentence(
-    join: Callable[[], Awaitable[Caller]], fake_openai: FakeOpenAIProcess
-) -> tuple[Caller, float, float]:
-    """A caller joins, says UNFINISHED, pauses a second, says REST; with when each part ended."""
-    first = speech_pcm(fake_openai.root_url, OPENAI_KEY, UNFINISHED)
-    rest = speech_pcm(fake_openai.root_url, OPENAI_KEY, REST)
-
-    async def talk() -> tuple[Caller, float, float]:
-        caller = await join()
-        try:
-            await eventually_async(lambda: len(caller.room.remote_participants) > 0, 30, what="an agent joined")
-            await caller.silence(1.0)
-            paused_at = await caller.say(first, trailing_silence_s=1.0)
-            ended_at = await caller.say(rest, trailing_silence_s=0.5)
-            await eventually_async(lambda: caller.first_audio_after(ended_at) is not None, 30, what="a reply heard")
-            await eventually_async(caller.agent_texts, 15, what="the reply's transcript")
-            await caller.silence(2.0)
-        finally:
-            await caller.leave()
-        return caller, paused_at, ended_at
-
-    return asyncio.run(talk())
 
 
 def test_a_pause_mid_sentence_keeps_the_turn(voice_api, agent_worker, fake_openai: FakeOpenAIProcess) -> None:

@@ -72,12 +72,17 @@ class MorganaApi:
             return ChatSession(session_id=answer["session_id"], token=answer["token"]["access_token"])
         raise ApiError("could not get a session", retryable=False)
 
-    async def stream_reply(self, session: ChatSession, text: str) -> AsyncGenerator[str, None]:
-        """Send one user turn and yield the reply's text as the API streams it.
+    async def stream_reply(
+        self, session: ChatSession, text: str, turn_id: str | None = None
+    ) -> AsyncGenerator[str, None]:
+        """Send one user turn and yield the reply's text as the API streams it. With a `turn_id`,
+        the API stores the turn at most once, and `withdraw_turn` can take it back.
 
         Closing the generator closes the HTTP stream, which cancels the model call upstream.
         """
-        body = {"messages": [{"role": "user", "content": text}]}
+        body: dict[str, object] = {"messages": [{"role": "user", "content": text}]}
+        if turn_id is not None:
+            body["turn_id"] = turn_id
         try:
             async with aconnect_sse(
                 self._http,
@@ -100,6 +105,12 @@ class MorganaApi:
             raise ApiError("the reply stream ended without done")
         except httpx.HTTPError as exc:
             raise ApiError(f"API unreachable: {type(exc).__name__}") from exc
+
+    async def withdraw_turn(self, session: ChatSession, turn_id: str) -> int:
+        """Take back a turn sent with `turn_id`: deleted if stored, never stored if its reply is
+        still running. How many messages were deleted."""
+        response = await self._request("DELETE", f"/api/v1/chatbot/turns/{turn_id}", headers=_bearer(session.token))
+        return int(response.json()["deleted"])
 
     async def _request(
         self,

@@ -59,10 +59,10 @@ class AgentSettings(CoreSettings):
     vad_deactivation_threshold: float | None = Field(default=None, gt=0, lt=1)
     min_endpointing_delay: float = Field(default=0.25, ge=0)
     max_endpointing_delay: float = Field(default=3.0, ge=0)
-    # livekit-agents can ask the API for a reply on the final transcript, before the turn is
-    # committed. Off by default: the API stores a turn once its reply is complete, so a reply
-    # made early for a caller who then goes on speaking would stay in their history.
-    preemptive_generation: bool = False
+    # Ask the API for a reply on the final transcript, before the turn is committed (livekit-agents'
+    # default too). A reply dropped because the caller went on is taken back from the history
+    # (morgana.agent.llm.UnheardTurns).
+    preemptive_generation: bool = True
 
     # This worker's pod (the chart sets both through the downward API). With both set, the pod's
     # controller.kubernetes.io/pod-deletion-cost follows the active calls (morgana.agent.pod_cost),

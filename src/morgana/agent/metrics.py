@@ -45,6 +45,11 @@ _FACTORIES: dict[str, Callable[[], Counter | Gauge | Histogram]] = {
     "APOLOGIES": lambda: Counter(
         "apologies_total", "Turns answered with the apology because the API failed.", namespace=NAMESPACE
     ),
+    "TURNS_WITHDRAWN": lambda: Counter(
+        "turns_withdrawn_total",
+        "Replies prepared but never played (the caller went on speaking), taken back from the conversation.",
+        namespace=NAMESPACE,
+    ),
     "POD_COST_ERRORS": lambda: Counter(
         "pod_cost_errors_total",
         "Failed reads or writes of this worker's pod-deletion-cost annotation (retried).",
@@ -62,6 +67,7 @@ if TYPE_CHECKING:
     TURN_LATENCY: Histogram
     API_ERRORS: Counter
     APOLOGIES: Counter
+    TURNS_WITHDRAWN: Counter
     POD_COST_ERRORS: Counter
 
 

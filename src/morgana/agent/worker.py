@@ -146,7 +146,7 @@ async def entrypoint(ctx: JobContext) -> None:
     )
     stt_client = speech_client(settings, settings.stt_base_url, tls)
     tts_client = speech_client(settings, settings.tts_base_url, tls)
-    for closing in (api.aclose, stt_client.close, tts_client.close):
+    for closing in (stt_client.close, tts_client.close):
         ctx.add_shutdown_callback(closing)
     await ctx.connect()
     participant = await ctx.wait_for_participant()
@@ -155,6 +155,18 @@ async def entrypoint(ctx: JobContext) -> None:
 
     open_session = session_opener(api, ctx.job.metadata, ctx.room.name)
     chat = await open_chat_session(open_session)
+    morgana_llm = MorganaLLM(
+        api,
+        open_session,
+        chat,
+        retries=settings.api_retries,
+        backoff=settings.api_retry_backoff_seconds,
+        apology=settings.apology,
+        api_timeout=settings.api_timeout_seconds,
+    )
+    # In this order: replies dropped unheard as the call ends are taken back, then the client closes.
+    ctx.add_shutdown_callback(morgana_llm.unheard.settle)
+    ctx.add_shutdown_callback(api.aclose)
     session: AgentSession[None] = AgentSession(
         stt=openai.STT(model=settings.stt_model, language=settings.stt_language, client=stt_client),
         tts=openai.TTS(
@@ -164,14 +176,7 @@ async def entrypoint(ctx: JobContext) -> None:
             client=tts_client,
         ),
         vad=ctx.proc.userdata["vad"],
-        llm=MorganaLLM(
-            api,
-            open_session,
-            chat,
-            retries=settings.api_retries,
-            backoff=settings.api_retry_backoff_seconds,
-            apology=settings.apology,
-        ),
+        llm=morgana_llm,
         turn_handling={
             "turn_detection": turn_detection(settings, ctx.proc),
             "endpointing": {"min_delay": settings.min_endpointing_delay, "max_delay": settings.max_endpointing_delay},
