@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from bench.common import cpu_seconds
+from bench.common import machine_busy_jiffies, tree_cpu_seconds
 
 CHAT_BODY = {"messages": [{"role": "user", "content": "bench"}]}
 SESSION_ROTATE_EVERY = 20  # fresh Morgana chat session every N turns (bounded history)
@@ -220,7 +220,9 @@ class Tally:
     done: int = 0
     errors: int = 0
     elapsed: float = 0.0
-    cpu: float = 0.0
+    cpu: float = 0.0  # of the target's process tree
+    machine_busy: int = 0  # jiffies of every core, busy and in all, over its rounds
+    machine_total: int = 0
     latencies: list[float] = field(default_factory=list)
     ttfes: list[float] = field(default_factory=list)
     round_rates: list[float] = field(default_factory=list)
@@ -229,6 +231,10 @@ class Tally:
     @property
     def rate(self) -> float:
         return self.done / self.elapsed if self.elapsed else math.nan
+
+    @property
+    def machine_busy_percent(self) -> float:
+        return 100 * self.machine_busy / self.machine_total if self.machine_total else math.nan
 
     @property
     def cpu_ms_per_request(self) -> float:
@@ -265,10 +271,13 @@ async def closed_loop(
             else:
                 tally.note(problem or "failed")
 
-    cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+    cpu0, t0, machine0 = tree_cpu_seconds(pid), time.perf_counter(), machine_busy_jiffies()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - t0
-    tally.cpu += cpu_seconds(pid) - cpu0
+    tally.cpu += tree_cpu_seconds(pid) - cpu0
+    machine1 = machine_busy_jiffies()
+    tally.machine_busy += machine1[0] - machine0[0]
+    tally.machine_total += machine1[1] - machine0[1]
     tally.elapsed += elapsed
     tally.done += finished
     tally.round_rates.append(finished / elapsed if elapsed else math.nan)

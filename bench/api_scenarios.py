@@ -439,4 +439,16 @@ async def bench_scaling(res: Results, plan: Plan, one: Target, many: Target, wor
         "the model stand-in and Postgres share this machine's cores with the API",
         concurrency=concurrency,
         errors={many.name: m.errors, one.name: s.errors},
+        machine_busy_percent={t.name: rounded(tally.machine_busy_percent, 1) for t, tally in ((many, m), (one, s))},
+    )
+    # What the raw ratio cannot show on a machine whose cores the load also needs: whether a
+    # worker does the same work per stream beside another (no shared lock, pool or cache thrash).
+    res.add(
+        "scaling",
+        f"cpu_per_stream_{workers}_workers",
+        m.cpu_ms_per_request,
+        s.cpu_ms_per_request,
+        "ms",
+        note="API CPU (all its processes) per stream; ratio ~1: a worker costs the same per stream beside "
+        f"another, so on {workers} cores of their own {workers} workers would serve ~{workers}x",
     )

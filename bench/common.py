@@ -101,6 +101,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """user + system CPU time of a process and its live descendants so far (a gunicorn master and
+    its workers: the master's own figure leaves the workers out)."""
+    import psutil
+
+    total = cpu_seconds(pid)
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += cpu_seconds(child.pid)
+    return total
+
+
+def machine_busy_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU jiffies of the whole machine so far, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        numbers = [int(v) for v in stat.readline().split()[1:9]]
+    return sum(numbers) - numbers[3] - numbers[4], sum(numbers)
+
+
 def ratio(x: float | None, y: float | None) -> float | None:
     if x is None or y is None or not math.isfinite(x) or not math.isfinite(y) or y == 0:
         return None
