@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from morgana.agent.worker import INPUT_SAMPLE_RATE
 from morgana_devtools.openai_server import FakeOpenAIProcess
 from morgana_devtools.services import eventually_async
 from morgana_devtools.voice_client import Caller, speech_pcm
@@ -44,6 +45,8 @@ def test_a_caller_is_heard_answered_aloud_and_transcribed(
     # The caller's speech reached speech-to-text as real, non-silent audio.
     transcribed = fake_openai.audio_requests("transcriptions")
     assert transcribed and transcribed[-1]["rms"] > 0.01 and transcribed[-1]["duration"] > 0.5
+    # Taken from the room at the 16 kHz that the VAD, the turn detector and speech-to-text use.
+    assert transcribed[-1]["sample_rate"] == INPUT_SAMPLE_RATE
     # The turn is in the caller's own conversation, marked as spoken, and not in the agent's account.
     assert asyncio.run(caller.history()) == [
         ("user", "What is the weather like", "voice"),

@@ -29,6 +29,8 @@ from morgana.agent.turn import SmartTurnDetector, SmartTurnModel
 
 log = logging.getLogger("morgana.agent")
 
+INPUT_SAMPLE_RATE = 16_000
+
 
 def prewarm(proc: JobProcess) -> None:
     """Once per process, before a call arrives: what a call would otherwise wait for."""
@@ -198,7 +200,13 @@ async def entrypoint(ctx: JobContext) -> None:
     await session.start(
         agent=Agent(instructions="Answers come from the Morgana API."),
         room=ctx.room,
-        room_options=room_io.RoomOptions(participant_identity=participant.identity),
+        room_options=room_io.RoomOptions(
+            participant_identity=participant.identity,
+            # What every consumer of the caller's audio runs at (Silero, Smart Turn, Whisper-family
+            # speech-to-text): taken at 16 kHz from the room, nothing resamples it again. The
+            # framework's 24 kHz suits realtime models; here it cost ~8 % of a call's CPU.
+            audio_input=room_io.AudioInputOptions(sample_rate=INPUT_SAMPLE_RATE),
+        ),
         record=False,
     )
 
