@@ -59,9 +59,12 @@ class UnheardTurns:
     is still running it.
     """
 
-    def __init__(self, api: MorganaApi, timeout: float) -> None:
+    # The next turn waits this long at most for the withdrawals before it: an API that slow would
+    # keep the caller waiting anyway, and a turn answered beside a stale reply beats silence.
+    WAIT_SECONDS = 5.0
+
+    def __init__(self, api: MorganaApi) -> None:
         self._api = api
-        self._timeout = timeout
         self._open: dict[str, tuple[SpeechHandle, ChatSession]] = {}
         self._withdrawals: set[asyncio.Task[None]] = set()
 
@@ -75,7 +78,7 @@ class UnheardTurns:
         for turn_id in list(self._open):
             self._review(turn_id)
         if self._withdrawals:
-            await asyncio.wait(set(self._withdrawals), timeout=self._timeout)
+            await asyncio.wait(set(self._withdrawals), timeout=self.WAIT_SECONDS)
 
     def _review(self, turn_id: str) -> None:
         entry = self._open.get(turn_id)
@@ -111,7 +114,6 @@ class MorganaLLM(llm.LLM[Never]):  # no events beyond the base LLM's
         retries: int,
         backoff: float,
         apology: str,
-        api_timeout: float = 30.0,
     ) -> None:
         super().__init__()
         self._api = api
@@ -122,7 +124,7 @@ class MorganaLLM(llm.LLM[Never]):  # no events beyond the base LLM's
         self._retries = retries
         self._backoff = backoff
         self._apology = apology
-        self.unheard = UnheardTurns(api, timeout=api_timeout)
+        self.unheard = UnheardTurns(api)
 
     async def session(self) -> ChatSession:
         async with self._session_lock:

@@ -164,7 +164,6 @@ async def entrypoint(ctx: JobContext) -> None:
         retries=settings.api_retries,
         backoff=settings.api_retry_backoff_seconds,
         apology=settings.apology,
-        api_timeout=settings.api_timeout_seconds,
     )
     # In this order: replies dropped unheard as the call ends are taken back, then the client closes.
     ctx.add_shutdown_callback(morgana_llm.unheard.settle)
