@@ -1,6 +1,7 @@
 """The agent's view of the API, against the real API: sessions, streamed replies, failures."""
 
 import asyncio
+import uuid
 
 import pytest
 from livekit.agents import llm
@@ -36,6 +37,37 @@ def test_sessions_and_streamed_replies(api, account: str, fake_openai: FakeOpenA
     parts = run(scenario())
     assert "".join(parts) == "You said: hello there"
     assert len(parts) > 1
+
+
+def test_a_turn_taken_back_mid_reply_ends_quietly_and_is_not_stored(
+    api, account: str, fake_openai: FakeOpenAIProcess
+) -> None:
+    fake_openai.queue_scenario(tokens=20, delay_ms=50)
+    early, heard = str(uuid.uuid4()), str(uuid.uuid4())
+
+    async def scenario() -> tuple[list[str], int, int, int]:
+        client = MorganaApi(api.url, account, STRONG_PASSWORD)
+        try:
+            session = await client.create_session()
+            parts: list[str] = []
+            withdrawn_mid_reply = -1
+            async for part in client.stream_reply(session, "an early reply", turn_id=early):
+                parts.append(part)
+                if withdrawn_mid_reply < 0:
+                    withdrawn_mid_reply = await client.withdraw_turn(session, early)
+            withdrawn_after = await client.withdraw_turn(session, early)
+            [_ async for _ in client.stream_reply(session, "a reply heard", turn_id=heard)]
+            return parts, withdrawn_mid_reply, withdrawn_after, await client.withdraw_turn(session, heard)
+        finally:
+            await client.aclose()
+
+    parts, withdrawn_mid_reply, withdrawn_after, withdrawn_stored = run(scenario())
+    # The reply streamed on to its end, then stopped without an error (no ApiError, no apology)...
+    assert len(parts) > 10 and withdrawn_mid_reply == 0
+    # ...and was never stored: nothing to delete afterwards.
+    assert withdrawn_after == 0
+    # A stored turn is taken back whole: the caller's words and the reply.
+    assert withdrawn_stored == 2
 
 
 def test_an_expired_user_token_is_renewed_by_logging_in_again(api, account: str) -> None:

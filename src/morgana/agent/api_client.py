@@ -97,6 +97,8 @@ class MorganaApi:
                 async for event in source.aiter_sse():
                     data = json.loads(event.data)
                     if error := data.get("error"):
+                        if error.get("code") == "turn_withdrawn":
+                            return  # this worker took the turn back: nobody waits for its reply
                         raise ApiError(f"{error.get('code')}: {error.get('message')}")
                     if data.get("content"):
                         yield data["content"]
