@@ -128,7 +128,12 @@ def test_a_turn_is_taken_back_only_from_its_own_session(client: httpx.Client, us
     stream_chat(client, mine, "mine", turn_id=turn_id)
     assert withdraw(client, other, turn_id).json() == {"deleted": 0}
     assert len(stored(client, mine)) == 2
-    # The other session's withdrawal does not block this session's turn either.
+    # Nor does another session's withdrawal keep this session's turn from being stored.
+    later = str(uuid.uuid4())
+    assert withdraw(client, other, later).json() == {"deleted": 0}
+    assert stream_chat(client, mine, "mine again", turn_id=later).last == {"content": "", "done": True}
+    assert len(stored(client, mine)) == 4
+    # A user token is not a session token.
     assert withdraw(client, user["token"]["access_token"], turn_id).status_code == 403
 
 
