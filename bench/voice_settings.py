@@ -66,6 +66,7 @@ class WorkerConfig:
     vad_min_silence: float  # VAD_MIN_SILENCE_SECONDS
     endpointing_delay: float  # MIN_ENDPOINTING_DELAY: the latency baseline of this configuration
     max_endpointing_delay: float
+    predict_after_silence: float = _DEFAULTS.smart_turn_after_silence_seconds  # SMART_TURN_AFTER_SILENCE_SECONDS
     preemptive: bool = False
     provider_delays_ms: dict[str, float] = field(default_factory=dict)  # fake server endpoint -> ms
     capacity: bool = False  # also the idle API (api_chat) and the capacity levels
@@ -85,6 +86,7 @@ class WorkerConfig:
             "VAD_MIN_SILENCE_SECONDS": str(self.vad_min_silence),
             "MIN_ENDPOINTING_DELAY": str(self.endpointing_delay),
             "MAX_ENDPOINTING_DELAY": str(self.max_endpointing_delay),
+            "SMART_TURN_AFTER_SILENCE_SECONDS": str(self.predict_after_silence),
             "PREEMPTIVE_GENERATION": "true" if self.preemptive else "false",
         }
 

@@ -7,13 +7,24 @@ transcripts, one per stretch of speech the VAD sends it.
 
 import asyncio
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from livekit import rtc
+from livekit.agents.voice import audio_recognition
 from livekit.agents.voice.turn import _StreamingTurnDetector, _StreamingTurnDetectorStream
+from livekit.plugins import silero
+from pydantic import ValidationError
 
-from morgana.agent.turn import SAMPLE_RATE, WINDOW_SAMPLES, SmartTurnDetector, SmartTurnModel
+from morgana.agent.config import AgentSettings
+from morgana.agent.turn import (
+    SAMPLE_RATE,
+    WINDOW_SAMPLES,
+    SmartTurnDetector,
+    SmartTurnModel,
+    predict_after_silence,
+)
 from morgana_devtools.openai_server import FakeOpenAIProcess
 from morgana_devtools.processes import AgentWorker
 from morgana_devtools.voice_client import SAMPLE_RATE as CALLER_RATE
@@ -78,6 +89,70 @@ def test_the_stream_keeps_the_models_window_and_forgets_a_committed_turn(smart_t
         await stream.aclose()
 
     asyncio.run(run())
+
+
+class _Recording(SmartTurnModel):
+    """The real model, keeping what it was asked about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heard: list[np.ndarray] = []
+
+    def probability(self, audio: np.ndarray) -> float:
+        self.heard.append(audio)
+        return super().probability(audio)
+
+
+def test_the_model_hears_half_a_second_of_quiet_however_early_it_is_asked() -> None:
+    """Asked 0.1 s into a pause, the model hears the quiet it would hear if the caller stays quiet."""
+    model = _Recording()
+
+    def quiet_heard(speech_s: float, quiet_s: float) -> float:
+        async def run() -> float:
+            stream = SmartTurnDetector(model).stream()
+            tone = (3000 * np.sin(np.arange(int(SAMPLE_RATE * speech_s)) / 7)).astype(np.int16)
+            audio = np.concatenate([tone, np.zeros(int(SAMPLE_RATE * quiet_s), dtype=np.int16)])
+            stream.push_audio(rtc.AudioFrame(audio.tobytes(), SAMPLE_RATE, 1, len(audio)))
+            await stream.predict()
+            await stream.aclose()
+            heard = model.heard[-1]
+            return (len(heard) - 1 - int(np.flatnonzero(np.abs(heard) > 0.01)[-1])) / SAMPLE_RATE
+
+        return asyncio.run(run())
+
+    assert quiet_heard(1.0, 0.1) == pytest.approx(0.5, abs=0.002)
+    assert quiet_heard(1.0, 0.0) == pytest.approx(0.5, abs=0.002)
+    assert quiet_heard(1.0, 0.8) == pytest.approx(0.8, abs=0.002)  # more is not cut
+
+
+def test_livekit_agents_asks_for_predictions_after_the_silence_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`predict_after_silence` moves the framework's own threshold, read where it decides (the VAD
+    window check reads it as the prediction trigger does): an upgrade that stops reading it fails here."""
+    framework = vars(audio_recognition)  # the constant is not exported
+    monkeypatch.setitem(framework, "MIN_SILENCE_DURATION_MS", framework["MIN_SILENCE_DURATION_MS"])
+    detector = SmartTurnDetector(SimpleNamespace())  # type: ignore[arg-type]
+
+    def vad_window_allowed(seconds: float) -> bool:
+        vad = silero.VAD.load(min_silence_duration=seconds)
+        recognition = SimpleNamespace(_turn_detector=detector, _vad=vad)
+        try:
+            audio_recognition.AudioRecognition._check_vad_silence_requirement(recognition)  # type: ignore[arg-type]
+        except ValueError:
+            return False
+        return True
+
+    assert not vad_window_allowed(0.2)  # the framework's own 200 ms + 50
+    predict_after_silence(0.1)
+    assert framework["MIN_SILENCE_DURATION_MS"] == 100
+    assert vad_window_allowed(0.15) and not vad_window_allowed(0.14)
+
+
+def test_settings_refuse_a_vad_window_that_ends_before_the_prediction() -> None:
+    assert AgentSettings(smart_turn_after_silence_seconds=0.1, vad_min_silence_seconds=0.15)
+    with pytest.raises(ValidationError, match=r"VAD_MIN_SILENCE_SECONDS must be at least 0\.25"):
+        AgentSettings(smart_turn_after_silence_seconds=0.2, vad_min_silence_seconds=0.2)
+    # Silence alone ends turns: no prediction to wait for.
+    assert AgentSettings(turn_detector="vad", smart_turn_after_silence_seconds=0.2, vad_min_silence_seconds=0.1)
 
 
 @pytest.fixture(scope="module")

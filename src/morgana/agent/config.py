@@ -7,8 +7,9 @@ from pydantic import Field, SecretStr, model_validator
 
 from morgana.core.settings import CoreSettings
 
-# livekit.agents.inference.eot.base.MIN_SILENCE_DURATION_MS + 50 ms, as the framework checks it.
-SMART_TURN_MIN_SILENCE = 0.25
+# How much longer the VAD's silence window must be than the silence before a prediction, as
+# livekit-agents checks it.
+_VAD_WINDOW_MARGIN = 0.05
 
 
 class AgentSettings(CoreSettings):
@@ -54,7 +55,10 @@ class AgentSettings(CoreSettings):
     # TURN_DETECTOR=vad silence alone decides: raise both to about 0.55 and 0.5 s.
     turn_detector: Literal["smart-turn", "vad"] = "smart-turn"
     turn_detector_threshold: float = Field(default=0.5, gt=0, lt=1)
-    vad_min_silence_seconds: float = Field(default=0.25, gt=0)
+    # Smart Turn hears the caller after this much silence (livekit-agents' own models: 0.2 s; see
+    # morgana.agent.turn.predict_after_silence). Each pause this long costs one prediction.
+    smart_turn_after_silence_seconds: float = Field(default=0.1, ge=0.05, le=1.0)
+    vad_min_silence_seconds: float = Field(default=0.2, gt=0)
     # Below this speech probability the VAD counts silence (silero's default: 0.35).
     vad_deactivation_threshold: float | None = Field(default=None, gt=0, lt=1)
     min_endpointing_delay: float = Field(default=0.25, ge=0)
@@ -74,10 +78,14 @@ class AgentSettings(CoreSettings):
 
     @model_validator(mode="after")
     def _smart_turn_hears_enough_silence(self) -> "AgentSettings":
-        # livekit-agents asks for a prediction after 200 ms of silence and refuses shorter
-        # VAD windows at the first call; said here, at start-up, instead.
-        if self.turn_detector == "smart-turn" and self.vad_min_silence_seconds < SMART_TURN_MIN_SILENCE:
-            raise ValueError(f"VAD_MIN_SILENCE_SECONDS must be at least {SMART_TURN_MIN_SILENCE} with smart-turn")
+        # livekit-agents refuses a VAD window that ends before the prediction is asked for, at
+        # the first call; said here, at start-up, instead.
+        least = round(self.smart_turn_after_silence_seconds + _VAD_WINDOW_MARGIN, 3)
+        if self.turn_detector == "smart-turn" and self.vad_min_silence_seconds < least:
+            raise ValueError(
+                f"VAD_MIN_SILENCE_SECONDS must be at least {least} with smart-turn "
+                "(SMART_TURN_AFTER_SILENCE_SECONDS + 0.05)"
+            )
         return self
 
     @property

@@ -25,7 +25,7 @@ from morgana.agent.config import AgentSettings, get_settings
 from morgana.agent.llm import MorganaLLM
 from morgana.agent.pod_cost import PodDeletionCost
 from morgana.agent.readiness import Readiness
-from morgana.agent.turn import SmartTurnDetector, SmartTurnModel
+from morgana.agent.turn import SmartTurnDetector, SmartTurnModel, predict_after_silence
 
 log = logging.getLogger("morgana.agent")
 
@@ -42,6 +42,7 @@ def prewarm(proc: JobProcess) -> None:
     )
     if settings.turn_detector == "smart-turn":
         proc.userdata["smart_turn"] = SmartTurnModel()
+        predict_after_silence(settings.smart_turn_after_silence_seconds)
     # Loading CA certificates and these modules blocks an event loop for 0.1-3 s under load;
     # paid here, a caller's first turn does not wait for it.
     import anyio._backends._asyncio  # noqa: F401
