@@ -6,10 +6,12 @@ transcripts, one per stretch of speech the VAD sends it.
 """
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from types import SimpleNamespace
 
 import numpy as np
+import onnxruntime
 import pytest
 from livekit import rtc
 from livekit.agents.voice import audio_recognition
@@ -97,10 +99,12 @@ class _Recording(SmartTurnModel):
     def __init__(self) -> None:
         super().__init__()
         self.heard: list[np.ndarray] = []
+        self.began = threading.Event()
 
-    def probability(self, audio: np.ndarray) -> float:
+    def probability(self, audio: np.ndarray, options: onnxruntime.RunOptions | None = None) -> float:
         self.heard.append(audio)
-        return super().probability(audio)
+        self.began.set()
+        return super().probability(audio, options)
 
 
 def test_the_model_hears_half_a_second_of_quiet_however_early_it_is_asked() -> None:
@@ -153,6 +157,23 @@ def test_settings_refuse_a_vad_window_that_ends_before_the_prediction() -> None:
         AgentSettings(smart_turn_after_silence_seconds=0.2, vad_min_silence_seconds=0.2)
     # Silence alone ends turns: no prediction to wait for.
     assert AgentSettings(turn_detector="vad", smart_turn_after_silence_seconds=0.2, vad_min_silence_seconds=0.1)
+
+
+def test_a_dropped_prediction_stops_the_model_run() -> None:
+    """A prediction the caller talked over frees the inference thread instead of running to its end."""
+    model = _Recording()
+
+    async def run() -> None:
+        audio = np.zeros(WINDOW_SAMPLES, dtype=np.float32)
+        inference = model.predict(audio)
+        assert await asyncio.to_thread(model.began.wait, 30)
+        inference.stop()
+        assert inference.result.cancelled()
+        with pytest.raises(Exception, match="terminate"):
+            inference.job.result(timeout=30)  # stopped: no probability was computed
+        assert 0 <= await model.predict(audio).result <= 1  # the next one runs
+
+    asyncio.run(run())
 
 
 @pytest.fixture(scope="module")

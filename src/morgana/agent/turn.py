@@ -21,7 +21,7 @@ import importlib.util
 import logging
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -113,17 +113,35 @@ class SmartTurnModel:
         # Inference runs off the event loop, one at a time per process (the session is single-threaded).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smart-turn")
 
-    def probability(self, audio: _Audio) -> float:
+    def probability(self, audio: _Audio, options: onnxruntime.RunOptions | None = None) -> float:
         """How likely the speech in `audio` (16 kHz mono, -1..1) is a finished turn."""
         window = audio[-WINDOW_SAMPLES:]
         if len(window) < WINDOW_SAMPLES:
             window = np.pad(window, (WINDOW_SAMPLES - len(window), 0))
         features = self._features.compute_whisper_log_mel_features(window, do_normalize=True)
-        (output,) = self._session.run(None, {"input_features": features[np.newaxis]})
+        (output,) = self._session.run(None, {"input_features": features[np.newaxis]}, options)
         return float(np.asarray(output).reshape(-1)[0])
 
-    def predict(self, audio: _Audio) -> asyncio.Future[float]:
-        return asyncio.wrap_future(self._executor.submit(self.probability, audio))
+    def predict(self, audio: _Audio) -> Inference:
+        options = onnxruntime.RunOptions()
+        job = self._executor.submit(self.probability, audio, options)
+        return Inference(asyncio.wrap_future(job), job, options)
+
+
+@dataclass(frozen=True)
+class Inference:
+    """One prediction on the process's inference thread."""
+
+    result: asyncio.Future[float]
+    job: Future[float]
+    _options: onnxruntime.RunOptions
+
+    def stop(self) -> None:
+        """Drop it. Not begun, it never runs; running, ONNX Runtime stops between kernels. A stale
+        run would otherwise take its ~90 ms of the core and delay the next prediction by as much:
+        with the prediction asked after 0.1 s of silence, every short pause mid-sentence starts one."""
+        self.result.cancel()
+        self._options.terminate = True
 
 
 class _Named:
@@ -166,7 +184,7 @@ class SmartTurnStream(_Named):
         self._resampler: rtc.AudioResampler | None = None
         self._input_rate: int | None = None
         self._pending: asyncio.Future[TurnDetectionEvent] | None = None
-        self._inference: asyncio.Future[float] | None = None
+        self._inference: Inference | None = None
         self._closed = False
 
     @property
@@ -263,17 +281,17 @@ class SmartTurnStream(_Named):
                     )
                 )
 
-        inference.add_done_callback(done)
+        inference.result.add_done_callback(done)
         self._pending, self._inference = result, inference
         return result
 
     def cancel_inference(self, *, timed_out: bool = False) -> None:
         if self._pending is not None and not self._pending.done():
             self._pending.cancel()
-        # Also the model run itself, if it has not begun: a stale one queued on the process's one
-        # inference thread would delay the next prediction by a whole run.
-        if self._inference is not None and not self._inference.done():
-            self._inference.cancel()
+        # And the model run itself: a stale one on the process's one inference thread would delay
+        # the next prediction by a whole run.
+        if self._inference is not None and not self._inference.result.done():
+            self._inference.stop()
         self._pending = self._inference = None
 
     def flush(self, reason: str | None = None) -> None:
