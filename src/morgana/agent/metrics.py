@@ -37,7 +37,8 @@ _FACTORIES: dict[str, Callable[[], Counter | Gauge | Histogram]] = {
         "tts_time_to_first_byte_seconds", "From sending text to speech synthesis until its first audio."
     ),
     "TURN_LATENCY": lambda: _histogram(
-        "turn_latency_seconds", "From the end of the caller's speech to the agent's first audio (end to end)."
+        "turn_latency_seconds",
+        "From the caller's last sound reaching the worker to the agent's first audio leaving it (end to end).",
     ),
     "API_ERRORS": lambda: Counter(
         "api_errors_total", "Failed calls to the Morgana API by kind.", ["kind"], namespace=NAMESPACE

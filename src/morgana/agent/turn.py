@@ -22,7 +22,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Protocol
@@ -156,6 +156,22 @@ class _Named:
         return "pipecat"
 
 
+@dataclass
+class LastSound:
+    """When the caller's last sound before the latest prediction reached this worker (time.time()).
+
+    livekit-agents dates the end of speech from its VAD, which counts silence 0.1-0.2 s after the
+    sound has stopped; the audio itself says when it did.
+    """
+
+    at: float | None = None
+
+    def take(self) -> float | None:
+        """The time, once: a later reply without a prediction before it must not reuse it."""
+        at, self.at = self.at, None
+        return at
+
+
 @dataclass(frozen=True)
 class SmartTurnDetector(_Named):
     """A livekit-agents streaming turn detector (`turn_handling={"turn_detection": ...}`)."""
@@ -169,6 +185,7 @@ class SmartTurnDetector(_Named):
     # 0.26-0.97 heard with 0.2-0.35 s of quiet and 0.69-0.97 with 0.5 s; the unfinished phrase
     # stayed below 0.05 with up to 1 s.
     heard_silence: float = 0.5
+    last_sound: LastSound = field(default_factory=LastSound)
 
     def stream(self, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS) -> SmartTurnStream:
         return SmartTurnStream(self)
@@ -180,7 +197,9 @@ class SmartTurnStream(_Named):
     def __init__(self, detector: SmartTurnDetector) -> None:
         self._detector = detector
         self._chunks: deque[npt.NDArray[np.int16]] = deque()
+        self._arrivals: deque[float] = deque()  # when each chunk's last sample arrived (time.time())
         self._samples = 0
+        self._clock = time.time
         self._resampler: rtc.AudioResampler | None = None
         self._input_rate: int | None = None
         self._pending: asyncio.Future[TurnDetectionEvent] | None = None
@@ -214,28 +233,32 @@ class SmartTurnStream(_Named):
                 None if frame.sample_rate == SAMPLE_RATE else rtc.AudioResampler(frame.sample_rate, SAMPLE_RATE)
             )
         frames = self._resampler.push(frame) if self._resampler is not None else [frame]
+        arrived = self._clock()
         for piece in frames:
             samples = np.frombuffer(piece.data, dtype=np.int16)
             if piece.num_channels > 1:
                 samples = samples.reshape(-1, piece.num_channels).mean(axis=1).astype(np.int16)
-            self._append(samples)
+            self._append(samples, arrived)
 
-    def _append(self, samples: npt.NDArray[np.int16]) -> None:
+    def _append(self, samples: npt.NDArray[np.int16], arrived: float) -> None:
         self._chunks.append(samples)
+        self._arrivals.append(arrived)
         self._samples += len(samples)
         while self._chunks and self._samples - len(self._chunks[0]) >= WINDOW_SAMPLES:
             self._samples -= len(self._chunks.popleft())
+            self._arrivals.popleft()
 
-    def trailing_silence(self) -> float:
-        """Seconds of quiet at the end of the buffered audio."""
+    def trailing_silence(self) -> tuple[float, float | None]:
+        """Seconds of quiet at the end of the buffered audio, and when the last sound before it
+        arrived (None if all of it is quiet)."""
         quiet = 0
-        for chunk in reversed(self._chunks):
+        for chunk, arrived in zip(reversed(self._chunks), reversed(self._arrivals), strict=True):
             loud = np.flatnonzero(np.abs(chunk.astype(np.int32)) >= _QUIET)
             if len(loud):
-                quiet += len(chunk) - 1 - int(loud[-1])
-                break
+                after = len(chunk) - 1 - int(loud[-1])
+                return (quiet + after) / SAMPLE_RATE, arrived - after / SAMPLE_RATE
             quiet += len(chunk)
-        return quiet / SAMPLE_RATE
+        return quiet / SAMPLE_RATE, None
 
     def audio(self) -> _Audio:
         """The buffered audio as the model takes it (16 kHz, float32)."""
@@ -247,7 +270,7 @@ class SmartTurnStream(_Named):
         self.cancel_inference()
         asked_at = time.time()
         started = time.perf_counter()
-        silence = self.trailing_silence()
+        silence, self._detector.last_sound.at = self.trailing_silence()
         audio = self.audio()
         if (missing := round((self._detector.heard_silence - silence) * SAMPLE_RATE)) > 0:
             audio = np.concatenate([audio, np.zeros(missing, dtype=np.float32)])
@@ -298,6 +321,7 @@ class SmartTurnStream(_Named):
         """The turn was committed or cleared: the next prediction hears only what follows."""
         self.cancel_inference()
         self._chunks.clear()
+        self._arrivals.clear()
         self._samples = 0
 
     def end_input(self) -> None:

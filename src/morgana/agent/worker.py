@@ -25,7 +25,7 @@ from morgana.agent.config import AgentSettings, get_settings
 from morgana.agent.llm import MorganaLLM
 from morgana.agent.pod_cost import PodDeletionCost
 from morgana.agent.readiness import Readiness
-from morgana.agent.turn import SmartTurnDetector, SmartTurnModel, predict_after_silence
+from morgana.agent.turn import LastSound, SmartTurnDetector, SmartTurnModel, predict_after_silence
 
 log = logging.getLogger("morgana.agent")
 
@@ -73,6 +73,39 @@ def turn_detection(settings: AgentSettings, proc: JobProcess) -> TurnDetectionMo
     if settings.turn_detector == "smart-turn":
         return SmartTurnDetector(proc.userdata["smart_turn"], threshold=settings.turn_detector_threshold)
     return "vad"
+
+
+# A turn's latency from the audio exceeds the framework's by its VAD's lag (0.1-0.25 s); more
+# than this and the last sound belongs to an earlier turn (one answered without a prediction).
+_VAD_LAG_BOUND = 0.5
+
+
+def turn_metrics_recorder(last_sound: LastSound | None) -> Callable[[ConversationItemAddedEvent], None]:
+    """Records each turn's stages; the turn latency from the caller's last sound when the turn
+    detector heard it (Smart Turn), else from the VAD's end of speech (livekit-agents' e2e)."""
+
+    def record(event: ConversationItemAddedEvent) -> None:
+        item = event.item
+        if not isinstance(item, ChatMessage):
+            return
+        report = item.metrics or {}
+        if item.role == "user" and "end_of_turn_delay" in report:
+            metrics.END_OF_TURN_DELAY.observe(report["end_of_turn_delay"])
+        if item.role != "assistant":
+            return
+        if "tts_node_ttfb" in report:
+            metrics.TTS_TIME_TO_FIRST_BYTE.observe(report["tts_node_ttfb"])
+        if "e2e_latency" not in report:
+            return
+        latency = report["e2e_latency"]
+        sound_at = last_sound.take() if last_sound is not None else None
+        if sound_at is not None and "started_speaking_at" in report:
+            from_sound = report["started_speaking_at"] - sound_at
+            if latency <= from_sound <= latency + _VAD_LAG_BOUND:
+                latency = from_sound
+        metrics.TURN_LATENCY.observe(latency)
+
+    return record
 
 
 def load_of(max_calls: int) -> Callable[[AgentServer], float]:
@@ -169,6 +202,7 @@ async def entrypoint(ctx: JobContext) -> None:
     # In this order: replies dropped unheard as the call ends are taken back, then the client closes.
     ctx.add_shutdown_callback(morgana_llm.unheard.settle)
     ctx.add_shutdown_callback(api.aclose)
+    detection = turn_detection(settings, ctx.proc)
     session: AgentSession[None] = AgentSession(
         stt=openai.STT(model=settings.stt_model, language=settings.stt_language, client=stt_client),
         tts=openai.TTS(
@@ -180,12 +214,15 @@ async def entrypoint(ctx: JobContext) -> None:
         vad=ctx.proc.userdata["vad"],
         llm=morgana_llm,
         turn_handling={
-            "turn_detection": turn_detection(settings, ctx.proc),
+            "turn_detection": detection,
             "endpointing": {"min_delay": settings.min_endpointing_delay, "max_delay": settings.max_endpointing_delay},
             "preemptive_generation": {"enabled": settings.preemptive_generation},
         },
     )
-    session.on("conversation_item_added", _record_turn_metrics)
+    session.on(
+        "conversation_item_added",
+        turn_metrics_recorder(detection.last_sound if isinstance(detection, SmartTurnDetector) else None),
+    )
     # The caller hung up (or the session failed): free this worker's slot now rather than
     # when LiveKit closes the empty room.
     session.on("close", lambda event: ctx.shutdown(reason=f"session closed: {event.reason}"))
@@ -213,17 +250,3 @@ async def entrypoint(ctx: JobContext) -> None:
 
 async def _call_ended(*_: object) -> None:
     metrics.ACTIVE_CALLS.dec()
-
-
-def _record_turn_metrics(event: ConversationItemAddedEvent) -> None:
-    item = event.item
-    if not isinstance(item, ChatMessage):
-        return
-    report = item.metrics or {}
-    if item.role == "user" and "end_of_turn_delay" in report:
-        metrics.END_OF_TURN_DELAY.observe(report["end_of_turn_delay"])
-    if item.role == "assistant":
-        if "tts_node_ttfb" in report:
-            metrics.TTS_TIME_TO_FIRST_BYTE.observe(report["tts_node_ttfb"])
-        if "e2e_latency" in report:
-            metrics.TURN_LATENCY.observe(report["e2e_latency"])
