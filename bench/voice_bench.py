@@ -15,7 +15,7 @@ The configurations (bench/voice_settings.py; `--only` picks some, in this order)
 
   today                 TURN_DETECTOR=vad, VAD_MIN_SILENCE_SECONDS=0.55, MIN_ENDPOINTING_DELAY=0.5:
                         silence alone ends a turn, as before Smart Turn. No provider delay.
-  default               the worker's shipped defaults (Smart Turn, 0.25 s, 0.25 s), no provider
+  default               the worker's shipped defaults (Smart Turn, VAD 0.15 s, endpointing 0.2 s), no provider
                         delay. Also the capacity levels and the API alone. Targets: p50 <= 650 ms,
                         p95 <= 800 ms.
   realistic             the shipped defaults with the fake server's first chat token 350 ms, first

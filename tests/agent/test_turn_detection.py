@@ -66,6 +66,9 @@ def test_smart_turn_tells_a_finished_question_from_an_unfinished_phrase(
     finished = probability(smart_turn, speech_pcm(fake_openai.root_url, OPENAI_KEY, FINISHED))
     unfinished = probability(smart_turn, speech_pcm(fake_openai.root_url, OPENAI_KEY, UNFINISHED))
     assert finished > 0.5 > unfinished, (finished, unfinished)
+    # With a margin (0.97 here): heard with only 0.5 s of quiet the question scored 0.85, and in
+    # calls (Opus, gain control) it fell below 0.5 on some turns, which then waited 3 s.
+    assert finished > 0.9, finished
 
 
 def test_the_stream_keeps_the_models_window_and_forgets_a_committed_turn(smart_turn: SmartTurnModel) -> None:
@@ -107,8 +110,9 @@ class _Recording(SmartTurnModel):
         return super().probability(audio, options)
 
 
-def test_the_model_hears_half_a_second_of_quiet_however_early_it_is_asked() -> None:
-    """Asked 0.1 s into a pause, the model hears the quiet it would hear if the caller stays quiet."""
+def test_the_model_hears_the_set_quiet_however_early_it_is_asked() -> None:
+    """Asked 0.1 s into a pause, the model hears the quiet it would hear if the caller stays quiet
+    (`heard_silence`, 0.8 s)."""
     model = _Recording()
 
     def quiet_heard(speech_s: float, quiet_s: float) -> float:
@@ -124,9 +128,9 @@ def test_the_model_hears_half_a_second_of_quiet_however_early_it_is_asked() -> N
 
         return asyncio.run(run())
 
-    assert quiet_heard(1.0, 0.1) == pytest.approx(0.5, abs=0.002)
-    assert quiet_heard(1.0, 0.0) == pytest.approx(0.5, abs=0.002)
-    assert quiet_heard(1.0, 0.8) == pytest.approx(0.8, abs=0.002)  # more is not cut
+    assert quiet_heard(1.0, 0.1) == pytest.approx(0.8, abs=0.002)
+    assert quiet_heard(1.0, 0.0) == pytest.approx(0.8, abs=0.002)
+    assert quiet_heard(1.0, 1.2) == pytest.approx(1.2, abs=0.002)  # more is not cut
 
 
 def test_livekit_agents_asks_for_predictions_after_the_silence_set(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -52,16 +52,18 @@ class AgentSettings(CoreSettings):
     # speech-to-text); the turn then ends MIN_ENDPOINTING_DELAY after the caller's last speech.
     # With TURN_DETECTOR=smart-turn (morgana.agent.turn) a turn that sounds unfinished waits up to
     # MAX_ENDPOINTING_DELAY for the caller to go on, which makes short windows safe. With
-    # TURN_DETECTOR=vad silence alone decides: raise both to about 0.55 and 0.5 s.
+    # TURN_DETECTOR=vad silence alone decides: raise both to about 0.55 and 0.5 s. Both windows
+    # are counted by silero, which starts counting 0.1-0.2 s after the sound stops: 0.15 s of VAD
+    # silence is about 0.3 s of real quiet.
     turn_detector: Literal["smart-turn", "vad"] = "smart-turn"
     turn_detector_threshold: float = Field(default=0.5, gt=0, lt=1)
     # Smart Turn hears the caller after this much silence (livekit-agents' own models: 0.2 s; see
     # morgana.agent.turn.predict_after_silence). Each pause this long costs one prediction.
     smart_turn_after_silence_seconds: float = Field(default=0.1, ge=0.05, le=1.0)
-    vad_min_silence_seconds: float = Field(default=0.2, gt=0)
+    vad_min_silence_seconds: float = Field(default=0.15, gt=0)
     # Below this speech probability the VAD counts silence (silero's default: 0.35).
     vad_deactivation_threshold: float | None = Field(default=None, gt=0, lt=1)
-    min_endpointing_delay: float = Field(default=0.25, ge=0)
+    min_endpointing_delay: float = Field(default=0.2, ge=0)
     max_endpointing_delay: float = Field(default=3.0, ge=0)
     # Ask the API for a reply on the final transcript, before the turn is committed (livekit-agents'
     # default too). A reply dropped because the caller went on is taken back from the history
