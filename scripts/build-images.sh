@@ -106,7 +106,13 @@ ensure_uv_base() {
     work="$(mktemp -d)"
     # shellcheck disable=SC2064
     trap "rm -rf '$work'" RETURN
-    python3 -m pip download --quiet --no-deps --only-binary=:all: --platform musllinux_1_1_x86_64 \
+    local pip=(python3 -m pip)
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        # uv's virtualenvs (make test runs in one) have no pip: a throwaway one that has.
+        python3 -m venv "$work/venv" >&2
+        pip=("$work/venv/bin/python" -m pip)
+    fi
+    "${pip[@]}" download --quiet --no-deps --only-binary=:all: --platform musllinux_1_1_x86_64 \
         --dest "$work" "uv==$UV_VERSION" >&2
     mkdir -p "$work/root"
     python3 - "$work" <<'EOF'
