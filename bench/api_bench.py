@@ -47,7 +47,16 @@ from bench.api_load import (
     rotating_headers,
 )
 from bench.api_report import RESULTS, Results, print_report
-from bench.api_scenarios import FULL, QUICK, Plan, bench_chat, bench_open_streams, bench_scaling, bench_sessions
+from bench.api_scenarios import (
+    FULL,
+    QUICK,
+    Plan,
+    bench_chat,
+    bench_open_streams,
+    bench_scaling,
+    bench_sessions,
+    open_many,
+)
 from bench.common import (
     MODEL,
     REPO,
@@ -65,6 +74,7 @@ from morgana_devtools.processes import ApiProcess, ChildProcess, migrate
 from morgana_devtools.services import free_port
 
 COMMAND = "uv run python -m bench.api_bench"  # what `make bench` runs
+LONG_WARMUP = 20  # streams that warm a fresh process before its long-reply burst
 PASSWORD = "A_Strong_Password123!"
 log = logger("bench")
 
@@ -108,6 +118,7 @@ async def run_benchmarks(
     baseline: Baseline,
     fake: FakeOpenAIProcess,
     api_workers: ApiProcess | None,
+    fresh_pair: Callable[[str], tuple[ApiProcess, Baseline]],
 ) -> None:
     assert api.process is not None and baseline.process is not None
     async with client_session(16) as http:
@@ -123,6 +134,7 @@ async def run_benchmarks(
         # ... and for the second burst, and the scaling rounds (a session per load worker and round)
         scaling = plan.stream_concurrency * plan.scaling_workers * (plan.rounds + 1) * 2
         needed += plan.open_streams_large + scaling + 2 * plan.stream_requests // SESSION_ROTATE_EVERY + 20
+        needed += plan.open_streams_long + LONG_WARMUP
         log(f"creating {needed} Morgana chat sessions for the stream benchmarks")
         pool = SessionPool(await create_sessions(http, api.url, user_token, needed))
 
@@ -146,6 +158,8 @@ async def run_benchmarks(
     await bench_open_streams(res, plan, targets, fake, pool, plan.open_streams)
     if plan.open_streams_large:
         await bench_open_streams(res, plan, targets, fake, pool, plan.open_streams_large, "open_streams_large")
+    if plan.open_streams_long:
+        await bench_long_replies(res, plan, fake, pool, fresh_pair)
 
     if api_workers is not None:
         assert api_workers.process is not None
@@ -159,6 +173,40 @@ async def run_benchmarks(
         )
         morgana.stream_headers = rotating_headers(pool)
         await bench_scaling(res, plan, morgana, many, plan.scaling_workers)
+
+
+async def bench_long_replies(
+    res: Results,
+    plan: Plan,
+    fake: FakeOpenAIProcess,
+    pool: SessionPool,
+    fresh_pair: Callable[[str], tuple[ApiProcess, Baseline]],
+) -> None:
+    """`open_streams_long`: a burst of full-length replies to a fresh API and baseline, each warmed
+    by a small burst first (the memory a reply holds grows with its length; a process that served
+    a larger burst before would show no growth)."""
+    log("open_streams_long: starting a fresh API and baseline")
+    api, baseline = fresh_pair("long")  # blocks a few seconds; nothing else is running
+    assert api.process is not None and baseline.process is not None
+    morgana = Target("morgana", api.url, api.process.pid, "/api/v1/auth/session", "/api/v1/chatbot/chat/stream")
+    morgana.stream_headers = rotating_headers(pool)
+    base = Target("baseline", baseline.url, baseline.process.pid, "/session", "/chat/stream")
+    fake.set_scenario(tokens=plan.open_tokens, delay_ms=10)
+    for t in (morgana, base):
+        await open_many(t, LONG_WARMUP, plan.open_tokens)
+    await bench_open_streams(
+        res,
+        plan,
+        [morgana, base],
+        fake,
+        pool,
+        plan.open_streams_long,
+        "open_streams_long",
+        plan.long_tokens,
+        plan.long_delay_ms,
+    )
+    api.stop()
+    baseline.stop(10.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,27 +250,36 @@ def main(argv: list[str] | None = None) -> int:
                 api_workers = ApiProcess(env, workdir / "api-workers.log", workers=plan.scaling_workers)
                 stack.callback(api_workers.stop)
                 api_workers.start()
-            baseline = Baseline(
-                {
-                    "BASELINE_DATABASE_URL": "postgresql+psycopg" + pg.url()[len("postgresql") :],
-                    "BASELINE_MODEL_URL": fake.base_url,
-                    "BASELINE_MODEL_KEY": model_key,
-                    "BASELINE_MODEL_NAME": MODEL,
-                    "NO_PROXY": "127.0.0.1,localhost",
-                },
-                workdir / "baseline.log",
-            )
+            baseline_env = {
+                "BASELINE_DATABASE_URL": "postgresql+psycopg" + pg.url()[len("postgresql") :],
+                "BASELINE_MODEL_URL": fake.base_url,
+                "BASELINE_MODEL_KEY": model_key,
+                "BASELINE_MODEL_NAME": MODEL,
+                "NO_PROXY": "127.0.0.1,localhost",
+            }
+            baseline = Baseline(baseline_env, workdir / "baseline.log")
             stack.callback(baseline.stop, 10.0)
             baseline.start()
+
+            def fresh_pair(tag: str) -> tuple[ApiProcess, Baseline]:
+                fresh_api = ApiProcess(env, workdir / f"api-{tag}.log", workers=1)
+                stack.callback(fresh_api.stop)
+                fresh_api.start()
+                fresh_baseline = Baseline(baseline_env, workdir / f"baseline-{tag}.log")
+                stack.callback(fresh_baseline.stop, 10.0)
+                fresh_baseline.start()
+                return fresh_api, fresh_baseline
+
             log(
                 f"morgana {api.url} (pid {api.process.pid}), baseline {baseline.url} "
                 f"(pid {baseline.process.pid}), setup {time.monotonic() - began:.1f} s"
             )
 
             runner = _uvloop_run()
-            runner(run_benchmarks(res, plan, api, baseline, fake, api_workers))
+            runner(run_benchmarks(res, plan, api, baseline, fake, api_workers, fresh_pair))
 
-            problems = log_problems(api.log_path, "TimeoutError")
+            logs = (api.log_path, workdir / "api-long.log")
+            problems = [line for path in logs for line in log_problems(path, "TimeoutError")]
             res.emit(
                 {
                     "bench": "meta",

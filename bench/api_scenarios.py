@@ -54,11 +54,16 @@ class Plan:
     rounds: int  # alternating rounds per target (even: ABBA ordering)
     warmup: int
     open_streams_large: int = 0  # a second, larger burst (0: none)
+    # A burst of full-length replies, on fresh server processes (0: none): a process keeps the
+    # memory of its largest burst so far, so after the bursts above it would show no growth.
+    open_streams_long: int = 0
+    long_tokens: int = 200
+    long_delay_ms: int = 40
     scaling_workers: int = 2  # gunicorn workers measured against one (0: not measured)
 
 
-FULL = Plan(2000, 16, 100, 400, 8, 500, 20, 500, 4, 60, open_streams_large=2000)
-QUICK = Plan(300, 16, 20, 60, 8, 100, 10, 400, 2, 20)
+FULL = Plan(2000, 16, 100, 400, 8, 500, 20, 500, 4, 60, open_streams_large=2000, open_streams_long=500)
+QUICK = Plan(300, 16, 20, 60, 8, 100, 10, 400, 2, 20, open_streams_long=100)
 
 
 # --------------------------------------------------------------------------- benchmarks
@@ -224,8 +229,11 @@ class OpenRun:
     wall: float
 
 
-async def open_many(target: Target, count: int, expected_tokens: int) -> OpenRun:
-    """Open `count` streams at once; sample server RSS and (Morgana) /metrics while they run."""
+async def open_many(target: Target, count: int, expected_tokens: int, reply_seconds: float = 0.0) -> OpenRun:
+    """Open `count` streams at once; sample server RSS and (Morgana) /metrics while they run.
+
+    `reply_seconds` (the model's pacing of a whole reply) bounds "mid-reply": the streams that
+    began first end, and store their turns, about that long after their first event."""
     open_now = closed_count = rejected = 0
     peak = {"open": 0, "gauge": None, "db": None, "db_steady": None, "rss": 0}
     first_event_times: list[float] = []
@@ -242,8 +250,10 @@ async def open_many(target: Target, count: int, expected_tokens: int) -> OpenRun
         closed_count += 1
 
     def steady() -> bool:
-        """Every stream has had content and none has ended: all are mid-stream."""
-        return closed_count == 0 and len(first_event_times) + rejected == count
+        """Every stream has had content and none is near its end: all are mid-reply."""
+        if closed_count or len(first_event_times) + rejected < count:
+            return False
+        return time.perf_counter() - started < min(first_event_times, default=0.0) + 0.8 * reply_seconds
 
     await asyncio.sleep(1.0)
     rss_before = rss_kib(target.pid)
@@ -312,16 +322,20 @@ async def bench_open_streams(
     morgana_tokens: SessionPool,
     n: int,
     name: str = "open_streams",
+    reply_tokens: int | None = None,
+    delay_ms: int | None = None,
 ) -> None:
-    fake.set_scenario(tokens=plan.open_tokens, delay_ms=plan.open_delay_ms)
-    expected = plan.open_tokens
+    reply_tokens = reply_tokens or plan.open_tokens
+    delay_ms = delay_ms or plan.open_delay_ms
+    fake.set_scenario(tokens=reply_tokens, delay_ms=delay_ms)
+    expected = reply_tokens
     runs: dict[str, OpenRun] = {}
     for t in targets:
-        log(f"{name}: {n} concurrent streams to {t.name} ({plan.open_tokens} tokens x {plan.open_delay_ms} ms)")
+        log(f"{name}: {n} concurrent streams to {t.name} ({reply_tokens} tokens x {delay_ms} ms)")
         if t.name == "morgana":  # one fresh session per stream, created beforehand
             tokens = [morgana_tokens.take() for _ in range(n)]
             t.stream_headers = lambda tokens=tokens: {"Authorization": f"Bearer {tokens.pop()}"}
-        runs[t.name] = await open_many(t, n, expected)
+        runs[t.name] = await open_many(t, n, expected, (reply_tokens - 1) * delay_ms / 1000)
     fake.set_scenario(tokens=REPLY_TOKENS)
     m, b = runs["morgana"], runs["baseline"]
 
@@ -381,7 +395,7 @@ async def bench_open_streams(
         mt = [r.ttfe for r in m.results if r.ok]
         bt = [r.ttfe for r in b.results if r.ok]
         res.add(name, f"ttfe_p{q}", 1000 * percentile(mt, q), 1000 * percentile(bt, q), "ms")
-    ideal = (plan.open_tokens - 1) * plan.open_delay_ms
+    ideal = (reply_tokens - 1) * delay_ms
     res.add(
         name,
         "stream_time_p95",
