@@ -62,7 +62,7 @@ class Plan:
     scaling_workers: int = 2  # gunicorn workers measured against one (0: not measured)
 
 
-FULL = Plan(2000, 16, 100, 400, 8, 500, 20, 500, 4, 60, open_streams_large=2000, open_streams_long=500)
+FULL = Plan(2000, 16, 100, 400, 8, 500, 20, 500, 4, 60, open_streams_large=2000, open_streams_long=200)
 QUICK = Plan(300, 16, 20, 60, 8, 100, 10, 400, 2, 20, open_streams_long=100)
 
 
