@@ -11,7 +11,6 @@ from prometheus_fastapi_instrumentator import Instrumentator
 from prometheus_fastapi_instrumentator import metrics as http_metrics
 
 from morgana import __version__
-from morgana.api import metrics
 from morgana.api.config import ApiSettings, get_settings
 from morgana.api.db import autocommit, create_engine, create_session_factory
 from morgana.api.errors import install_error_handlers
@@ -23,7 +22,6 @@ from morgana.api.services.agentless import AgentlessRoomsTask
 from morgana.api.services.chat import ChatAgent
 from morgana.api.services.livekit import VoiceRooms
 from morgana.api.telemetry import configure_tracing
-from morgana.core.heap import freeze_startup_objects
 from morgana.core.logging import configure_logging
 
 log = logging.getLogger(__name__)
@@ -68,15 +66,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 
             SQLAlchemyInstrumentor().instrument(engine=engine.sync_engine)
-        # Last, once everything the process keeps has been made: full collections then skip it.
-        frozen = freeze_startup_objects()
-        metrics.GC_FROZEN_OBJECTS.set(frozen)
         log.info(
             "api started",
             extra={
                 "environment": settings.environment.value,
                 "rate_limit_store": "redis" if settings.redis_url else "memory",
-                "gc_frozen_objects": frozen,
             },
         )
         yield

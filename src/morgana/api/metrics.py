@@ -55,12 +55,6 @@ RATE_LIMITED = Counter(
     ["limit"],
     namespace=NAMESPACE,
 )
-GC_FROZEN_OBJECTS = Gauge(
-    "gc_frozen_objects",
-    "Objects alive after a worker's start-up that the garbage collector no longer walks (largest of the workers).",
-    namespace=NAMESPACE,
-    multiprocess_mode="livemax",
-)
 DB_POOL_SIZE = Gauge(
     "db_pool_size",
     "Configured persistent connections in the database pool.",
