@@ -43,7 +43,7 @@ Per configuration:
                latency p50/p95, missed and overlapped turns, the CPU and memory of the worker and
                its job processes, the worker's stage means and the API's own latency (a direct
                request every 2 s) are measured. calls_per_core = the largest N (all smaller N
-               passing too) whose p95 stays under MIN_ENDPOINTING_DELAY + 1.0 s with every turn
+               passing too) whose p95 stays under 1.5 s (the issue's bound) with every turn
                answered before the caller speaks again.
 
 Across configurations (bench/voice_compare.py): `default` beside `today` (and

@@ -14,7 +14,9 @@ UTTERANCE = "What time is it?"
 TRANSCRIPT = "What time is it"
 EXPECTED_REPLY = f"You said: {TRANSCRIPT}"
 
-BOUND_OVER_ENDPOINTING = 1.0  # capacity: p95 must stay under the endpointing delay + this
+# capacity: a level passes with its p95 under this (the issue's "p95 turn latency under 1.5 s"). It
+# was the endpointing delay + 1 s, which tightened as the shipped delay fell (0.5 -> 0.2 s).
+CAPACITY_P95_BOUND_S = 1.5
 MAX_CALLS = 16  # MAX_CONCURRENT_CALLS: well above the largest N, so LiveKit never holds a job back
 WORKER_CORE = 1
 BENCH_CORE = 0
@@ -76,7 +78,7 @@ class WorkerConfig:
     @property
     def bound(self) -> float:
         """capacity: a level passes with its turn latency p95 under this (seconds)."""
-        return self.endpointing_delay + BOUND_OVER_ENDPOINTING
+        return CAPACITY_P95_BOUND_S
 
     def env(self) -> dict[str, str]:
         """The turn settings, all given explicitly: the shipped defaults are read from the worker's
