@@ -4,6 +4,7 @@ Run with `morgana-agent start` (production: drains on SIGTERM) or `morgana-agent
 (see morgana.agent.cli).
 """
 
+import asyncio
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from morgana.agent.config import AgentSettings, get_settings
 from morgana.agent.llm import MorganaLLM
 from morgana.agent.pod_cost import PodDeletionCost
 from morgana.agent.readiness import Readiness
+from morgana.agent.transport import JitterBuffer
 from morgana.agent.turn import LastSound, SmartTurnDetector, SmartTurnModel, predict_after_silence
 
 log = logging.getLogger("morgana.agent")
@@ -80,9 +82,12 @@ def turn_detection(settings: AgentSettings, proc: JobProcess) -> TurnDetectionMo
 _VAD_LAG_BOUND = 0.5
 
 
-def turn_metrics_recorder(last_sound: LastSound | None) -> Callable[[ConversationItemAddedEvent], None]:
+def turn_metrics_recorder(
+    last_sound: LastSound | None, jitter: JitterBuffer | None = None
+) -> Callable[[ConversationItemAddedEvent], None]:
     """Records each turn's stages; the turn latency from the caller's last sound when the turn
-    detector heard it (Smart Turn), else from the VAD's end of speech (livekit-agents' e2e)."""
+    detector heard it (Smart Turn), else from the VAD's end of speech (livekit-agents' e2e), plus
+    the time the audio waits in the jitter buffers on its way (morgana.agent.transport)."""
 
     def record(event: ConversationItemAddedEvent) -> None:
         item = event.item
@@ -103,6 +108,8 @@ def turn_metrics_recorder(last_sound: LastSound | None) -> Callable[[Conversatio
             from_sound = report["started_speaking_at"] - sound_at
             if latency <= from_sound <= latency + _VAD_LAG_BOUND:
                 latency = from_sound
+        if jitter is not None:
+            latency += jitter.round_trip
         metrics.TURN_LATENCY.observe(latency)
 
     return record
@@ -219,9 +226,16 @@ async def entrypoint(ctx: JobContext) -> None:
             "preemptive_generation": {"enabled": settings.preemptive_generation},
         },
     )
+    jitter = JitterBuffer()
+    following = asyncio.create_task(jitter.follow(ctx.room, participant.identity))
+
+    async def stop_following(*_: object) -> None:
+        following.cancel()
+
+    ctx.add_shutdown_callback(stop_following)
     session.on(
         "conversation_item_added",
-        turn_metrics_recorder(detection.last_sound if isinstance(detection, SmartTurnDetector) else None),
+        turn_metrics_recorder(detection.last_sound if isinstance(detection, SmartTurnDetector) else None, jitter),
     )
     # The caller hung up (or the session failed): free this worker's slot now rather than
     # when LiveKit closes the empty room.
