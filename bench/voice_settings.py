@@ -70,6 +70,7 @@ class WorkerConfig:
     max_endpointing_delay: float
     predict_after_silence: float = _DEFAULTS.smart_turn_after_silence_seconds  # SMART_TURN_AFTER_SILENCE_SECONDS
     preemptive: bool = False
+    preemptive_tts: bool = _DEFAULTS.preemptive_tts  # PREEMPTIVE_TTS
     provider_delays_ms: dict[str, float] = field(default_factory=dict)  # fake server endpoint -> ms
     capacity: bool = False  # also the idle API (api_chat) and the capacity levels
     targets: Targets = Targets()
@@ -90,6 +91,7 @@ class WorkerConfig:
             "MAX_ENDPOINTING_DELAY": str(self.max_endpointing_delay),
             "SMART_TURN_AFTER_SILENCE_SECONDS": str(self.predict_after_silence),
             "PREEMPTIVE_GENERATION": "true" if self.preemptive else "false",
+            "PREEMPTIVE_TTS": "true" if self.preemptive_tts else "false",
         }
 
     def describe(self) -> dict:

@@ -3,7 +3,8 @@
 The worker asks the API for a reply as soon as it has a final transcript, before the end of the
 turn is decided. A caller who pauses mid-sentence and goes on gets that early reply dropped
 unheard; the agent takes its turn back from the conversation, so the caller's history holds the
-whole sentence once, answered once.
+whole sentence once, answered once. With PREEMPTIVE_TTS=true the early reply's speech is
+synthesised before the turn ends too, and still never heard.
 """
 
 import asyncio
@@ -33,15 +34,19 @@ def preemptive_api(voice_env: dict, tmp_path_factory: pytest.TempPathFactory) ->
         yield process
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["false", "true"], ids=["speech-after-the-turn", "preemptive-tts"])
 def preemptive_worker(
-    agent_env: dict, preemptive_api: ApiProcess, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    agent_env: dict,
+    preemptive_api: ApiProcess,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[AgentWorker]:
     env = {
         **agent_env,
         "LIVEKIT_AGENT_NAME": AGENT_NAME,
         "MORGANA_BACKEND_URL": preemptive_api.url,
         "PREEMPTIVE_GENERATION": "true",
+        "PREEMPTIVE_TTS": request.param,
     }
     worker = AgentWorker(env, tmp_path_factory.mktemp("agent-preemptive") / "agent.log").start()
     yield worker
@@ -73,6 +78,9 @@ def test_an_early_reply_the_caller_talked_over_is_never_heard_nor_kept(
     # ...and the conversation holds the sentence once, answered once.
     assert asyncio.run(caller.history()) == [("user", whole, "voice"), ("assistant", f"You said: {whole}", "voice")]
     assert TOOK_BACK in preemptive_worker.log()
+    # Speech for the early reply is made before the turn ends only with PREEMPTIVE_TTS.
+    spoken = [r["input"] for r in fake_openai.audio_requests("speech")]
+    assert (f"You said: {fragment}" in spoken) == (preemptive_worker.env["PREEMPTIVE_TTS"] == "true")
 
 
 def test_an_early_reply_the_caller_waits_for_is_spoken_and_kept_once(

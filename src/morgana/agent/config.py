@@ -69,6 +69,9 @@ class AgentSettings(CoreSettings):
     # default too). A reply dropped because the caller went on is taken back from the history
     # (morgana.agent.llm.UnheardTurns).
     preemptive_generation: bool = True
+    # Also synthesise that reply's speech before the turn is committed (livekit-agents' default:
+    # false, speech starts once it is). Dropped replies then cost their text-to-speech too.
+    preemptive_tts: bool = False
 
     # This worker's pod (the chart sets both through the downward API). With both set, the pod's
     # controller.kubernetes.io/pod-deletion-cost follows the active calls (morgana.agent.pod_cost),

@@ -223,7 +223,10 @@ async def entrypoint(ctx: JobContext) -> None:
         turn_handling={
             "turn_detection": detection,
             "endpointing": {"min_delay": settings.min_endpointing_delay, "max_delay": settings.max_endpointing_delay},
-            "preemptive_generation": {"enabled": settings.preemptive_generation},
+            "preemptive_generation": {
+                "enabled": settings.preemptive_generation,
+                "preemptive_tts": settings.preemptive_tts,
+            },
         },
     )
     jitter = JitterBuffer()
