@@ -44,7 +44,8 @@ Per configuration:
                its job processes, the worker's stage means and the API's own latency (a direct
                request every 2 s) are measured. calls_per_core = the largest N (all smaller N
                passing too) whose p95 stays under 1.5 s (the issue's bound) with every turn
-               answered before the caller speaks again.
+               answered before the caller speaks again and no reply heard with gaps (heard
+               for more than 60 ms longer than its audio lasts: an underrun).
 
 Across configurations (bench/voice_compare.py): `default` beside `today` (and
 `realistic_no_preemptive` beside `realistic`), the targets with pass/fail, and for the realistic

@@ -19,12 +19,15 @@ from livekit import rtc
 from bench.common import logger
 from bench.voice_settings import (
     CAPTURE_MS,
+    EXPECTED_REPLY,
     GAP_JITTER_S,
     GAP_S,
     HEARD_THRESHOLD,
     ONSET_QUIET_S,
+    REPLY_VOICE,
     SPEECH_EDGE_RMS,
     TRANSCRIPT,
+    UNDERRUN_TOLERANCE_S,
     UTTERANCE,
 )
 from morgana_devtools.openai_server import FakeOpenAIProcess
@@ -51,6 +54,14 @@ def trimmed_speech(samples: np.ndarray) -> np.ndarray:
     return samples[: (last + 1) * per_frame]
 
 
+def loud_span(samples: np.ndarray) -> float:
+    """Seconds from the first to the end of the last 10 ms frame louder than HEARD_THRESHOLD."""
+    per_frame = SAMPLE_RATE * FRAME_MS // 1000
+    frames = (samples[i * per_frame : (i + 1) * per_frame] for i in range(len(samples) // per_frame))
+    loud = [i for i, frame in enumerate(frames) if rms(frame) > HEARD_THRESHOLD]
+    return (loud[-1] - loud[0] + 1) * FRAME_MS / 1000 if loud else 0.0
+
+
 @dataclass
 class Turn:
     call: int
@@ -62,6 +73,11 @@ class Turn:
     latency: float | None = None  # speech_end -> onset of the agent's reply heard
     latency_said: float | None = None  # said_at -> the same onset
     overlapped: bool = False  # the agent was audible while the caller was saying this turn
+    stretch: float | None = None  # how much longer the reply was heard than its audio lasts
+
+    @property
+    def underrun(self) -> bool:
+        return self.stretch is not None and self.stretch > UNDERRUN_TOLERANCE_S
 
     # An overlapped turn met a reply that was late (or paused and resumed by the caller's
     # speech): which reply answers it is ambiguous, so it counts as failed, not as a latency.
@@ -131,6 +147,17 @@ class BenchCaller(Caller):
             index += 1
         return False
 
+    def heard_span(self, onset: float, end: float) -> float:
+        """Seconds from `onset` to the end of the last loud frame before `end`."""
+        heard = self.heard
+        index = bisect.bisect_left(heard, onset, key=lambda item: item[0])
+        last = onset
+        while index < len(heard) and heard[index][0] < end:
+            if heard[index][1] > HEARD_THRESHOLD:
+                last = heard[index][0]
+            index += 1
+        return last - onset + FRAME_MS / 1000
+
     def onset(self, start: float, end: float) -> float | None:
         """The first reply onset in [start, end): a frame louder than HEARD_THRESHOLD after at
         least ONSET_QUIET_S of quiet, so a late earlier reply still playing is not taken for it."""
@@ -156,6 +183,7 @@ class Talker:
     speech: list[rtc.AudioFrame]
     silence: rtc.AudioFrame
     rng: random.Random
+    reply_span: float  # the reply's audio, first to last loud frame
     turns: list[Turn] = field(default_factory=list)
     task: asyncio.Task | None = None
     problem: str = ""
@@ -191,6 +219,8 @@ class Talker:
         turn.latency = None if heard is None else heard - turn.speech_end
         turn.latency_said = None if heard is None else heard - turn.said_at
         turn.overlapped = self.caller.loud_between(turn.speech_start, turn.speech_end)
+        if heard is not None and self.reply_span:
+            turn.stretch = self.caller.heard_span(heard, turn.window_end) - self.reply_span
         return turn
 
     def first_turn_replied(self) -> bool:
@@ -221,6 +251,7 @@ class Calls:
         self.speech: list[rtc.AudioFrame] = []
         self.silence: rtc.AudioFrame | None = None
         self.first_turns: list[float | None] = []  # per call, in joining order
+        self.reply_span = 0.0
 
     async def prepare(self, fake: FakeOpenAIProcess, model_key: str) -> None:
         """The utterance as 20 ms frames (speech from the fake server's espeak-ng), and the STT
@@ -234,12 +265,15 @@ class Calls:
         ]
         self.silence = rtc.AudioFrame(np.zeros(per_frame, dtype=np.int16).tobytes(), SAMPLE_RATE, 1, per_frame)
         log(f"utterance {UTTERANCE!r}: {len(self.speech) * CAPTURE_MS} ms of speech")
+        # The reply as the stand-in speaks it (the same espeak-ng audio the worker plays).
+        reply = await asyncio.to_thread(speech_pcm, fake.root_url, model_key, EXPECTED_REPLY, REPLY_VOICE)
+        self.reply_span = loud_span(reply)
 
     async def add(self) -> Talker:
         assert self.silence is not None
         index = len(self.talkers) + 1
         caller = BenchCaller(self.api_url)
-        talker = Talker(index, caller, self.speech, self.silence, random.Random(1000 + index))
+        talker = Talker(index, caller, self.speech, self.silence, random.Random(1000 + index), self.reply_span)
         self.talkers.append(talker)
         await caller.join()
         talker.task = asyncio.create_task(talker.run(), name=f"call-{index}")

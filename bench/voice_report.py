@@ -206,9 +206,11 @@ class VoiceReport:
         heard = [t.latency for t in turns if t.clean]
         missed = sum(1 for t in turns if t.missed)
         overlapped = sum(1 for t in turns if t.overlapped)
+        underruns = sum(1 for t in turns if t.clean and t.underrun)
+        stretches = [t.stretch for t in turns if t.clean and t.stretch is not None]
         p95 = percentile(heard, 95)
         bound = self.config.bound
-        passed = bool(heard) and missed == 0 and overlapped == 0 and p95 < bound
+        passed = bool(heard) and missed == 0 and overlapped == 0 and underruns == 0 and p95 < bound
         cpu_pct = 100 * counters["worker_cpu_s"] / counters["seconds"]
         unexpected = sorted(text for text in replies if text != EXPECTED_REPLY)
         self.res.emit(
@@ -219,6 +221,8 @@ class VoiceReport:
                 "turns": len(turns),
                 "missed": missed,
                 "overlapped": overlapped,
+                "underruns": underruns,
+                "reply_stretch_max_ms": rounded(ms(max(stretches)) if stretches else None, 1),
                 "p50_ms": rounded(ms(percentile(heard, 50)), 1),
                 "p95_ms": rounded(ms(p95), 1),
                 "max_ms": rounded(ms(max(heard)) if heard else None, 1),
@@ -252,7 +256,8 @@ class VoiceReport:
         )
         log(
             f"{calls} calls: p50 {cell(ms(percentile(heard, 50)))} ms, p95 {cell(ms(p95))} ms, "
-            f"{missed} missed and {overlapped} overlapped of {len(turns)}, worker {cpu_pct:.0f}% of a core"
+            f"{missed} missed, {overlapped} overlapped and {underruns} with gaps of {len(turns)}, "
+            f"worker {cpu_pct:.0f}% of a core"
         )
 
     def level_failed(self, calls: int, exc: Exception) -> None:
@@ -278,7 +283,7 @@ class VoiceReport:
             "calls",
             bound_ms=rounded(bound_ms, 1),
             tested=[line["calls"] for line in levels],
-            note=f"largest N with p95 < {bound_ms:.0f} ms, no missed or overlapped turn"
+            note=f"largest N with p95 < {bound_ms:.0f} ms, no missed, overlapped or gapped turn"
             + (" (every level passed: a lower bound)" if best == tested else ""),
         )
         self.res.add(

@@ -27,6 +27,10 @@ HEARD_THRESHOLD = 300.0  # frame RMS (int16) above which agent audio counts as n
 ONSET_QUIET_S = 0.35
 CAPTURE_MS = 20  # the callers hand 20 ms frames to their audio source (half the calls of 10 ms)
 SPEECH_EDGE_RMS = 50.0  # trailing 10 ms frames of the utterance quieter than this are trimmed
+# A reply heard for longer than its audio lasts (first to last loud frame) had gaps: the worker
+# did not hand the room its audio in time, and the caller heard silence mid-reply (an underrun).
+# Opus, resampling and the 10 ms frames move the edges by a frame or two.
+UNDERRUN_TOLERANCE_S = 0.06
 GAP_S = 3.5  # silence after each utterance (plus up to GAP_JITTER_S): room for the reply
 GAP_JITTER_S = 1.0
 METRIC_PREFIX = "morgana_agent_"
@@ -44,6 +48,8 @@ PROVIDER_DELAYS_MS = {"chat": 350.0, "speech": 150.0, "transcriptions": 100.0}
 
 # The worker's defaults, from its settings class without reading this environment or a `.env`.
 _DEFAULTS = AgentSettings.model_construct()
+# The voice the worker speaks with (set explicitly, so the reply's expected length is of this voice).
+REPLY_VOICE = _DEFAULTS.tts_voice
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,7 @@ class WorkerConfig:
             "SMART_TURN_AFTER_SILENCE_SECONDS": str(self.predict_after_silence),
             "PREEMPTIVE_GENERATION": "true" if self.preemptive else "false",
             "PREEMPTIVE_TTS": "true" if self.preemptive_tts else "false",
+            "TTS_VOICE": REPLY_VOICE,
         }
 
     def describe(self) -> dict:

@@ -29,13 +29,13 @@ def _bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def speech_pcm(fake_root_url: str, api_key: str, text: str) -> np.ndarray:
-    """Real speech of `text` (the stand-in's espeak-ng voice), as 48 kHz mono int16."""
+def speech_pcm(fake_root_url: str, api_key: str, text: str, voice: str = "alloy") -> np.ndarray:
+    """Real speech of `text` (the stand-in's espeak-ng voice for `voice`), as 48 kHz mono int16."""
     response = httpx.post(
         f"{fake_root_url}/v1/audio/speech",
         timeout=30,
         headers={"Authorization": f"Bearer {api_key}"},
-        json={"model": "tts-1", "voice": "alloy", "input": text, "response_format": "wav"},
+        json={"model": "tts-1", "voice": voice, "input": text, "response_format": "wav"},
     )
     response.raise_for_status()
     with wave.open(BytesIO(response.content)) as wav:
