@@ -3,7 +3,7 @@ caller hears rather than what the worker sees.
 
 The worker sees the caller's last sound only after it has waited in this worker's WebRTC jitter
 buffer, and its first reply audio leaves well before the caller's client plays it out of its own.
-Both buffers are libwebrtc's adaptive NetEq on either side of the same SFU, 25-35 ms each over
+Both buffers are libwebrtc's adaptive NetEq on either side of the same SFU, 25-45 ms each over
 loopback and more on a lossy mobile network: left out, the worker's figure read about 0.1 s below
 the caller's (bench/voice_bench.py). This worker's buffer is measured from the caller's track
 (WebRTC `jitterBufferDelay` over `jitterBufferEmittedCount`); the caller's is not reported to
@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from livekit import rtc
 from livekit.rtc._proto import stats_pb2
@@ -29,8 +29,8 @@ class JitterBuffer:
     sampling window (seconds; 0 until measured)."""
 
     seconds: float = 0.0
-    _delay: float = 0.0
-    _emitted: int = 0
+    _delay: float = field(default=0.0, init=False, repr=False)  # the counters at the last sample
+    _emitted: int = field(default=0, init=False, repr=False)
 
     def update(self, stats: Iterable[stats_pb2.RtcStats]) -> None:
         for entry in stats:
