@@ -38,7 +38,8 @@ _FACTORIES: dict[str, Callable[[], Counter | Gauge | Histogram]] = {
     ),
     "TURN_LATENCY": lambda: _histogram(
         "turn_latency_seconds",
-        "From the caller's last sound reaching the worker to the agent's first audio leaving it (end to end).",
+        "From the caller's last sound to the agent's first audio as the caller hears it: the worker's span plus "
+        "the jitter buffers on the way (its own measured, the caller's taken to be the same).",
     ),
     "API_ERRORS": lambda: Counter(
         "api_errors_total", "Failed calls to the Morgana API by kind.", ["kind"], namespace=NAMESPACE
