@@ -75,6 +75,7 @@ class WorkerConfig:
     endpointing_delay: float  # MIN_ENDPOINTING_DELAY: the latency baseline of this configuration
     max_endpointing_delay: float
     predict_after_silence: float = _DEFAULTS.smart_turn_after_silence_seconds  # SMART_TURN_AFTER_SILENCE_SECONDS
+    stt_vad_min_silence: float = _DEFAULTS.stt_vad_min_silence_seconds  # STT_VAD_MIN_SILENCE_SECONDS
     preemptive: bool = False
     preemptive_tts: bool = _DEFAULTS.preemptive_tts  # PREEMPTIVE_TTS
     provider_delays_ms: dict[str, float] = field(default_factory=dict)  # fake server endpoint -> ms
@@ -96,6 +97,7 @@ class WorkerConfig:
             "MIN_ENDPOINTING_DELAY": str(self.endpointing_delay),
             "MAX_ENDPOINTING_DELAY": str(self.max_endpointing_delay),
             "SMART_TURN_AFTER_SILENCE_SECONDS": str(self.predict_after_silence),
+            "STT_VAD_MIN_SILENCE_SECONDS": str(self.stt_vad_min_silence),
             "PREEMPTIVE_GENERATION": "true" if self.preemptive else "false",
             "PREEMPTIVE_TTS": "true" if self.preemptive_tts else "false",
             "TTS_VOICE": REPLY_VOICE,
@@ -131,6 +133,7 @@ CONFIGS = (
         summary="silence only, as before Smart Turn: VAD 0.55 s, endpointing 0.5 s, no provider delay",
         turn_detector="vad",
         vad_min_silence=0.55,
+        stt_vad_min_silence=0.55,
         endpointing_delay=0.5,
         max_endpointing_delay=SHIPPED.max_endpointing_delay,
     ),

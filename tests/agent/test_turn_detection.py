@@ -7,6 +7,7 @@ transcripts, one per stretch of speech the VAD sends it.
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -27,8 +28,10 @@ from morgana.agent.turn import (
     SmartTurnModel,
     predict_after_silence,
 )
+from morgana.agent.worker import with_silence_window
 from morgana_devtools.openai_server import FakeOpenAIProcess
 from morgana_devtools.processes import AgentWorker
+from morgana_devtools.services import eventually_async
 from morgana_devtools.voice_client import SAMPLE_RATE as CALLER_RATE
 from morgana_devtools.voice_client import Caller, direct_token, speech_pcm
 from tests.agent.history import agent_sessions
@@ -225,3 +228,55 @@ def test_silence_alone_cuts_the_same_caller_off(
     # A room opened with a token minted elsewhere carries no call credential: its turns go to a
     # session of the agent's own account.
     assert len(agent_sessions(voice_env)) == agents_own + 1
+
+
+def test_speech_to_text_gets_its_own_shorter_window_on_the_same_model() -> None:
+    turn_vad = silero.VAD.load(min_silence_duration=0.6)
+    stt_vad = with_silence_window(turn_vad, 0.05)
+    assert stt_vad.min_silence_duration == 0.05
+    assert turn_vad.min_silence_duration == 0.6  # the turn's window is its own
+    assert stt_vad._onnx_session is turn_vad._onnx_session  # not the model loaded twice (9 MiB)
+
+
+@pytest.fixture(scope="module")
+def long_turn_worker(agent_env: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentWorker]:
+    """A worker whose turns end only after 0.8 s of VAD silence, speech-to-text's window at its
+    default (STT_VAD_MIN_SILENCE_SECONDS), and no reply before the turn ends."""
+    env = {
+        **agent_env,
+        "LIVEKIT_AGENT_NAME": "morgana-agent-long-turn",
+        "VAD_MIN_SILENCE_SECONDS": "0.8",
+        "PREEMPTIVE_GENERATION": "false",
+    }
+    worker = AgentWorker(env, tmp_path_factory.mktemp("agent-long-turn") / "agent.log").start()
+    yield worker
+    worker.stop()
+
+
+def test_the_speech_goes_to_speech_to_text_before_the_turn_ends(
+    livekit, long_turn_worker: AgentWorker, fake_openai: FakeOpenAIProcess
+) -> None:
+    """The transcript is asked for after the short STT window, not the turn's: a reply started on
+    it (preemptive generation) can be ready when the turn ends."""
+    fake_openai.set_transcript(FINISHED)
+    question = speech_pcm(fake_openai.root_url, OPENAI_KEY, FINISHED)
+
+    async def talk() -> None:
+        caller = Caller("")
+        await caller.connect(livekit.url, direct_token(livekit, "caller-long-turn", "morgana-agent-long-turn"))
+        try:
+            await eventually_async(lambda: len(caller.room.remote_participants) > 0, 30, what="an agent joined")
+            await caller.silence(1.0)
+            ended_at = await caller.say(question, trailing_silence_s=2.0)
+            await eventually_async(lambda: caller.first_audio_after(ended_at) is not None, 30, what="a reply heard")
+        finally:
+            await caller.leave()
+
+    began = time.time()  # after the caller's own speech was made by the stand-in's TTS
+    asyncio.run(talk())
+    transcribed = [r["started_at"] for r in fake_openai.audio_requests("transcriptions")]
+    spoken = [r["started_at"] for r in fake_openai.audio_requests("speech") if r["started_at"] > began]
+    assert len(transcribed) == 1 and len(spoken) == 1, (transcribed, spoken)
+    # The reply's speech is asked for once the 0.8 s turn window has ended; the transcript long
+    # before. On the turn's own window, both come within a few tens of milliseconds.
+    assert spoken[0] - transcribed[0] > 0.4, spoken[0] - transcribed[0]

@@ -61,6 +61,11 @@ class AgentSettings(CoreSettings):
     # morgana.agent.turn.predict_after_silence). Each pause this long costs one prediction.
     smart_turn_after_silence_seconds: float = Field(default=0.1, ge=0.05, le=1.0)
     vad_min_silence_seconds: float = Field(default=0.15, gt=0)
+    # The speech is sent to speech-to-text after this much VAD silence, on a VAD stream of its own
+    # (livekit-agents runs one for a non-streaming STT anyway): shorter than the turn's window, the
+    # transcript, and the reply started on it (preemptive generation), arrive before the turn ends.
+    # A pause this long splits the speech into two requests; the turn still ends on the window above.
+    stt_vad_min_silence_seconds: float = Field(default=0.05, gt=0)
     # Below this speech probability the VAD counts silence (silero's default: 0.35).
     vad_deactivation_threshold: float | None = Field(default=None, gt=0, lt=1)
     min_endpointing_delay: float = Field(default=0.2, ge=0)

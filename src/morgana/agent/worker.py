@@ -5,6 +5,7 @@ Run with `morgana-agent start` (production: drains on SIGTERM) or `morgana-agent
 """
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -13,9 +14,10 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 import openai as openai_sdk
-from livekit.agents import Agent, AgentServer, AgentSession, JobContext, JobProcess, room_io
+from livekit.agents import Agent, AgentServer, AgentSession, JobContext, JobProcess, room_io, stt
 from livekit.agents.llm import ChatMessage
 from livekit.agents.types import NOT_GIVEN
+from livekit.agents.vad import VAD
 from livekit.agents.voice import ConversationItemAddedEvent
 from livekit.agents.voice.turn import TurnDetectionMode
 from livekit.plugins import openai, silero
@@ -38,10 +40,12 @@ def prewarm(proc: JobProcess) -> None:
     """Once per process, before a call arrives: what a call would otherwise wait for."""
     settings = get_settings()
     # Both models ship in wheels (silero's VAD, pipecat's Smart Turn): nothing is downloaded.
-    proc.userdata["vad"] = silero.VAD.load(
+    vad = silero.VAD.load(
         min_silence_duration=settings.vad_min_silence_seconds,
         deactivation_threshold=settings.vad_deactivation_threshold or NOT_GIVEN,
     )
+    proc.userdata["vad"] = vad
+    proc.userdata["stt_vad"] = with_silence_window(vad, settings.stt_vad_min_silence_seconds)
     if settings.turn_detector == "smart-turn":
         proc.userdata["smart_turn"] = SmartTurnModel()
         predict_after_silence(settings.smart_turn_after_silence_seconds)
@@ -54,6 +58,13 @@ def prewarm(proc: JobProcess) -> None:
     proc.userdata["tls"] = ssl.create_default_context()
     # Exported as 0 while idle (metrics are created on first use: see morgana.agent.metrics).
     metrics.ACTIVE_CALLS.inc(0)
+
+
+def with_silence_window(vad: VAD, seconds: float) -> silero.VAD:
+    """The same silero VAD with another silence window, on the same ONNX session (each session
+    loads the model again: 9 MiB a process)."""
+    assert isinstance(vad, silero.VAD)  # silero.VAD.load is typed as returning the base class
+    return silero.VAD(session=vad._onnx_session, opts=dataclasses.replace(vad._opts, min_silence_duration=seconds))
 
 
 def speech_client(settings: AgentSettings, base_url: str | None, tls: ssl.SSLContext) -> openai_sdk.AsyncClient:
@@ -211,7 +222,12 @@ async def entrypoint(ctx: JobContext) -> None:
     ctx.add_shutdown_callback(api.aclose)
     detection = turn_detection(settings, ctx.proc)
     session: AgentSession[None] = AgentSession(
-        stt=openai.STT(model=settings.stt_model, language=settings.stt_language, client=stt_client),
+        # livekit-agents would wrap the non-streaming STT with the turn's VAD; this one's shorter
+        # window sends the speech sooner (AgentSettings.stt_vad_min_silence_seconds).
+        stt=stt.StreamAdapter(
+            stt=openai.STT(model=settings.stt_model, language=settings.stt_language, client=stt_client),
+            vad=ctx.proc.userdata["stt_vad"],
+        ),
         tts=openai.TTS(
             model=settings.tts_model,
             voice=settings.tts_voice,
