@@ -3,6 +3,7 @@
 import json
 import secrets
 import threading
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
@@ -97,6 +98,11 @@ def test_logs_are_json_with_request_ids_and_never_hold_secrets(api: ApiProcess, 
     login = client.post("/api/v1/auth/login", data={"username": email, "password": password}).json()
     session = new_session(client, login["access_token"])
     stream_chat(client, session["token"]["access_token"], "hello logs")
+    # The same route twice (the second's template from the middleware's cache), and no route.
+    deleted = [
+        client.delete(f"/api/v1/auth/sessions/{uuid.uuid4()}", headers=bearer(login["access_token"])) for _ in range(2)
+    ]
+    unrouted = client.get("/api/v1/no/such/route")
     wrong = client.post("/api/v1/auth/login", data={"username": email, "password": "Wrong_" + password})
 
     def logged() -> str:
@@ -121,6 +127,11 @@ def test_logs_are_json_with_request_ids_and_never_hold_secrets(api: ApiProcess, 
     login_lines = [r for r in requests if r["route"] == "/api/v1/auth/login"]
     assert {r["status"] for r in login_lines} >= {200, 401}
     assert all(r["request_id"] for r in requests)
+    by_id = {r["request_id"]: r for r in requests}
+    assert [by_id[r.headers["x-request-id"]]["route"] for r in deleted] == ["/api/v1/auth/sessions/{session_id}"] * 2
+    assert [by_id[r.headers["x-request-id"]]["status"] for r in deleted] == [404, 404]
+    assert by_id[unrouted.headers["x-request-id"]]["route"] == "unmatched"
+    assert by_id[wrong.headers["x-request-id"]]["route"] == "/api/v1/auth/login"
 
 
 def test_redaction_filter_masks_tokens_and_passwords() -> None:

@@ -70,6 +70,9 @@ class ApiSettings(CoreSettings):
     # chat streams opened at once on one worker) queues for longer than a few seconds, and serving it
     # late beats refusing it; clients and proxies wait longer than this.
     db_pool_timeout_seconds: float = Field(default=30.0, gt=0)
+    # A pooled connection unused for this long is tested with a round trip before it is used (0:
+    # every time). One that sat through a database restart was unused for as long as it took.
+    db_ping_after_idle_seconds: float = Field(default=0.25, ge=0)
 
     # Redis backs rate limits shared by every replica; unset means an in-process store.
     redis_url: str | None = None
