@@ -57,7 +57,9 @@ def test_a_caller_is_heard_answered_aloud_and_transcribed(
 
 def test_two_rooms_at_once_continue_two_conversations(voice_api, agent_worker, fake_openai: FakeOpenAIProcess) -> None:
     fake_openai.queue_transcripts("Caller one here", "Caller two here")
-    utterance = speech_pcm(fake_openai.root_url, OPENAI_KEY, "Hello, is anybody there?")
+    # No comma: its pause would send the speech to speech-to-text as two requests
+    # (STT_VAD_MIN_SILENCE_SECONDS), each answered with the next queued transcript.
+    utterance = speech_pcm(fake_openai.root_url, OPENAI_KEY, "Hello is anybody there?")
 
     async def one_call(caller: Caller, delay: float) -> None:
         await caller.join()
@@ -94,7 +96,9 @@ def test_barge_in_stops_the_reply_and_closes_the_api_stream(
     fake_openai.queue_scenario(reply=long_reply, delay_ms=120)
     fake_openai.queue_transcripts("Tell me everything", "Stop please")
     question = speech_pcm(fake_openai.root_url, OPENAI_KEY, "Tell me everything you know.")
-    interruption = speech_pcm(fake_openai.root_url, OPENAI_KEY, "Stop, please stop talking now.")
+    # No comma: its pause would send the speech to speech-to-text as two requests
+    # (STT_VAD_MIN_SILENCE_SECONDS), each answered with the next queued transcript.
+    interruption = speech_pcm(fake_openai.root_url, OPENAI_KEY, "Stop please stop talking now.")
 
     async def call() -> tuple[Caller, float]:
         caller = Caller(voice_api.url)

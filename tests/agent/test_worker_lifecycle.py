@@ -147,7 +147,9 @@ def test_an_unreachable_api_gets_an_apology_not_a_dead_call(
     dead_api = f"http://127.0.0.1:{free_port()}"
     env = worker_env(agent_env, own_livekit, "no-api-agent", MORGANA_BACKEND_URL=dead_api)
     worker = AgentWorker(env, tmp_path / "agent.log").start()
-    utterance = speech_pcm(fake_openai.root_url, OPENAI_KEY, "Hello, anyone home?")
+    # No comma: its pause would send the speech to speech-to-text as two requests
+    # (STT_VAD_MIN_SILENCE_SECONDS), one turn heard as two transcripts.
+    utterance = speech_pcm(fake_openai.root_url, OPENAI_KEY, "Hello anyone home?")
 
     async def call() -> Caller:
         caller = Caller("")

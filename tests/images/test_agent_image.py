@@ -72,7 +72,9 @@ def test_the_worker_registers_takes_a_call_and_drains_as_the_chart_runs_it(
         assert worker["agent_name"] == "morgana-agent", worker
 
         fake_openai.queue_transcripts("Hello from the container test")
-        utterance = speech_pcm(fake_openai.root_url, OPENAI_KEY, "Hello, can you hear me?")
+        # No comma: its pause would send the speech to speech-to-text as two requests
+        # (STT_VAD_MIN_SILENCE_SECONDS), each answered with the next queued transcript.
+        utterance = speech_pcm(fake_openai.root_url, OPENAI_KEY, "Hello can you hear me?")
 
         async def call() -> Caller:
             caller = Caller(f"http://127.0.0.1:{api_port}")
