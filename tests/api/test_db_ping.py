@@ -3,7 +3,6 @@ on the real Postgres: a connection the server dropped while it sat in the pool i
 request gets it; one handed back a moment ago is used without the round trip."""
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import text
@@ -26,27 +25,22 @@ async def backend(engine: AsyncEngine) -> int:
         return int(await conn.scalar(text("SELECT pg_backend_pid()")))
 
 
-async def drop(engine: AsyncEngine, pid: int) -> None:
-    """What a database restart does to a pooled connection."""
-    async with engine.connect() as conn:
-        assert await conn.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+async def drop(api_env: dict[str, str], pid: int) -> None:
+    """What a database restart does to a pooled connection (from a connection of its own)."""
+    admin = engine_for(api_env, 0)
+    try:
+        async with admin.connect() as conn:
+            assert await conn.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    finally:
+        await admin.dispose()
 
 
-@pytest.fixture
-def admin(api_env: dict[str, str]) -> Iterator[AsyncEngine]:
-    engine = engine_for(api_env, 0)
-    yield engine
-    asyncio.run(engine.dispose())
-
-
-def test_a_connection_dropped_while_idle_is_replaced_before_a_request_gets_it(
-    api_env: dict[str, str], admin: AsyncEngine
-) -> None:
+def test_a_connection_dropped_while_idle_is_replaced_before_a_request_gets_it(api_env: dict[str, str]) -> None:
     async def run() -> None:
         engine = engine_for(api_env, 0.2)
         try:
             dropped = await backend(engine)
-            await drop(admin, dropped)
+            await drop(api_env, dropped)
             await asyncio.sleep(0.3)
             assert await backend(engine) != dropped  # no error: pinged, found dead, replaced
         finally:
@@ -55,9 +49,7 @@ def test_a_connection_dropped_while_idle_is_replaced_before_a_request_gets_it(
     asyncio.run(run())
 
 
-def test_a_connection_handed_back_a_moment_ago_is_used_without_a_ping(
-    api_env: dict[str, str], admin: AsyncEngine
-) -> None:
+def test_a_connection_handed_back_a_moment_ago_is_used_without_a_ping(api_env: dict[str, str]) -> None:
     """The trade made for the round trip: a connection dropped within the idle window fails its
     one request (which the caller sees as a 503 or an error event), and the pool replaces it."""
 
@@ -65,7 +57,7 @@ def test_a_connection_handed_back_a_moment_ago_is_used_without_a_ping(
         engine = engine_for(api_env, 60)
         try:
             dropped = await backend(engine)
-            await drop(admin, dropped)
+            await drop(api_env, dropped)
             with pytest.raises(DBAPIError) as failed:
                 await backend(engine)
             assert failed.value.connection_invalidated
