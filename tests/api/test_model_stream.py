@@ -3,6 +3,7 @@
 import asyncio
 import json
 from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 import httpx2
 import openai
@@ -164,7 +165,9 @@ def test_errors_and_unstreamed_replies_reach_the_sdk_unchanged(fake_openai: Fake
 
 
 def test_plain_completions_send_what_the_sdk_sends_and_read_what_it_reads(fake_openai: FakeOpenAIProcess) -> None:
-    """PlainCompletions skips the SDK's request transform: the same payload must reach the model."""
+    """PlainCompletions skips the SDK's request transform: the same payload must reach the model.
+    And it streams each chunk as the decoded JSON the model sent (what langchain-openai turns the
+    SDK's pydantic chunks back into), not as a pydantic model."""
     payload = {
         "model": "m",
         "messages": [
@@ -179,18 +182,23 @@ def test_plain_completions_send_what_the_sdk_sends_and_read_what_it_reads(fake_o
         "stream_options": {"include_usage": True},
     }
 
-    async def run() -> list[str]:
+    async def run() -> tuple[list[Any], list[Any]]:
         stock = openai.AsyncOpenAI(api_key=OPENAI_KEY, base_url=fake_openai.base_url)
         plain = PlainCompletions(stock)
-        texts = []
         try:
-            for create in (stock.chat.completions.create, plain.create):
-                stream = await create(**payload)
-                texts.append("".join([c.choices[0].delta.content or "" async for c in stream if c.choices]))
+            by_sdk = [chunk async for chunk in await stock.chat.completions.create(**payload)]
+            by_plain = [chunk async for chunk in await plain.create(**payload)]
         finally:
             await stock.close()
-        return texts
+        return by_sdk, by_plain
 
-    assert asyncio.run(run()) == ["You said: second"] * 2
-    by_sdk, by_plain = fake_openai.requests()[-2:]
-    assert by_plain == by_sdk
+    sdk_chunks, plain_chunks = asyncio.run(run())
+    assert all(isinstance(chunk, dict) for chunk in plain_chunks)
+    # Two completions: the same chunks but for their ids.
+    as_sdk_read = [{**chunk.model_dump(exclude_unset=True), "id": None} for chunk in sdk_chunks]
+    assert [{**chunk, "id": None} for chunk in plain_chunks] == as_sdk_read
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in plain_chunks if c["choices"])
+    assert text == "You said: second"
+    assert plain_chunks[-1]["usage"]["completion_tokens"] > 0
+    sent_by_sdk, sent_by_plain = fake_openai.requests()[-2:]
+    assert sent_by_plain == sent_by_sdk
