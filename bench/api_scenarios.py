@@ -32,7 +32,7 @@ from bench.api_load import (
     rss_kib,
 )
 from bench.api_report import Results
-from bench.common import logger, percentile, rounded
+from bench.common import logger, percentile, rounded, tree_cpu_seconds
 
 if TYPE_CHECKING:
     from morgana_devtools.openai_server import FakeOpenAIProcess
@@ -227,6 +227,7 @@ class OpenRun:
     rss_after: int
     all_open_after: float
     wall: float
+    cpu_seconds: float  # the server's, from the first stream opened to the last closed
 
 
 async def open_many(target: Target, count: int, expected_tokens: int, reply_seconds: float = 0.0) -> OpenRun:
@@ -280,6 +281,7 @@ async def open_many(target: Target, count: int, expected_tokens: int, reply_seco
                     await asyncio.wait_for(all_done.wait(), 0.25)
 
     started = time.perf_counter()
+    cpu_before = tree_cpu_seconds(target.pid)
     async with client_session(count + 100, timeout=90) as http:
         sampling = asyncio.create_task(sampler())
 
@@ -299,6 +301,7 @@ async def open_many(target: Target, count: int, expected_tokens: int, reply_seco
             all_done.set()
             await sampling
     wall = time.perf_counter() - started
+    cpu_seconds = tree_cpu_seconds(target.pid) - cpu_before
     await asyncio.sleep(1.0)
     return OpenRun(
         results=results,
@@ -311,6 +314,7 @@ async def open_many(target: Target, count: int, expected_tokens: int, reply_seco
         rss_after=rss_kib(target.pid),
         all_open_after=max(first_event_times, default=math.nan),
         wall=wall,
+        cpu_seconds=cpu_seconds,
     )
 
 
@@ -403,6 +407,15 @@ async def bench_open_streams(
         1000 * percentile([r.total for r in b.results if r.ok], 95),
         "ms",
         note=f"ideal is ~{ideal} ms (model pacing)",
+    )
+    m_served, b_served = (sum(1 for r in run.results if r.ok) for run in (m, b))
+    res.add(
+        name,
+        "server_cpu_per_stream",
+        1000 * m.cpu_seconds / m_served if m_served else None,
+        1000 * b.cpu_seconds / b_served if b_served else None,
+        "ms",
+        note=f"{reply_tokens} tokens {delay_ms} ms apart: each arrives in a read of its own, as from a real model",
     )
     res.add(name, "rss_before", m.rss_before, b.rss_before, "KiB")
     res.add(name, "rss_peak", m.rss_peak, b.rss_peak, "KiB")
