@@ -12,6 +12,7 @@ import httpx
 import pytest
 from livekit import api as livekit_api
 
+from morgana_devtools.openai_server import FakeOpenAIProcess
 from morgana_devtools.processes import migrate
 from tests.api.sse import StreamResult, stream_chat
 from tests.conftest import AGENT_EMAIL, AGENT_PASSWORD, LIVEKIT_KEY, LIVEKIT_SECRET, bearer, new_session, register
@@ -157,3 +158,27 @@ def test_a_deleted_session_or_a_logout_ends_what_the_credential_can_do(client: h
         "/api/v1/chatbot/chat/stream", json={"messages": [{"role": "user", "content": "hi"}]}, headers=bearer(voice)
     )
     assert refused.status_code == 401, refused.text
+
+
+def test_a_typed_reply_comes_coalesced_a_spoken_one_piece_by_piece(
+    client: httpx.Client, chat_session: dict, agent_token: str, fake_openai: FakeOpenAIProcess
+) -> None:
+    """Tokens one read at a time, 10 ms apart: a typed turn's reply comes in fewer events
+    (CHAT_STREAM_COALESCE_SECONDS, 0.03 s); a call's, and one in the agent's own session (a room
+    the API did not open), each piece as it comes, since its speech waits for each sentence."""
+    credential, room = call_of(client, chat_session)
+    joined = join(client, agent_token, credential, room)
+    assert joined.status_code == 200, joined.text
+    fake_openai.set_scenario(tokens=30, delay_ms=10)
+
+    typed = say(client, chat_session["token"]["access_token"], "Typed")
+    spoken = say(client, joined.json()["token"]["access_token"], "Spoken")
+    in_own_room = say(client, new_session(client, agent_token)["token"]["access_token"], "Spoken elsewhere")
+
+    def content_events(result: StreamResult) -> int:
+        assert len(result.text.split()) == 30
+        return sum(1 for _, data in result.events if not data["done"])
+
+    assert content_events(spoken) >= 25
+    assert content_events(in_own_room) >= 25
+    assert content_events(typed) <= 20

@@ -2,12 +2,14 @@
 
 import asyncio
 import gc
+from collections.abc import AsyncGenerator
 
+import pytest
 from langchain_core.messages import AIMessageChunk
 from langchain_core.outputs import ChatGenerationChunk
 
 from morgana.api.config import ApiSettings
-from morgana.api.services.chat import ChatAgent
+from morgana.api.services.chat import ChatAgent, _in_own_task
 from morgana.api.services.utterance import Utterance
 from morgana_devtools.openai_server import FakeOpenAIProcess
 from tests.conftest import OPENAI_KEY
@@ -36,3 +38,68 @@ def test_an_open_stream_does_not_hold_the_chunks_it_has_passed_on(fake_openai: F
     held, text = asyncio.run(run())
     assert len(text.split()) == 60
     assert held is not None and held < 10, f"{held} chunks held 50 tokens into the reply"
+
+
+def test_a_coalesced_reply_comes_in_fewer_pieces_the_first_never_held(fake_openai: FakeOpenAIProcess) -> None:
+    """Tokens arriving one read at a time, 5 ms apart: with a 50 ms window the same text comes in
+    far fewer pieces, and the first piece is the first token alone, sent as it came."""
+    fake_openai.set_scenario(tokens=40, delay_ms=5)
+    settings = ApiSettings(
+        openai_api_key=OPENAI_KEY,
+        openai_base_url=fake_openai.base_url,
+        jwt_secret_key="x" * 40,
+        chat_stream_coalesce_seconds=0.05,
+    )
+
+    async def run() -> tuple[list[str], list[str]]:
+        agent = ChatAgent(settings)
+        try:
+            as_they_come = [piece async for piece in agent.stream([Utterance("user", "hi")])]
+            coalesced = [piece async for piece in agent.stream([Utterance("user", "hi")], coalesce=True)]
+        finally:
+            await agent.aclose()
+        return as_they_come, coalesced
+
+    as_they_come, coalesced = asyncio.run(run())
+    assert "".join(coalesced) == "".join(as_they_come)
+    assert len("".join(coalesced).split()) == 40
+    assert coalesced[0] == as_they_come[0]
+    assert len(coalesced) < len(as_they_come) / 2, (len(coalesced), len(as_they_come))
+
+
+async def _pieces(source: AsyncGenerator[str, None], window: float) -> list[str]:
+    return [piece async for piece in _in_own_task(source, window)]
+
+
+def test_the_window_never_holds_the_end_or_a_failure() -> None:
+    """Text that comes just before the source ends (or fails) goes out at once, not when a long
+    window would end: a turn's last text, and its `done` event, are never delayed."""
+
+    # "second" comes within the window, and is held; the source ends (or fails) while it is.
+    async def then_end() -> AsyncGenerator[str, None]:
+        yield "first"
+        await asyncio.sleep(0.01)
+        yield "second"
+        await asyncio.sleep(0.05)
+
+    async def then_fail() -> AsyncGenerator[str, None]:
+        yield "first"
+        await asyncio.sleep(0.01)
+        yield "second"
+        await asyncio.sleep(0.05)
+        raise RuntimeError("the model went away")
+
+    async def run() -> None:
+        # An hour's window: waiting for it would fail the 10 s bound below.
+        assert await asyncio.wait_for(_pieces(then_end(), 3600), 10) == ["first", "second"]
+        pieces: list[str] = []
+
+        async def collect() -> None:
+            async for piece in _in_own_task(then_fail(), 3600):
+                pieces.append(piece)
+
+        with pytest.raises(RuntimeError, match="went away"):
+            await asyncio.wait_for(collect(), 10)
+        assert pieces == ["first", "second"]
+
+    asyncio.run(run())

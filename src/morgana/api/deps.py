@@ -229,8 +229,9 @@ async def get_conversation(
     session: TurnSession, claims: ClaimsDep, agent: AgentDep, factory: SessionFactoryDep
 ) -> Conversation:
     """The conversation of the session token's chat session; its turns are stored as said on the
-    token's channel (typed, or spoken in a call)."""
-    return Conversation(agent, factory, session.id, session.recent, claims.channel)
+    token's channel (typed, or spoken in a call). The voice agent's own sessions are spoken too,
+    though stored as typed: their replies are not held to be sent in fewer events."""
+    return Conversation(agent, factory, session.id, session.recent, claims.channel, spoken=session.of_service_account)
 
 
 ConversationDep = Annotated[Conversation, Depends(get_conversation)]

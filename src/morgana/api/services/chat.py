@@ -6,6 +6,7 @@ routing can be added as graph nodes without touching the HTTP layer.
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
@@ -69,6 +70,7 @@ class ChatAgent:
 
     def __init__(self, settings: ApiSettings) -> None:
         self._system_prompt = SystemMessage(settings.system_prompt)
+        self._coalesce_seconds = settings.chat_stream_coalesce_seconds
         self._model_name = settings.llm_model
         # Its own OpenAI client: no per-message transform of requests, and the reply's text
         # deltas that arrive together merged before they are parsed (model_client).
@@ -114,11 +116,14 @@ class ChatAgent:
                 write(text)
         return {"messages": [AIMessage("".join(texts))]}
 
-    async def stream(self, conversation: Sequence[Utterance]) -> AsyncGenerator[str, None]:
-        """Yield the reply's text as it arrives; raise ChatFailure if the model fails.
+    async def stream(self, conversation: Sequence[Utterance], *, coalesce: bool = False) -> AsyncGenerator[str, None]:
+        """Yield the reply's text as it arrives; raise ChatFailure if the model fails. With
+        `coalesce`, text that arrives within CHAT_STREAM_COALESCE_SECONDS of the last piece is
+        yielded together (the first piece is never held).
 
         Closing or cancelling this generator (a client that went away) cancels the model call.
         """
+        window = self._coalesce_seconds if coalesce else 0.0
         started = time.perf_counter()
         first_token_at: float | None = None
         usage = _Usage()
@@ -126,7 +131,7 @@ class ChatAgent:
             try:
                 # aclosing: when this generator is closed at its yield (a client gone while its
                 # last event was being sent), the model call is cancelled now, not at GC.
-                async with aclosing(_in_own_task(self._text_chunks(conversation, usage))) as chunks:
+                async with aclosing(_in_own_task(self._text_chunks(conversation, usage), window)) as chunks:
                     async for text in chunks:
                         if first_token_at is None:
                             first_token_at = time.perf_counter()
@@ -184,7 +189,7 @@ class _Usage:
 _END = object()
 
 
-async def _in_own_task(source: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
+async def _in_own_task(source: AsyncGenerator[str, None], window: float = 0.0) -> AsyncGenerator[str, None]:
     """Iterate `source` in a task of its own, cancelled as soon as this generator stops, and yield
     its text in as few pieces as keeps it flowing.
 
@@ -194,9 +199,14 @@ async def _in_own_task(source: AsyncGenerator[str, None]) -> AsyncGenerator[str,
 
     Each piece joins everything queued while the last one was being sent, so a client (or an
     event loop) slower than the model gets fewer, larger events rather than a backlog of tiny
-    ones; nothing waits for more.
+    ones. With a `window` (seconds), text that comes sooner than that after the last piece waits
+    for the window to end, and goes out with whatever else came meanwhile: a model sending one
+    token per read then costs an event (its framing, the middleware and a socket write) per
+    window rather than per token. The first piece, and the end of the source, are never held.
     """
+    loop = asyncio.get_running_loop()
     queue: asyncio.Queue[object] = asyncio.Queue()
+    source_done: asyncio.Future[None] = loop.create_future()
 
     async def pump() -> None:
         try:
@@ -206,8 +216,11 @@ async def _in_own_task(source: AsyncGenerator[str, None]) -> AsyncGenerator[str,
         except Exception as exc:
             queue.put_nowait(exc)
         queue.put_nowait(_END)
+        if not source_done.done():
+            source_done.set_result(None)
 
     task = asyncio.create_task(pump())
+    last_sent = -math.inf
     try:
         while True:
             item = await queue.get()
@@ -215,6 +228,10 @@ async def _in_own_task(source: AsyncGenerator[str, None]) -> AsyncGenerator[str,
                 return
             if isinstance(item, Exception):
                 raise item
+            held = last_sent + window - loop.time()
+            if held > 0 and not source_done.done():
+                # Until the window ends, or at once when the source does.
+                await asyncio.wait([source_done], timeout=held)
             pieces = [cast(str, item)]  # pump() queues the source's str items, an exception or _END
             ending: object = None
             while ending is None and not queue.empty():
@@ -224,6 +241,7 @@ async def _in_own_task(source: AsyncGenerator[str, None]) -> AsyncGenerator[str,
                 else:
                     pieces.append(cast(str, item))
             yield "".join(pieces)
+            last_sent = loop.time()
             if ending is _END:
                 return
             if isinstance(ending, Exception):

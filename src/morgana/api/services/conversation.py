@@ -73,12 +73,16 @@ class Conversation:
         session_id: uuid.UUID,
         recent: list[Utterance],
         channel: Channel = Channel.CHAT,
+        *,
+        spoken: bool = False,
     ) -> None:
         self._agent = agent
         self._session_factory = session_factory
         self._session_id = session_id
         self._recent = recent
         self._channel = channel
+        # A spoken reply is not held to be sent in fewer events: its speech waits for each sentence.
+        self._coalesce = channel is Channel.CHAT and not spoken
 
     def begin(self, said: Sequence[Utterance], turn_id: uuid.UUID | None = None) -> "Turn":
         """Start a turn on the session's recent history (read with the session itself, before any
@@ -88,7 +92,7 @@ class Conversation:
         async def store(turn: list[Utterance]) -> None:
             await self.store(turn, turn_id)
 
-        return Turn(self._agent, store, [*self._recent, *said], list(said))
+        return Turn(self._agent, store, [*self._recent, *said], list(said), coalesce=self._coalesce)
 
     async def store(self, turn: list[Utterance], turn_id: uuid.UUID | None = None) -> None:
         """Store a whole turn in one transaction; HistoryUnavailable if it cannot be, TurnWithdrawn
@@ -112,11 +116,14 @@ class Turn:
         store: Callable[[list[Utterance]], Awaitable[None]],
         context: list[Utterance],
         said: list[Utterance],
+        *,
+        coalesce: bool = False,
     ) -> None:
         self._agent = agent
         self._store = store
         self._context = context
         self._said = said
+        self._coalesce = coalesce
 
     async def events(self) -> AsyncGenerator[TurnEvent, None]:
         """The reply as it arrives; the last event is TurnStored or TurnFailed."""
@@ -125,7 +132,7 @@ class Turn:
         parts: list[str] = []
         try:
             # aclosing: a client that goes away closes the model stream now, not at GC.
-            async with aclosing(self._agent.stream(self._context)) as reply_parts:
+            async with aclosing(self._agent.stream(self._context, coalesce=self._coalesce)) as reply_parts:
                 async for part in reply_parts:
                     parts.append(part)
                     yield ReplyText(part)

@@ -22,9 +22,11 @@ class SessionWithHistory:
     user_id: int
     token_version: int
     recent: list[Utterance]
+    # The voice agent's own session (a room the API did not open): its turns are spoken.
+    of_service_account: bool = False
 
 
-def _session_with_recent() -> Select[tuple[int, int, int | None, str | None, str | None]]:
+def _session_with_recent() -> Select[tuple[int, int, bool, int | None, str | None, str | None]]:
     recent = (
         select(ChatMessage.id, ChatMessage.role, ChatMessage.content)
         .where(ChatMessage.session_id == ChatSession.id)
@@ -33,7 +35,14 @@ def _session_with_recent() -> Select[tuple[int, int, int | None, str | None, str
         .lateral()
     )
     return (
-        select(ChatSession.user_id, User.token_version, recent.c.id, recent.c.role, recent.c.content)
+        select(
+            ChatSession.user_id,
+            User.token_version,
+            User.is_service_account,
+            recent.c.id,
+            recent.c.role,
+            recent.c.content,
+        )
         .join(User, User.id == ChatSession.user_id)
         .outerjoin(recent, true())
         .where(ChatSession.id == bindparam("session_id", type_=ChatSession.id.type))
@@ -50,12 +59,13 @@ async def session_with_recent(conn: AsyncConnection, session_id: uuid.UUID, limi
     rows = (await conn.execute(_SESSION_WITH_RECENT, {"session_id": session_id, "limit": limit})).all()
     if not rows:
         return None
-    messages = sorted((row[2], row[3], row[4]) for row in rows if row[2] is not None)
+    messages = sorted((row[3], row[4], row[5]) for row in rows if row[3] is not None)
     return SessionWithHistory(
         session_id,
         rows[0][0],
         rows[0][1],
         [Utterance(_checked_role(message_id, role), content) for message_id, role, content in messages],
+        of_service_account=rows[0][2],
     )
 
 
