@@ -96,8 +96,8 @@ class ApiSettings(CoreSettings):
     llm_timeout_seconds: float = Field(default=60.0, gt=0)
     llm_max_retries: int = Field(default=2, ge=0)
     # A typed turn's reply: text that arrives within this long of the last event sent goes out in
-    # one event (the first event is never held). A voice call's turns are not held: its speech
-    # waits for each sentence. 0: each piece as it comes.
+    # one event (the first event is never held). Spoken turns (a call's, the agent's own
+    # sessions') are not held: speech waits for each sentence. 0: each piece as it comes.
     chat_stream_coalesce_seconds: float = Field(default=0.03, ge=0, le=1)
     system_prompt: str = (
         "You are Morgana, a helpful voice and chat assistant. Answer clearly and concisely; "
