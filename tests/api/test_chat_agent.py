@@ -42,7 +42,7 @@ def test_an_open_stream_does_not_hold_the_chunks_it_has_passed_on(fake_openai: F
 
 def test_a_coalesced_reply_comes_in_fewer_pieces_the_first_never_held(fake_openai: FakeOpenAIProcess) -> None:
     """Tokens arriving one read at a time, 5 ms apart: with a 50 ms window the same text comes in
-    far fewer pieces, and the first piece is the first token alone, sent as it came."""
+    far fewer pieces, and the first piece is sent as it came (held, it would carry ~10 tokens)."""
     fake_openai.set_scenario(tokens=40, delay_ms=5)
     settings = ApiSettings(
         openai_api_key=OPENAI_KEY,
@@ -63,7 +63,7 @@ def test_a_coalesced_reply_comes_in_fewer_pieces_the_first_never_held(fake_opena
     as_they_come, coalesced = asyncio.run(run())
     assert "".join(coalesced) == "".join(as_they_come)
     assert len("".join(coalesced).split()) == 40
-    assert coalesced[0] == as_they_come[0]
+    assert len(coalesced[0].split()) <= 3, coalesced[0]  # a busy machine may read two tokens at once
     assert len(coalesced) < len(as_they_come) / 2, (len(coalesced), len(as_they_come))
 
 
