@@ -9,7 +9,7 @@ from langchain_core.messages import AIMessageChunk
 from langchain_core.outputs import ChatGenerationChunk
 
 from morgana.api.config import ApiSettings
-from morgana.api.services.chat import ChatAgent, _in_own_task
+from morgana.api.services.chat import ChatAgent, ReplyContext, _in_own_task, _Usage
 from morgana.api.services.utterance import Utterance
 from morgana_devtools.openai_server import FakeOpenAIProcess
 from tests.conftest import OPENAI_KEY
@@ -65,6 +65,53 @@ def test_a_coalesced_reply_comes_in_fewer_pieces_the_first_never_held(fake_opena
     assert len("".join(coalesced).split()) == 40
     assert len(coalesced[0].split()) <= 3, coalesced[0]  # a busy machine may read two tokens at once
     assert len(coalesced) < len(as_they_come) / 2, (len(coalesced), len(as_they_come))
+
+
+def test_a_reply_that_arrives_in_one_burst_starts_with_its_first_token_alone(fake_openai: FakeOpenAIProcess) -> None:
+    """200 tokens with no delay (a fast model; mostly one network read): the first piece is the
+    first token alone, not the whole burst merged (model_stream passes the first text on first)."""
+    fake_openai.set_scenario(tokens=200, delay_ms=0)
+    settings = ApiSettings(openai_api_key=OPENAI_KEY, openai_base_url=fake_openai.base_url, jwt_secret_key="x" * 40)
+
+    async def run() -> list[str]:
+        agent = ChatAgent(settings)
+        try:
+            return [piece async for piece in agent.stream([Utterance("user", "hi")])]
+        finally:
+            await agent.aclose()
+
+    pieces = asyncio.run(run())
+    assert len("".join(pieces).split()) == 200
+    assert len(pieces[0].split()) == 1, pieces[0][:80]
+    assert len(pieces) < 20, len(pieces)  # the rest still comes merged, not token by token
+
+
+def test_the_graph_reads_no_more_of_a_burst_until_its_first_text_is_taken(fake_openai: FakeOpenAIProcess) -> None:
+    """The node, LangGraph and the reader are separate tasks: unless the node waits for the first
+    text to be taken (`ReplyContext.first_text_sent`), it parses the rest of a burst before the
+    reader can send the first text (0.7 ms of a 200-token burst in the API)."""
+    fake_openai.set_scenario(tokens=200, delay_ms=0)
+    settings = ApiSettings(openai_api_key=OPENAI_KEY, openai_base_url=fake_openai.base_url, jwt_secret_key="x" * 40)
+
+    async def run() -> tuple[str, bool, str]:
+        agent = ChatAgent(settings)
+        context = ReplyContext(asyncio.Event())
+        chunks = agent._text_chunks([Utterance("user", "hi")], context, _Usage())
+        try:
+            first = await anext(chunks)
+            rest = asyncio.ensure_future(anext(chunks))
+            done, _ = await asyncio.wait([rest], timeout=0.3)
+            context.first_text_sent.set()
+            texts = [first, await rest, *[text async for text in chunks]]
+        finally:
+            await chunks.aclose()
+            await agent.aclose()
+        return first, not done, "".join(texts)
+
+    first, waited, text = asyncio.run(run())
+    assert len(first.split()) == 1
+    assert waited, "the rest of the burst came before the first text was taken"
+    assert len(text.split()) == 200
 
 
 async def _pieces(source: AsyncGenerator[str, None], window: float) -> list[str]:

@@ -8,8 +8,10 @@ from typing import Any
 import httpx2
 import openai
 import pytest
+from langchain_core.messages import AIMessage, ChatMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_openai import ChatOpenAI
 
-from morgana.api.services.model_client import PlainCompletions
+from morgana.api.services.model_client import HistoryChatOpenAI, PlainCompletions, _plain_reply_as_chat_message
 from morgana.api.services.model_stream import MergingHttpClient, MergingStream, merge_events
 from morgana_devtools.openai_server import FakeOpenAIProcess
 from tests.conftest import OPENAI_KEY
@@ -105,8 +107,27 @@ def test_only_what_arrives_in_one_read_is_merged_and_split_events_are_completed_
         [chunk({"content": "b"})],
         [chunk({"content": "c"})],
     ]
-    upstream = Reads([first + second])
-    assert [parsed(data) for data in asyncio.run(collect(MergingStream(upstream)))] == [[chunk({"content": "abc"})]]
+    upstream = Reads([first + second, first + second])
+    assert [parsed(data) for data in asyncio.run(collect(MergingStream(upstream)))] == [
+        [chunk({"content": "a"})],  # the reply's first text: passed on before the rest is looked at
+        [chunk({"content": "bc"})],
+        [chunk({"content": "abc"})],
+    ]
+
+
+def test_the_first_text_of_a_burst_is_passed_on_before_the_rest_is_merged() -> None:
+    role = chunk({"role": "assistant", "content": ""})
+    texts = [chunk({"content": word}) for word in ("One", " two", " three")]
+    finish = chunk({}, finish="stop")
+    reads = asyncio.run(collect(MergingStream(Reads([sse(role, *texts, finish, "[DONE]")]))))
+    assert [parsed(data) for data in reads] == [
+        [role, texts[0]],
+        [chunk({"content": " two three"}), finish, "[DONE]"],
+    ]
+    # No text yet (the role chunk alone, an empty delta): nothing is split off until one comes.
+    empty = chunk({"content": ""})
+    reads = asyncio.run(collect(MergingStream(Reads([sse(role), sse(empty, *texts)]))))
+    assert [parsed(data) for data in reads] == [[role], [empty, texts[0]], [chunk({"content": " two three"})]]
 
 
 def test_a_delta_with_nothing_to_merge_with_passes_byte_for_byte() -> None:
@@ -202,3 +223,30 @@ def test_plain_completions_send_what_the_sdk_sends_and_read_what_it_reads(fake_o
     assert plain_chunks[-1]["usage"]["completion_tokens"] > 0
     sent_by_sdk, sent_by_plain = fake_openai.requests()[-2:]
     assert sent_by_plain == sent_by_sdk
+
+
+def test_the_history_model_builds_the_payload_langchain_openai_builds() -> None:
+    """HistoryChatOpenAI converts long plain replies as ChatMessages, to skip langchain-openai's
+    per-character scan of an AIMessage's text: the request's payload must be the same, for
+    short and long replies, and for replies with more than text (converted as they are)."""
+    long_reply = "A reply of some length. " * 40
+    tool_call = {"name": "lookup", "args": {"q": "x"}, "id": "call_1", "type": "tool_call"}
+    messages = [
+        SystemMessage("Be brief."),
+        HumanMessage("first"),
+        AIMessage("short"),
+        HumanMessage("second " * 50),
+        AIMessage(long_reply),
+        AIMessage(long_reply, name="helper"),
+        AIMessage(long_reply, tool_calls=[tool_call]),
+        ToolMessage("found", tool_call_id="call_1"),
+        AIMessage(long_reply, additional_kwargs={"audio": {"id": "audio_1"}}),
+        HumanMessage("third"),
+    ]
+    options: dict[str, Any] = {"model": "gpt-4o-mini", "api_key": "sk-test", "temperature": 0.7, "max_tokens": 64}
+    stock = ChatOpenAI(**options)._get_request_payload(messages, stream=True)
+    ours = HistoryChatOpenAI(**options)._get_request_payload(messages, stream=True)
+    assert json.dumps(ours) == json.dumps(stock)  # the same keys, in the same order
+    assert ours["messages"][4] == {"content": long_reply, "role": "assistant"}
+    assert isinstance(_plain_reply_as_chat_message(messages[4]), ChatMessage)
+    assert all(_plain_reply_as_chat_message(m) is m for i, m in enumerate(messages) if i != 4)

@@ -14,11 +14,20 @@ for work this API does not need:
   is. `MergingHttpClient` (model_stream) merges the text deltas that arrive together first.
 
 Everything else is the SDK's: retries, timeouts, errors, streaming, authentication.
+
+`HistoryChatOpenAI` is langchain-openai's ChatOpenAI with one cost taken out of each request:
+converting a past reply (an AIMessage) to the request's dict scans its text one character at a
+time (looking for audio blocks, which only list content has): 1.2 ms for 19 replies of 200
+tokens, before the request is sent. Long plain replies are converted as the same dict by
+langchain's own code for a ChatMessage with the assistant's role: 0.13 ms.
 """
 
 from typing import Any
 
 import openai
+from langchain_core.language_models import LanguageModelInput
+from langchain_core.messages import AIMessage, BaseMessage, ChatMessage
+from langchain_openai import ChatOpenAI
 from openai._base_client import make_request_options
 from openai.resources.chat.completions import AsyncCompletions
 from openai.types.chat import ChatCompletion
@@ -68,3 +77,31 @@ def chat_completions(settings: ApiSettings) -> tuple[openai.AsyncOpenAI, PlainCo
         http_client=MergingHttpClient(),
     )
     return client, PlainCompletions(client)
+
+
+# Below this many characters, a reply's scan costs less than building a ChatMessage (3 us).
+_SCANNED_REPLY_CHARS = 100
+
+
+def _plain_reply_as_chat_message(message: BaseMessage) -> BaseMessage:
+    """A long plain-text AIMessage (no name, tool calls or extras) as the ChatMessage that
+    langchain-openai converts to the same `{"content", "role": "assistant"}` dict."""
+    if (
+        type(message) is AIMessage
+        and isinstance(message.content, str)
+        and len(message.content) > _SCANNED_REPLY_CHARS
+        and not (message.name or message.tool_calls or message.invalid_tool_calls or message.additional_kwargs)
+    ):
+        return ChatMessage(content=message.content, role="assistant")
+    return message
+
+
+class HistoryChatOpenAI(ChatOpenAI):
+    """ChatOpenAI whose request payload is built without scanning past replies character by
+    character (see the module docstring); the payload is the same."""
+
+    def _get_request_payload(
+        self, input_: LanguageModelInput, *, stop: list[str] | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        messages = [_plain_reply_as_chat_message(m) for m in self._convert_input(input_).to_messages()]
+        return super()._get_request_payload(messages, stop=stop, **kwargs)

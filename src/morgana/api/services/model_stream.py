@@ -5,8 +5,11 @@ objects from it, langchain turns those into message chunks, LangGraph passes eac
 against about 0.01 ms to read its bytes. When several chunks arrive in one network read (a
 fast model, or an API process too busy to read each one as it comes), their text is merged
 into the first one's event here, so those layers run once per read rather than once per token.
-Nothing waits for more: a chunk is passed on in the read it arrived in, so the time to the first
-token and the pace of the stream are unchanged. The client sees the same text.
+Nothing waits for more: a chunk is passed on in the read it arrived in, so the pace of the stream
+is unchanged. The reply's first text is passed on before the rest of its read is looked at, so a
+reply that arrives in one burst starts as soon as its first token is parsed (with the graph node's
+wait for it, `chat.ReplyContext`: a 200-token burst's first event 0.5-0.9 ms sooner). The client
+sees the same text.
 
 Only plain text deltas are merged: one choice, `delta` holding `content` alone, no finish
 reason, log probabilities or usage, the same completion, model and choice index. Everything else (the role chunk,
@@ -64,6 +67,18 @@ class _Merged:
         return b"data: " + orjson.dumps(self.chunk) + _EVENT_END
 
 
+def split_after_first_text(data: bytes) -> tuple[bytes, bytes] | None:
+    """`(events through the first non-empty text delta, the events after it)`, if `data` (complete
+    SSE events) holds one; only the events up to it are parsed."""
+    start = 0
+    while (end := data.find(_EVENT_END, start)) >= 0:
+        delta = _text_delta(data[start:end])
+        start = end + len(_EVENT_END)
+        if delta is not None and delta[1]:
+            return data[:start], data[start:]
+    return None
+
+
 def merge_events(data: bytes) -> bytes:
     """Complete SSE events (each ending with a blank line), consecutive text deltas merged."""
     out: list[bytes] = []
@@ -94,6 +109,7 @@ class MergingStream(httpx2.AsyncByteStream):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         pending = b""  # an event not yet complete
         raw = False  # CRLF line ends: passed through untouched
+        texting = False  # the reply's first text has been passed on
         async for data in self._upstream:
             if raw or b"\r" in data:
                 raw = True
@@ -104,8 +120,12 @@ class MergingStream(httpx2.AsyncByteStream):
             last_end = pending.rfind(_EVENT_END)
             if last_end >= 0:
                 cut = last_end + len(_EVENT_END)
-                out = merge_events(pending[:cut])
-                pending = pending[cut:]
+                complete, pending = pending[:cut], pending[cut:]
+                if not texting and (split := split_after_first_text(complete)) is not None:
+                    texting = True
+                    first, complete = split
+                    yield first
+                out = merge_events(complete)
                 if out:
                     yield out
         if pending:
