@@ -150,3 +150,25 @@ def test_the_window_never_holds_the_end_or_a_failure() -> None:
         assert pieces == ["first", "second"]
 
     asyncio.run(run())
+
+
+def test_a_silent_source_gets_empty_keepalive_pieces_and_the_same_text() -> None:
+    """With a keep-alive interval, each stretch without text longer than it yields empty pieces (the
+    route sends them as `: ping` comments); without one, only the text."""
+
+    async def slow() -> AsyncGenerator[str, None]:
+        await asyncio.sleep(0.35)
+        yield "a"
+        await asyncio.sleep(0.35)
+        yield "b"
+
+    async def run() -> tuple[list[str], list[str]]:
+        with_keepalive = [piece async for piece in _in_own_task(slow(), keepalive=0.1)]
+        return with_keepalive, await _pieces(slow(), 0.0)
+
+    with_keepalive, without = asyncio.run(run())
+    assert without == ["a", "b"]
+    assert [piece for piece in with_keepalive if piece] == ["a", "b"]
+    first, second = with_keepalive.index("a"), with_keepalive.index("b")
+    assert first >= 1 and second - first >= 2, with_keepalive  # empties before each piece of text
+    assert second == len(with_keepalive) - 1  # and none once the source has ended

@@ -99,6 +99,9 @@ class ApiSettings(CoreSettings):
     # one event (the first event is never held). Spoken turns (a call's, the agent's own
     # sessions') are not held: speech waits for each sentence. 0: each piece as it comes.
     chat_stream_coalesce_seconds: float = Field(default=0.03, ge=0, le=1)
+    # A chat stream with no text for this long gets an SSE comment (`: ping`), so that proxies
+    # with idle timeouts keep the connection while the model thinks.
+    chat_stream_keepalive_seconds: float = Field(default=15.0, gt=0)
     system_prompt: str = (
         "You are Morgana, a helpful voice and chat assistant. Answer clearly and concisely; "
         "your replies may be read aloud, so avoid markdown and long lists."

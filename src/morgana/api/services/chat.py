@@ -119,10 +119,13 @@ class ChatAgent:
                     await runtime.context.first_text_sent.wait()
         return {"messages": [AIMessage("".join(texts))]}
 
-    async def stream(self, conversation: Sequence[Utterance], *, coalesce: bool = False) -> AsyncGenerator[str, None]:
+    async def stream(
+        self, conversation: Sequence[Utterance], *, coalesce: bool = False, keepalive: float | None = None
+    ) -> AsyncGenerator[str, None]:
         """Yield the reply's text as it arrives; raise ChatFailure if the model fails. With
         `coalesce`, text that arrives within CHAT_STREAM_COALESCE_SECONDS of the last piece is
-        yielded together (the first piece is never held).
+        yielded together (the first piece is never held). With `keepalive` (seconds), an empty
+        piece comes after that long without text: the reply is still on its way.
 
         Closing or cancelling this generator (a client that went away) cancels the model call.
         """
@@ -135,8 +138,12 @@ class ChatAgent:
             try:
                 # aclosing: when this generator is closed at its yield (a client gone while its
                 # last event was being sent), the model call is cancelled now, not at GC.
-                async with aclosing(_in_own_task(self._text_chunks(conversation, context, usage), window)) as chunks:
+                pieces = _in_own_task(self._text_chunks(conversation, context, usage), window, keepalive)
+                async with aclosing(pieces) as chunks:
                     async for text in chunks:
+                        if not text:
+                            yield text  # a keep-alive
+                            continue
                         if first_token_at is None:
                             first_token_at = time.perf_counter()
                             metrics.LLM_TIME_TO_FIRST_TOKEN.observe(first_token_at - started)
@@ -210,7 +217,9 @@ class _Usage:
 _END = object()
 
 
-async def _in_own_task(source: AsyncGenerator[str, None], window: float = 0.0) -> AsyncGenerator[str, None]:
+async def _in_own_task(
+    source: AsyncGenerator[str, None], window: float = 0.0, keepalive: float | None = None
+) -> AsyncGenerator[str, None]:
     """Iterate `source` in a task of its own, cancelled as soon as this generator stops, and yield
     its text in as few pieces as keeps it flowing.
 
@@ -224,6 +233,8 @@ async def _in_own_task(source: AsyncGenerator[str, None], window: float = 0.0) -
     for the window to end, and goes out with whatever else came meanwhile: a model sending one
     token per read then costs an event (its framing, the middleware and a socket write) per
     window rather than per token. The first piece, and the end of the source, are never held.
+    With a `keepalive` (seconds), an empty piece is yielded whenever that long passes with nothing
+    from the source.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[object] = asyncio.Queue()
@@ -244,7 +255,15 @@ async def _in_own_task(source: AsyncGenerator[str, None], window: float = 0.0) -
     last_sent = -math.inf
     try:
         while True:
-            item = await queue.get()
+            if keepalive is None:
+                item = await queue.get()
+            else:
+                try:
+                    async with asyncio.timeout(keepalive):
+                        item = await queue.get()
+                except TimeoutError:
+                    yield ""
+                    continue
             if item is _END:
                 return
             if isinstance(item, Exception):

@@ -47,6 +47,11 @@ class ReplyText:
 
 
 @dataclass(frozen=True, slots=True)
+class StillReplying:
+    """No text for a while (the keep-alive interval): the reply is still on its way."""
+
+
+@dataclass(frozen=True, slots=True)
 class TurnStored:
     """The reply is complete and the whole turn is in the history: always the last event."""
 
@@ -59,7 +64,7 @@ class TurnFailed:
     message: str
 
 
-TurnEvent = ReplyText | TurnStored | TurnFailed
+TurnEvent = ReplyText | StillReplying | TurnStored | TurnFailed
 
 
 class Conversation:
@@ -125,15 +130,20 @@ class Turn:
         self._said = said
         self._coalesce = coalesce
 
-    async def events(self) -> AsyncGenerator[TurnEvent, None]:
-        """The reply as it arrives; the last event is TurnStored or TurnFailed."""
+    async def events(self, keepalive: float | None = None) -> AsyncGenerator[TurnEvent, None]:
+        """The reply as it arrives; the last event is TurnStored or TurnFailed. With `keepalive`
+        (seconds), StillReplying comes after that long without text."""
         metrics.CHAT_STREAMS_OPEN.inc()
         outcome = "error"
         parts: list[str] = []
         try:
             # aclosing: a client that goes away closes the model stream now, not at GC.
-            async with aclosing(self._agent.stream(self._context, coalesce=self._coalesce)) as reply_parts:
+            reply = self._agent.stream(self._context, coalesce=self._coalesce, keepalive=keepalive)
+            async with aclosing(reply) as reply_parts:
                 async for part in reply_parts:
+                    if not part:
+                        yield StillReplying()
+                        continue
                     parts.append(part)
                     yield ReplyText(part)
             await self._store([*self._said, Utterance("assistant", "".join(parts))])

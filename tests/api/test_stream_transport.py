@@ -1,0 +1,78 @@
+"""The chat stream as a transport: its headers, keep-alive comments while the model is silent, and
+a server told to stop letting an open reply finish."""
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from morgana_devtools.openai_server import FakeOpenAIProcess
+from morgana_devtools.processes import ApiProcess
+from tests.conftest import bearer, new_session, register
+
+CHAT = "/api/v1/chatbot/chat/stream"
+
+
+@pytest.fixture(scope="module")
+def api_with_short_keepalive(api_env: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiProcess]:
+    env = {**api_env, "CHAT_STREAM_KEEPALIVE_SECONDS": "0.2"}
+    with ApiProcess(env, tmp_path_factory.mktemp("keepalive-api") / "api.log") as process:
+        yield process
+
+
+def session_token(http: httpx.Client) -> str:
+    user_token = register(http)["token"]["access_token"]
+    return str(new_session(http, user_token)["token"]["access_token"])
+
+
+def data_events(lines: list[str]) -> list[dict]:
+    return [json.loads(line[len("data:") :]) for line in lines if line.startswith("data:")]
+
+
+def test_a_silent_model_gets_ping_comments_and_the_reply_is_unchanged(
+    api_with_short_keepalive: ApiProcess, fake_openai: FakeOpenAIProcess
+) -> None:
+    """A model silent for 1 s with a 0.2 s keep-alive: comment lines (which SSE clients ignore)
+    keep proxies from closing the connection; the events are the same."""
+    fake_openai.set_scenario(first_delay_ms=1000)
+    with httpx.Client(base_url=api_with_short_keepalive.url, timeout=20) as http:
+        token = session_token(http)
+        with http.stream(
+            "POST", CHAT, headers=bearer(token), json={"messages": [{"role": "user", "content": "hi"}]}
+        ) as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            assert r.headers["cache-control"] == "no-cache"
+            assert r.headers["x-accel-buffering"] == "no"  # nginx (and its ingress) must not buffer events
+            lines = [line for line in r.iter_lines() if line]
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data:"))
+    assert lines[:first_data] == [": ping"] * first_data
+    assert first_data >= 3, lines[:6]
+    events = data_events(lines)
+    assert "".join(e["content"] for e in events) == "You said: hi"
+    assert events[-1] == {"content": "", "done": True}
+
+
+def test_a_server_told_to_stop_lets_an_open_reply_finish(
+    api_env: dict, fake_openai: FakeOpenAIProcess, tmp_path: Path
+) -> None:
+    """SIGTERM (a rolling update, a scale-down) while a reply streams: the server stops taking
+    requests, the reply is sent to its end and stored, then the process exits."""
+    with ApiProcess(api_env, tmp_path / "api.log") as api, httpx.Client(base_url=api.url, timeout=20) as http:
+        token = session_token(http)
+        fake_openai.queue_scenario(tokens=30, delay_ms=50)
+        body = {"messages": [{"role": "user", "content": "a long answer"}]}
+        with http.stream("POST", CHAT, headers=bearer(token), json=body) as r:
+            lines = r.iter_lines()
+            received = [next(line for line in lines if line.startswith("data:"))]
+            assert api.process is not None
+            api.process.send_signal(signal.SIGTERM)
+            received += [line for line in lines if line]
+        events = data_events(received)
+        assert events[-1] == {"content": "", "done": True}  # stored before this event
+        assert len("".join(e["content"] for e in events).split()) == 30
+        # uvicorn exits by the signal it was sent, re-raised once it has shut down.
+        assert api.process.wait(timeout=20) in (0, -signal.SIGTERM)
