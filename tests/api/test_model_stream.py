@@ -11,9 +11,13 @@ import pytest
 from langchain_core.messages import AIMessage, ChatMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_openai import ChatOpenAI
 
+from morgana.api.config import ApiSettings
+from morgana.api.services.chat import ChatAgent, ChatFailure
 from morgana.api.services.model_client import HistoryChatOpenAI, PlainCompletions, _plain_reply_as_chat_message
 from morgana.api.services.model_stream import MergingHttpClient, MergingStream, merge_events
+from morgana.api.services.utterance import Utterance
 from morgana_devtools.openai_server import FakeOpenAIProcess
+from morgana_devtools.services import free_port
 from tests.conftest import OPENAI_KEY
 
 
@@ -183,6 +187,35 @@ def test_errors_and_unstreamed_replies_reach_the_sdk_unchanged(fake_openai: Fake
             await client.close()
 
     asyncio.run(run())
+
+
+def test_a_model_that_cannot_be_reached_is_unavailable_and_one_that_stalls_timed_out(
+    fake_openai: FakeOpenAIProcess,
+) -> None:
+    """The aiohttp transport reports a refused connection as a connect timeout; clients must be
+    told the model is unavailable, not that it was slow. A model that stalls is a timeout."""
+    fake_openai.set_scenario(stall_after=0)
+
+    async def outcome(base_url: str) -> str:
+        settings = ApiSettings(
+            openai_api_key=OPENAI_KEY,
+            openai_base_url=base_url,
+            jwt_secret_key="x" * 40,
+            llm_max_retries=0,
+            llm_timeout_seconds=0.5,
+        )
+        agent = ChatAgent(settings)
+        try:
+            async for _ in agent.stream([Utterance("user", "hi")]):
+                pass
+        except ChatFailure as failure:
+            return failure.code
+        finally:
+            await agent.aclose()
+        return "replied"
+
+    assert asyncio.run(outcome(f"http://127.0.0.1:{free_port()}/v1")) == "llm_unavailable"
+    assert asyncio.run(outcome(fake_openai.base_url)) == "llm_timeout"
 
 
 def test_plain_completions_send_what_the_sdk_sends_and_read_what_it_reads(fake_openai: FakeOpenAIProcess) -> None:
