@@ -149,6 +149,8 @@ def test_oversized_and_malformed_bodies_are_rejected(client: httpx.Client, chat_
         ({"fail_after": 3, "fail_mode": "abort"}, "llm_unavailable"),
         ({"fail_after": 3, "fail_mode": "error_event"}, "llm_unavailable"),
         ({"stall_after": 2}, "llm_timeout"),
+        # Bytes (keep-alive comments) but no text for LLM_TIMEOUT_SECONDS (3 s here) is a timeout too.
+        ({"stall_after": 2, "keepalive_ms": 300}, "llm_timeout"),
     ],
 )
 def test_model_failures_end_the_stream_with_an_error_event(

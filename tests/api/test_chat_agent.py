@@ -95,13 +95,13 @@ def test_the_graph_reads_no_more_of_a_burst_until_its_first_text_is_taken(fake_o
 
     async def run() -> tuple[str, bool, str]:
         agent = ChatAgent(settings)
-        context = ReplyContext(asyncio.Event())
+        context = ReplyContext(asyncio.get_running_loop().create_future())
         chunks = agent._text_chunks([Utterance("user", "hi")], context, _Usage())
         try:
             first = await anext(chunks)
             rest = asyncio.ensure_future(anext(chunks))
             done, _ = await asyncio.wait([rest], timeout=0.3)
-            context.first_text_sent.set()
+            context.text_sent()
             texts = [first, await rest, *[text async for text in chunks]]
         finally:
             await chunks.aclose()

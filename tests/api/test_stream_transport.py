@@ -1,14 +1,16 @@
 """The chat stream as a transport: its headers, keep-alive comments while the model is silent, and
 a server told to stop letting an open reply finish."""
 
+import asyncio
 import json
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from morgana.api.routes.chatbot import EventStreamResponse
 from morgana_devtools.openai_server import FakeOpenAIProcess
 from morgana_devtools.processes import ApiProcess
 from tests.conftest import bearer, new_session, register
@@ -76,3 +78,94 @@ def test_a_server_told_to_stop_lets_an_open_reply_finish(
         assert len("".join(e["content"] for e in events).split()) == 30
         # uvicorn exits by the signal it was sent, re-raised once it has shut down.
         assert api.process.wait(timeout=20) in (0, -signal.SIGTERM)
+
+
+class _Connection:
+    """The ASGI side of one HTTP connection: what the response sent, and a client that can leave."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+        self.gone = asyncio.Event()
+        self.request_read = False
+        self.body_sent = asyncio.Event()
+
+    async def receive(self) -> dict:
+        if not self.request_read:
+            self.request_read = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict) -> None:
+        self.sent.append(message)
+        if message.get("body"):
+            self.body_sent.set()
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.gone.set()  # as uvicorn does: a complete response ends `receive` too
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body")
+
+
+SCOPE = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "method": "POST", "headers": []}
+
+
+def test_a_client_leaving_mid_stream_closes_its_events_and_ends_the_response_quietly() -> None:
+    """The stream runs in the request's task, and the watcher cancels it when the client leaves:
+    the events' generator is closed at once (which cancels the model call), and the response
+    returns normally rather than raising into the server."""
+    closed = asyncio.Event()
+
+    async def events() -> AsyncGenerator[bytes, None]:
+        try:
+            yield b"data: 1\n\n"
+            await asyncio.sleep(3600)  # a model gone quiet
+            yield b"data: 2\n\n"
+        finally:
+            closed.set()
+
+    async def run() -> _Connection:
+        connection = _Connection()
+        response = EventStreamResponse(events())
+        call = asyncio.ensure_future(response(SCOPE, connection.receive, connection.send))
+        await asyncio.wait_for(connection.body_sent.wait(), 5)
+        connection.gone.set()
+        await asyncio.wait_for(call, 5)  # returns (a CancelledError would raise here)
+        assert closed.is_set()
+        return connection
+
+    connection = asyncio.run(run())
+    assert connection.body == b"data: 1\n\n"
+    assert [m.get("more_body") for m in connection.sent[1:]] == [True]  # cut, never completed
+
+
+def test_a_finished_stream_leaves_no_cancellation_behind_and_outer_ones_still_propagate() -> None:
+    """A complete response also ends `receive`: that must not cancel the request's task after
+    the stream. A cancellation from outside (a server shutting down) still propagates, even when
+    the client left at the same moment."""
+
+    async def two() -> AsyncGenerator[bytes, None]:
+        yield b"data: 1\n\n"
+        yield b"data: 2\n\n"
+
+    async def forever() -> AsyncGenerator[bytes, None]:
+        yield b"data: 1\n\n"
+        await asyncio.sleep(3600)
+        yield b"data: 2\n\n"
+
+    async def run() -> None:
+        connection = _Connection()
+        await EventStreamResponse(two())(SCOPE, connection.receive, connection.send)
+        assert connection.body == b"data: 1\n\ndata: 2\n\n"
+        await asyncio.sleep(0.05)  # a stray cancellation would land on this await
+
+        connection = _Connection()
+        call = asyncio.ensure_future(EventStreamResponse(forever())(SCOPE, connection.receive, connection.send))
+        await asyncio.wait_for(connection.body_sent.wait(), 5)
+        connection.gone.set()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+
+    asyncio.run(run())

@@ -159,6 +159,23 @@ def test_raw_stream_wire_format(fake: FakeOpenAIProcess) -> None:
     assert payloads[-1]["choices"][0]["delta"] == {}
 
 
+def test_keepalive_comments_fill_pauses_longer_than_their_interval(fake: FakeOpenAIProcess) -> None:
+    fake.queue_scenario(tokens=3, first_delay_ms=350, delay_ms=50, keepalive_ms=100)
+    body = json.dumps({"model": MODEL, "messages": user("hi"), "stream": True}).encode()
+    request = urllib.request.Request(
+        fake.base_url + "/chat/completions",
+        data=body,
+        method="POST",
+        headers={"content-type": "application/json", "authorization": f"Bearer {API_KEY}"},
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        events = response.read().decode().split("\n\n")
+    assert events[:3] == [": keepalive"] * 3  # 350 ms before the first token, one every 100 ms
+    assert ": keepalive" not in events[3:]  # the 50 ms pauses are shorter than the interval
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[3:-2]]
+    assert len("".join(p["choices"][0]["delta"].get("content") or "" for p in payloads).split()) == 3
+
+
 def test_non_streaming_response(fake: FakeOpenAIProcess) -> None:
     messages: list[ChatCompletionMessageParam] = [{"role": "system", "content": "be brief"}, *user("ping pong")]
     completion = client(fake).chat.completions.create(model="other-model", messages=messages)

@@ -28,7 +28,8 @@ It also serves the audio endpoints, so the SDK and ``livekit-plugins-openai``'s 
   (``whisper-*`` models only, as with OpenAI); ``srt``/``vtt`` get a 400.
 
 *Scenarios* make it behave differently on demand: a fixed reply or reply length,
-delays, HTTP errors, streams that break or stall. Each endpoint has its own sticky scenario
+delays, HTTP errors, streams that break or stall (with or without ``: keepalive`` comments
+meanwhile, ``keepalive_ms``). Each endpoint has its own sticky scenario
 and one-shot queue, chosen with an ``"endpoint"`` key in the control body: ``"chat"`` (the
 default), ``"transcriptions"`` or ``"speech"``. Per chat request the first of these wins:
 

@@ -110,6 +110,7 @@ class ReplyPlan:
     fail_mode: str
     stall_at: int | None
     stall_seconds: float
+    keepalive: float = 0.0
 
     def pause_before(self, index: int) -> float:
         """Seconds to wait before emitting token ``index`` (``len(tokens)`` = the final chunks)."""
@@ -164,6 +165,7 @@ def plan_reply(chat: ChatRequest, scenario: Scenario, echo: str) -> ReplyPlan:
         fail_mode=scenario.fail_mode or "abort",
         stall_at=clamp(scenario.stall_after, len(tokens)),
         stall_seconds=3600.0 if scenario.stall_seconds is None else scenario.stall_seconds,
+        keepalive=(scenario.keepalive_ms or 0.0) / 1000,
     )
 
 
@@ -268,7 +270,7 @@ class ChatCompletionResponse(Response):
             if pause > 0:
                 if pending:
                     await flush(index)
-                await asyncio.sleep(pause)
+                await self._pause(send, pause)
             if index == 0:
                 pending.append(encoder.role())
             if index < end:
@@ -281,6 +283,18 @@ class ChatCompletionResponse(Response):
             pending.append(encoder.usage(plan.usage()))
         pending.append(_DONE)
         await flush(end, more=False)
+
+    async def _pause(self, send: Send, seconds: float) -> None:
+        """Wait, sending a ``: keepalive`` comment every ``keepalive`` seconds if the plan has one."""
+        every = self.plan.keepalive
+        if every <= 0:
+            await asyncio.sleep(seconds)
+            return
+        deadline = asyncio.get_running_loop().time() + seconds
+        while (left := deadline - asyncio.get_running_loop().time()) > 0:
+            await asyncio.sleep(min(every, left))
+            if left > every:
+                await send({"type": "http.response.body", "body": b": keepalive\n\n", "more_body": True})
 
     async def _fail_stream(
         self, pending: list[bytes], flush: Callable[[int, bool], Awaitable[None]], sent: int

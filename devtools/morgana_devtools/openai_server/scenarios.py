@@ -68,6 +68,7 @@ _FIELD_PARSERS: Final[Mapping[str, Callable[[str, object], object]]] = {
     "fail_mode": _as_fail_mode,
     "stall_after": _as_count,
     "stall_seconds": _as_amount,
+    "keepalive_ms": _as_amount,
 }
 
 
@@ -81,6 +82,8 @@ class Scenario:
     - ``fail_after`` + ``fail_mode``: after N tokens either drop the connection (``"abort"``)
       or send an in-stream error event and end the stream (``"error_event"``).
     - ``stall_after`` + ``stall_seconds``: after N tokens go silent (default 3600 s).
+    - ``keepalive_ms``: during any pause (a delay or a stall) longer than this, send an SSE
+      comment (``: keepalive``) this often, as OpenAI does: bytes, but no content.
     """
 
     reply: str | None = None
@@ -92,6 +95,7 @@ class Scenario:
     fail_mode: str | None = None
     stall_after: int | None = None
     stall_seconds: float | None = None
+    keepalive_ms: float | None = None
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, object]) -> Scenario:

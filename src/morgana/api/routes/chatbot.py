@@ -1,5 +1,6 @@
 """Chat: a turn streamed as Server-Sent Events or answered as JSON, and the session's history."""
 
+import asyncio
 import uuid
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
@@ -9,7 +10,7 @@ from fastapi import APIRouter, HTTPException
 from fastapi.exceptions import RequestValidationError
 from sse_starlette import ServerSentEvent
 from starlette.responses import StreamingResponse
-from starlette.types import Send
+from starlette.types import Receive, Scope, Send
 
 from morgana.api.config import ApiSettings
 from morgana.api.deps import (
@@ -109,12 +110,15 @@ _PING = ServerSentEvent(comment="ping").encode()
 
 
 class EventStreamResponse(StreamingResponse):
-    """A stream of Server-Sent Events (each chunk one framed event), on Starlette's streaming
-    response: one task beside the stream, which watches for the client going away and then
-    cancels it. sse-starlette's EventSourceResponse runs four anyio tasks per stream (the
-    stream, pings, a shutdown watcher, the disconnect watcher): 146 KiB per open stream in a
-    500-stream burst against 131 here. The stream sends its own keep-alives (StillReplying), and
-    a server shutting down lets open replies finish instead of cutting them.
+    """A stream of Server-Sent Events (each chunk one framed event) on Starlette's streaming
+    response, streamed in the request's own task with one plain asyncio task beside it, which
+    cancels the stream when the client goes away.
+
+    Starlette runs the stream and the disconnect watcher in an anyio task group (three cancel
+    scopes, two anyio events, a task handle), and sse-starlette's EventSourceResponse runs four
+    anyio tasks (the stream, pings, a shutdown watcher, the disconnect watcher). The stream sends
+    its own keep-alives (StillReplying), and a server shutting down lets open replies finish
+    instead of cutting them.
     """
 
     media_type = "text/event-stream"
@@ -125,13 +129,44 @@ class EventStreamResponse(StreamingResponse):
         super().__init__(events, status_code, headers)
         self._events = events
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        streaming = asyncio.current_task()
+        assert streaming is not None  # ASGI apps run in a task
+        finished = disconnected = False
+
+        async def cancel_on_disconnect() -> None:
+            nonlocal disconnected
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            # The response's last message also ends `receive` (as a disconnect); a stream that
+            # has finished by then has nothing to cancel.
+            if not finished:
+                disconnected = True
+                streaming.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(cancel_on_disconnect())
+        try:
+            await self.stream_response(send)
+        except asyncio.CancelledError:
+            # Ours to absorb only if the client's leaving was the one cancellation.
+            if not disconnected or streaming.uncancel() > 0:
+                raise
+        finally:
+            finished = True
+            watcher.cancel()
+        if self.background is not None:
+            await self.background()
+
     async def stream_response(self, send: Send) -> None:
         try:
             await super().stream_response(send)
         finally:
-            # A client gone while an event was being sent leaves the generator at its yield, under
-            # a cancelled scope: close it now (which cancels the model call), shielded from that
-            # scope, rather than when it is collected.
+            # A client gone while an event was being sent leaves the generator at its yield:
+            # close it now (which cancels the model call), shielded from any further
+            # cancellation, rather than when it is collected.
             with anyio.move_on_after(5, shield=True):
                 await self._events.aclose()
 

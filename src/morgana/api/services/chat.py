@@ -40,7 +40,7 @@ class ChatFailure(Exception):
 
 def classify_failure(exc: BaseException) -> ChatFailure:
     """Map a provider/client exception to what the caller is told (never the raw error)."""
-    if isinstance(exc, (openai.APITimeoutError, httpx.TimeoutException)):
+    if isinstance(exc, (openai.APITimeoutError, httpx.TimeoutException, TimeoutError)):
         failure = ChatFailure("timeout", "The language model did not respond in time.")
     elif isinstance(exc, openai.RateLimitError):
         failure = ChatFailure("rate_limited", "The language model is rate limited; retry shortly.")
@@ -72,6 +72,7 @@ class ChatAgent:
         self._system_prompt = SystemMessage(settings.system_prompt)
         self._coalesce_seconds = settings.chat_stream_coalesce_seconds
         self._model_name = settings.llm_model
+        self._silence_limit = settings.llm_timeout_seconds
         # Its own OpenAI client: no per-message transform of requests, and the reply's text
         # deltas that arrive together merged before they are parsed (model_client).
         self._client, completions = chat_completions(settings)
@@ -85,6 +86,9 @@ class ChatAgent:
             max_retries=settings.llm_max_retries,
             streaming=True,
             stream_usage=True,
+            # The longest wait for text is bounded by the reply's reader (`_in_own_task`'s
+            # `silence`): langchain-openai's own bound wraps each chunk's read in a task of its own.
+            stream_chunk_timeout=None,
             root_async_client=self._client,
             async_client=completions,
         )
@@ -116,7 +120,7 @@ class ChatAgent:
                 write(text)
                 if len(texts) == 1:
                     # The rest of a burst waits until the first text is sent (see ReplyContext).
-                    await runtime.context.first_text_sent.wait()
+                    await runtime.context.first_text_sent
         return {"messages": [AIMessage("".join(texts))]}
 
     async def stream(
@@ -125,12 +129,13 @@ class ChatAgent:
         """Yield the reply's text as it arrives; raise ChatFailure if the model fails. With
         `coalesce`, text that arrives within CHAT_STREAM_COALESCE_SECONDS of the last piece is
         yielded together (the first piece is never held). With `keepalive` (seconds), an empty
-        piece comes after that long without text: the reply is still on its way.
+        piece comes after that long without text: the reply is still on its way. A model that
+        sends no text for LLM_TIMEOUT_SECONDS (keep-alive comments or not) fails with llm_timeout.
 
         Closing or cancelling this generator (a client that went away) cancels the model call.
         """
         window = self._coalesce_seconds if coalesce else 0.0
-        context = ReplyContext(asyncio.Event())
+        context = ReplyContext(asyncio.get_running_loop().create_future())
         started = time.perf_counter()
         first_token_at: float | None = None
         usage = _Usage()
@@ -138,7 +143,9 @@ class ChatAgent:
             try:
                 # aclosing: when this generator is closed at its yield (a client gone while its
                 # last event was being sent), the model call is cancelled now, not at GC.
-                pieces = _in_own_task(self._text_chunks(conversation, context, usage), window, keepalive)
+                pieces = _in_own_task(
+                    self._text_chunks(conversation, context, usage), window, keepalive, self._silence_limit
+                )
                 async with aclosing(pieces) as chunks:
                     async for text in chunks:
                         if not text:
@@ -148,7 +155,7 @@ class ChatAgent:
                             first_token_at = time.perf_counter()
                             metrics.LLM_TIME_TO_FIRST_TOKEN.observe(first_token_at - started)
                         yield text
-                        context.first_text_sent.set()  # this generator's reader took it and came back
+                        context.text_sent()  # this generator's reader took it and came back
             except Exception as exc:
                 failure = classify_failure(exc)
                 span.record_exception(exc)
@@ -191,7 +198,11 @@ class ReplyContext:
     whole before the first event is sent: 0.7 ms for 200 tokens.
     """
 
-    first_text_sent: asyncio.Event
+    first_text_sent: asyncio.Future[None]
+
+    def text_sent(self) -> None:
+        if not self.first_text_sent.done():
+            self.first_text_sent.set_result(None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,8 +228,58 @@ class _Usage:
 _END = object()
 
 
+def _wake(waiter: "asyncio.Future[None]") -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class _Mailbox:
+    """What the pump hands the reader: items in order, and a future while the reader waits.
+
+    asyncio.Queue holds four deques (its getters, putters and items, and its Event's waiters) of
+    760 bytes each from the start: 3.5 KiB of every open stream, for one reader and one writer.
+    """
+
+    __slots__ = ("_waiter", "_wake_on_text", "ended", "items")
+
+    def __init__(self) -> None:
+        self.items: list[object] = []
+        self.ended = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._wake_on_text = True
+
+    def put(self, item: object) -> None:
+        self.items.append(item)
+        if item is _END:
+            self.ended = True
+        if self._waiter is not None and (self.ended or self._wake_on_text):
+            _wake(self._waiter)
+
+    def take(self) -> list[object]:
+        items, self.items = self.items, []
+        return items
+
+    async def wait(self, timeout: float | None, *, until_end: bool = False) -> None:
+        """Until an item comes (with `until_end`: the source ends), or `timeout` seconds pass."""
+        if self.ended or (self.items and not until_end):
+            return
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        self._wake_on_text = not until_end
+        timer = None if timeout is None else loop.call_later(timeout, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+
 async def _in_own_task(
-    source: AsyncGenerator[str, None], window: float = 0.0, keepalive: float | None = None
+    source: AsyncGenerator[str, None],
+    window: float = 0.0,
+    keepalive: float | None = None,
+    silence: float | None = None,
 ) -> AsyncGenerator[str, None]:
     """Iterate `source` in a task of its own, cancelled as soon as this generator stops, and yield
     its text in as few pieces as keeps it flowing.
@@ -227,61 +288,59 @@ async def _in_own_task(
     LangGraph's own clean-up short and leave the model call running. A plain asyncio
     task, cancelled once, shuts the HTTP stream to the model down promptly.
 
-    Each piece joins everything queued while the last one was being sent, so a client (or an
+    Each piece joins everything that came while the last one was being sent, so a client (or an
     event loop) slower than the model gets fewer, larger events rather than a backlog of tiny
     ones. With a `window` (seconds), text that comes sooner than that after the last piece waits
     for the window to end, and goes out with whatever else came meanwhile: a model sending one
     token per read then costs an event (its framing, the middleware and a socket write) per
     window rather than per token. The first piece, and the end of the source, are never held.
     With a `keepalive` (seconds), an empty piece is yielded whenever that long passes with nothing
-    from the source.
+    from the source. With a `silence` limit (seconds), that long without text raises TimeoutError.
     """
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[object] = asyncio.Queue()
-    source_done: asyncio.Future[None] = loop.create_future()
+    box = _Mailbox()
 
     async def pump() -> None:
         try:
             async with aclosing(source):
                 async for item in source:
-                    queue.put_nowait(item)
+                    box.put(item)
         except Exception as exc:
-            queue.put_nowait(exc)
-        queue.put_nowait(_END)
-        if not source_done.done():
-            source_done.set_result(None)
+            box.put(exc)
+        box.put(_END)
 
-    task = asyncio.create_task(pump())
+    task = loop.create_task(pump())
     last_sent = -math.inf
+    last_heard = last_out = loop.time()
     try:
         while True:
-            if keepalive is None:
-                item = await queue.get()
-            else:
-                try:
-                    async with asyncio.timeout(keepalive):
-                        item = await queue.get()
-                except TimeoutError:
-                    yield ""
-                    continue
-            if item is _END:
-                return
-            if isinstance(item, Exception):
-                raise item
-            held = last_sent + window - loop.time()
-            if held > 0 and not source_done.done():
+            deadline = min(
+                last_out + keepalive if keepalive else math.inf, last_heard + silence if silence else math.inf
+            )
+            await box.wait(None if deadline == math.inf else deadline - loop.time())
+            if not box.items:
+                now = loop.time()
+                if silence and now >= last_heard + silence:
+                    raise TimeoutError(f"no text from the model for {silence:g} s")
+                if keepalive and now >= last_out + keepalive:
+                    yield ""  # the reply is still on its way
+                    last_out = loop.time()
+                continue
+            last_heard = loop.time()
+            held = last_sent + window - last_heard
+            if held > 0:
                 # Until the window ends, or at once when the source does.
-                await asyncio.wait([source_done], timeout=held)
-            pieces = [cast(str, item)]  # pump() queues the source's str items, an exception or _END
+                await box.wait(held, until_end=True)
+            pieces: list[str] = []
             ending: object = None
-            while ending is None and not queue.empty():
-                item = queue.get_nowait()
+            for item in box.take():
                 if item is _END or isinstance(item, Exception):
                     ending = item  # after the text before it
-                else:
-                    pieces.append(cast(str, item))
-            yield "".join(pieces)
-            last_sent = loop.time()
+                    break
+                pieces.append(cast(str, item))  # pump() puts the source's str items, an exception or _END
+            if pieces:
+                yield "".join(pieces)
+                last_sent = last_out = last_heard = loop.time()
             if ending is _END:
                 return
             if isinstance(ending, Exception):
