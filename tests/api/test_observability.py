@@ -146,6 +146,7 @@ def test_redaction_filter_masks_tokens_and_passwords() -> None:
 
 class _Collector(BaseHTTPRequestHandler):
     spans: ClassVar[list[tuple[str, str]]] = []
+    links: ClassVar[list[tuple[str, bytes, bytes, bytes]]] = []  # name, trace, span, parent span
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["content-length"]))
@@ -156,6 +157,7 @@ class _Collector(BaseHTTPRequestHandler):
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
                     _Collector.spans.append((service, span.name))
+                    _Collector.links.append((span.name, span.trace_id, span.span_id, span.parent_span_id))
         self.send_response(200)
         self.send_header("content-type", "application/x-protobuf")
         self.end_headers()
@@ -170,6 +172,7 @@ def otlp_collector():
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     _Collector.spans = []
+    _Collector.links = []
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
 
@@ -189,6 +192,12 @@ def test_traces_of_requests_db_and_model_calls_are_exported_over_otlp(
     assert {service for service, _ in _Collector.spans} == {"morgana-api"}
     assert "llm.chat" in names
     assert "POST /api/v1/chatbot/chat/stream" in names
+    # The model call is part of the request's trace, under one of its spans.
+    spans = {name: (trace_id, parent) for name, trace_id, _, parent in _Collector.links}
+    request_trace, _ = spans["POST /api/v1/chatbot/chat/stream"]
+    llm_trace, llm_parent = spans["llm.chat"]
+    assert llm_trace == request_trace
+    assert llm_parent in {span_id for _, trace_id, span_id, _ in _Collector.links if trace_id == request_trace}
     assert any(name.startswith(("INSERT", "SELECT")) for name in names), "\n".join(sorted(names))
 
 

@@ -139,35 +139,38 @@ class ChatAgent:
         started = time.perf_counter()
         first_token_at: float | None = None
         usage = _Usage()
-        with tracer.start_as_current_span("llm.chat", attributes={"gen_ai.request.model": self._model_name}) as span:
-            try:
-                # aclosing: when this generator is closed at its yield (a client gone while its
-                # last event was being sent), the model call is cancelled now, not at GC.
-                pieces = _in_own_task(
-                    self._text_chunks(conversation, context, usage), window, keepalive, self._silence_limit
-                )
-                async with aclosing(pieces) as chunks:
-                    async for text in chunks:
-                        if not text:
-                            yield text  # a keep-alive
-                            continue
-                        if first_token_at is None:
-                            first_token_at = time.perf_counter()
-                            metrics.LLM_TIME_TO_FIRST_TOKEN.observe(first_token_at - started)
-                        yield text
-                        context.text_sent()  # this generator's reader took it and came back
-            except Exception as exc:
-                failure = classify_failure(exc)
-                span.record_exception(exc)
-                span.set_status(trace.StatusCode.ERROR, failure.code)
-                log.warning("model call failed", extra={"code": failure.code, "error": type(exc).__name__})
-                raise failure from exc
-            finally:
-                metrics.LLM_TOKENS_STREAMED.inc(usage.tokens)
-                span.set_attribute("gen_ai.usage.output_tokens", usage.tokens)
-                if first_token_at is not None:
-                    span.set_attribute("morgana.llm.time_to_first_token_s", first_token_at - started)
-            metrics.LLM_DURATION.observe(time.perf_counter() - started)
+        # Started, not made current: this generator yields to its reader, which would then run
+        # inside the span (and detach it from another context).
+        span = tracer.start_span("llm.chat", attributes={"gen_ai.request.model": self._model_name})
+        try:
+            # aclosing: when this generator is closed at its yield (a client gone while its
+            # last event was being sent), the model call is cancelled now, not at GC.
+            pieces = _in_own_task(
+                self._text_chunks(conversation, context, usage), window, keepalive, self._silence_limit
+            )
+            async with aclosing(pieces) as chunks:
+                async for text in chunks:
+                    if not text:
+                        yield text  # a keep-alive
+                        continue
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter()
+                        metrics.LLM_TIME_TO_FIRST_TOKEN.observe(first_token_at - started)
+                    yield text
+                    context.text_sent()  # this generator's reader took it and came back
+        except Exception as exc:
+            failure = classify_failure(exc)
+            span.record_exception(exc)
+            span.set_status(trace.StatusCode.ERROR, failure.code)
+            log.warning("model call failed", extra={"code": failure.code, "error": type(exc).__name__})
+            raise failure from exc
+        finally:
+            metrics.LLM_TOKENS_STREAMED.inc(usage.tokens)
+            span.set_attribute("gen_ai.usage.output_tokens", usage.tokens)
+            if first_token_at is not None:
+                span.set_attribute("morgana.llm.time_to_first_token_s", first_token_at - started)
+            span.end()
+        metrics.LLM_DURATION.observe(time.perf_counter() - started)
 
     async def _text_chunks(
         self, conversation: Sequence[Utterance], context: "ReplyContext", usage: "_Usage"
