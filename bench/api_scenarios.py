@@ -33,6 +33,7 @@ from bench.api_load import (
 )
 from bench.api_report import Results
 from bench.common import logger, percentile, rounded, tree_cpu_seconds
+from bench.cpu_quota import CpuQuotas, server_workers
 
 if TYPE_CHECKING:
     from morgana_devtools.openai_server import FakeOpenAIProcess
@@ -60,6 +61,8 @@ class Plan:
     long_tokens: int = 200
     long_delay_ms: int = 40
     scaling_workers: int = 2  # gunicorn workers measured against one (0: not measured)
+    # ... and again with this CPU quota per worker (0: not), leaving the load the rest.
+    scaling_quota_cores: float = 0.4
 
 
 FULL = Plan(2000, 16, 100, 400, 8, 500, 20, 500, 4, 60, open_streams_large=2000, open_streams_long=200)
@@ -438,24 +441,11 @@ async def bench_open_streams(
 
 async def bench_scaling(res: Results, plan: Plan, one: Target, many: Target, workers: int) -> None:
     """Chat streams per second of `workers` gunicorn workers against one uvicorn worker, the same
-    load per worker (concurrency x workers), in alternating rounds."""
+    load per worker (concurrency x workers), in alternating rounds: first as they are, then with
+    an equal CPU quota per worker (when cgroups allow), which leaves the load cores of its own."""
     concurrency = plan.stream_concurrency * workers
     log(f"scaling: {plan.stream_requests} streams per target at concurrency {concurrency}, {workers} workers vs 1")
-    tallies = {t.name: Tally() for t in (one, many)}
-    per_round = math.ceil(plan.stream_requests / plan.rounds)
-    deadline = time.monotonic() + 120
-    async with client_session(concurrency) as http:
-        for t in (one, many):
-            for _ in range(3):
-                await one_stream(http, t, REPLY_TOKENS)
-        for t in abba([one, many], plan.rounds):
-
-            async def call(t: Target = t) -> tuple[bool, float, float, str]:
-                r = await one_stream(http, t, REPLY_TOKENS)
-                return r.ok, r.total, r.ttfe, r.problem
-
-            await closed_loop(per_round, concurrency, deadline, call, tallies[t.name], t.pid)
-    m, s = tallies[many.name], tallies[one.name]
+    s, m = await _scaling_rounds(plan, one, many, concurrency)
     res.add(
         "scaling",
         f"throughput_{workers}_workers",
@@ -479,3 +469,60 @@ async def bench_scaling(res: Results, plan: Plan, one: Target, many: Target, wor
         note="API CPU (all its processes) per stream; ratio ~1: a worker costs the same per stream beside "
         f"another, so on {workers} cores of their own {workers} workers would serve ~{workers}x",
     )
+    if not plan.scaling_quota_cores:
+        return
+    if not CpuQuotas.available():
+        log("scaling at equal CPU quotas: skipped (needs root and a cgroup cpu controller)")
+        return
+    quotas = CpuQuotas(plan.scaling_quota_cores)
+    try:
+        for pid in (*server_workers(one.pid), *server_workers(many.pid)):
+            quotas.confine(pid)
+        log(f"scaling: again with {plan.scaling_quota_cores} CPU per worker")
+        s, m = await _scaling_rounds(plan, one, many, concurrency)
+    finally:
+        quotas.release()
+    res.add(
+        "scaling",
+        f"throughput_{workers}_workers_equal_cpu",
+        m.rate,
+        s.rate,
+        "streams/s",
+        note=f"each worker held to {plan.scaling_quota_cores} CPU (a cgroup quota), so {workers} workers have "
+        f"{workers}x one worker's CPU and the load keeps the rest of the machine: N workers on N cores "
+        f"of their own, scaled down. Target ratio >= {0.9 * workers:.1f}",
+        concurrency=concurrency,
+        errors={many.name: m.errors, one.name: s.errors},
+        machine_busy_percent={t.name: rounded(tally.machine_busy_percent, 1) for t, tally in ((many, m), (one, s))},
+        # How much of its quota a worker used: ~100 % when the load keeps it busy, the case measured.
+        quota_used_percent={
+            t.name: rounded(100 * tally.cpu / (tally.elapsed * plan.scaling_quota_cores * n), 1)
+            for t, tally, n in ((many, m, workers), (one, s, 1))
+        },
+    )
+    res.add(
+        "scaling",
+        f"cpu_per_stream_{workers}_workers_equal_cpu",
+        m.cpu_ms_per_request,
+        s.cpu_ms_per_request,
+        "ms",
+        note="API CPU per stream, each worker held to its quota",
+    )
+
+
+async def _scaling_rounds(plan: Plan, one: Target, many: Target, concurrency: int) -> tuple[Tally, Tally]:
+    tallies = {t.name: Tally() for t in (one, many)}
+    per_round = math.ceil(plan.stream_requests / plan.rounds)
+    deadline = time.monotonic() + 120
+    async with client_session(concurrency) as http:
+        for t in (one, many):
+            for _ in range(3):
+                await one_stream(http, t, REPLY_TOKENS)
+        for t in abba([one, many], plan.rounds):
+
+            async def call(t: Target = t) -> tuple[bool, float, float, str]:
+                r = await one_stream(http, t, REPLY_TOKENS)
+                return r.ok, r.total, r.ttfe, r.problem
+
+            await closed_loop(per_round, concurrency, deadline, call, tallies[t.name], t.pid)
+    return tallies[one.name], tallies[many.name]
