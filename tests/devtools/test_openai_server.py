@@ -135,7 +135,8 @@ def test_stream_without_include_usage_has_no_usage_chunk(fake: FakeOpenAIProcess
     assert all(c.usage is None for c in chunks)
 
 
-def test_raw_stream_wire_format(fake: FakeOpenAIProcess) -> None:
+def raw_stream_events(fake: FakeOpenAIProcess) -> list[str]:
+    """A streamed completion's SSE events as they come over the wire (plain urllib, no SDK)."""
     body = json.dumps({"model": MODEL, "messages": user("hi"), "stream": True}).encode()
     request = urllib.request.Request(
         fake.base_url + "/chat/completions",
@@ -145,8 +146,11 @@ def test_raw_stream_wire_format(fake: FakeOpenAIProcess) -> None:
     )
     with urllib.request.urlopen(request, timeout=5) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
-        raw = response.read().decode()
-    events = raw.split("\n\n")
+        return response.read().decode().split("\n\n")
+
+
+def test_raw_stream_wire_format(fake: FakeOpenAIProcess) -> None:
+    events = raw_stream_events(fake)
     assert events[-2:] == ["data: [DONE]", ""]
     payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
     assert "usage" not in payloads[0]
@@ -161,15 +165,7 @@ def test_raw_stream_wire_format(fake: FakeOpenAIProcess) -> None:
 
 def test_keepalive_comments_fill_pauses_longer_than_their_interval(fake: FakeOpenAIProcess) -> None:
     fake.queue_scenario(tokens=3, first_delay_ms=350, delay_ms=50, keepalive_ms=100)
-    body = json.dumps({"model": MODEL, "messages": user("hi"), "stream": True}).encode()
-    request = urllib.request.Request(
-        fake.base_url + "/chat/completions",
-        data=body,
-        method="POST",
-        headers={"content-type": "application/json", "authorization": f"Bearer {API_KEY}"},
-    )
-    with urllib.request.urlopen(request, timeout=5) as response:
-        events = response.read().decode().split("\n\n")
+    events = raw_stream_events(fake)
     assert events[:3] == [": keepalive"] * 3  # 350 ms before the first token, one every 100 ms
     assert ": keepalive" not in events[3:]  # the 50 ms pauses are shorter than the interval
     payloads = [json.loads(e.removeprefix("data: ")) for e in events[3:-2]]
