@@ -52,6 +52,7 @@ test: install lint test-tools
 
 bench: install test-tools
 	$(RUN) python -m bench.api_bench $(BENCH_ARGS)
+	$(RUN) python -m bench.stream_log_bench $(BENCH_ARGS)
 	$(RUN) python -m bench.voice_bench $(BENCH_ARGS)
 	$(RUN) python -m bench.controller_bench $(BENCH_ARGS)
 	$(RUN) python -m bench.soak --minutes $${SOAK_MINUTES:-3}

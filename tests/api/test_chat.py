@@ -186,16 +186,15 @@ def test_model_failure_on_json_chat_is_a_clear_status(
     assert history(client, token) == []
 
 
-def test_a_client_that_disconnects_cancels_the_model_call(
+def test_a_client_that_disconnects_cancels_the_model_call_when_it_asked_to(
     api, chat_session: dict, fake_openai: FakeOpenAIProcess
 ) -> None:
     token = chat_session["token"]["access_token"]
     fake_openai.queue_scenario(tokens=500, delay_ms=50)
+    body = {"messages": [{"role": "user", "content": "long answer please"}], "on_disconnect": "cancel"}
     with (
         httpx.Client(base_url=api.url, timeout=10) as http,
-        http.stream(
-            "POST", CHAT, headers=bearer(token), json={"messages": [{"role": "user", "content": "long answer please"}]}
-        ) as response,
+        http.stream("POST", CHAT, headers=bearer(token), json=body) as response,
     ):
         lines = response.iter_lines()
         received = 0

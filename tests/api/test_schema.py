@@ -47,6 +47,7 @@ def test_openapi_documents_every_endpoint_with_examples(client: httpx.Client) ->
         ("/api/v1/auth/sessions/{session_id}", "patch"),
         ("/api/v1/auth/sessions/{session_id}", "delete"),
         ("/api/v1/chatbot/chat/stream", "post"),
+        ("/api/v1/chatbot/chat/stream", "get"),
         ("/api/v1/chatbot/chat", "post"),
         ("/api/v1/chatbot/messages", "get"),
         ("/api/v1/chatbot/messages", "delete"),
@@ -58,6 +59,9 @@ def test_openapi_documents_every_endpoint_with_examples(client: httpx.Client) ->
     stream = paths["/api/v1/chatbot/chat/stream"]["post"]
     assert "text/event-stream" in stream["responses"]["200"]["content"]
     assert {"401", "403", "422", "429", "503"} <= set(stream["responses"])
+    resume = paths["/api/v1/chatbot/chat/stream"]["get"]
+    assert {"400", "401", "410", "503"} <= set(resume["responses"])
+    assert {p["name"] for p in resume["parameters"]} >= {"Last-Event-ID", "last_event_id"}
     schemas = spec["components"]["schemas"]
     for name in (
         "RegisterRequest",

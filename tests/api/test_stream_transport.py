@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from httpx_sse import connect_sse
 
 from morgana.api.routes.chatbot import EventStreamResponse
 from morgana_devtools.openai_server import FakeOpenAIProcess
@@ -50,12 +51,33 @@ def test_a_silent_model_gets_ping_comments_and_the_reply_is_unchanged(
             assert r.headers["cache-control"] == "no-cache"
             assert r.headers["x-accel-buffering"] == "no"  # nginx (and its ingress) must not buffer events
             lines = [line for line in r.iter_lines() if line]
-    first_data = next(i for i, line in enumerate(lines) if line.startswith("data:"))
+    first_data = next(i for i, line in enumerate(lines) if not line.startswith(":"))
     assert lines[:first_data] == [": ping"] * first_data
     assert first_data >= 3, lines[:6]
     events = data_events(lines)
     assert "".join(e["content"] for e in events) == "You said: hi"
     assert events[-1] == {"content": "", "done": True}
+
+
+def test_keep_alives_between_events_give_sse_clients_no_events_of_their_own(
+    api_with_short_keepalive: ApiProcess, fake_openai: FakeOpenAIProcess
+) -> None:
+    """A model that pauses mid-reply: the pings come after events that carry ids. A client that
+    follows the standard (httpx-sse here) sees the reply's events and nothing else."""
+    fake_openai.queue_scenario(tokens=6, stall_after=2, stall_seconds=1)
+    with httpx.Client(base_url=api_with_short_keepalive.url, timeout=20) as http:
+        token = session_token(http)
+        body = {"messages": [{"role": "user", "content": "pause please"}]}
+        with connect_sse(http, "POST", CHAT, headers=bearer(token), json=body) as source:
+            raw = b"".join(source.response.iter_raw())
+    assert raw.count(b": ping") >= 3
+    with httpx.Client(base_url=api_with_short_keepalive.url, timeout=20) as http:
+        fake_openai.queue_scenario(tokens=6, stall_after=2, stall_seconds=1)
+        with connect_sse(http, "POST", CHAT, headers=bearer(token), json=body) as source:
+            events = list(source.iter_sse())
+    assert all(event.data for event in events), [event.data for event in events]
+    assert [int(event.id.rsplit(":", 1)[1]) for event in events] == list(range(1, len(events) + 1))
+    assert [json.loads(event.data)["done"] for event in events][-1] is True
 
 
 def test_a_server_told_to_stop_lets_an_open_reply_finish(

@@ -226,6 +226,8 @@ WEB_CONCURRENCY: {{ $v.api.workers | quote }}
 GUNICORN_GRACEFUL_TIMEOUT: {{ sub $v.api.terminationGracePeriodSeconds 10 | max 1 | quote }}
 CORS_ORIGINS: {{ join "," $v.api.corsOrigins | quote }}
 FORWARDED_ALLOW_IPS: {{ $v.api.forwardedAllowIps | quote }}
+CHAT_STREAM_RESUME_SECONDS: {{ $v.api.chatStreams.resumeSeconds | quote }}
+CHAT_STREAM_ON_DISCONNECT: {{ $v.api.chatStreams.onDisconnect | quote }}
 RATE_LIMIT_ENABLED: {{ $v.api.rateLimits.enabled | quote }}
 RATE_LIMIT_REGISTER: {{ $v.api.rateLimits.register | quote }}
 RATE_LIMIT_LOGIN: {{ $v.api.rateLimits.login | quote }}

@@ -78,9 +78,10 @@ class MorganaApi:
         """Send one user turn and yield the reply's text as the API streams it. With a `turn_id`,
         the API stores the turn at most once, and `withdraw_turn` can take it back.
 
-        Closing the generator closes the HTTP stream, which cancels the model call upstream.
+        Closing the generator closes the HTTP stream, which cancels the model call upstream (a
+        caller who speaks over the reply leaves nothing to pick up).
         """
-        body: dict[str, object] = {"messages": [{"role": "user", "content": text}]}
+        body: dict[str, object] = {"messages": [{"role": "user", "content": text}], "on_disconnect": "cancel"}
         if turn_id is not None:
             body["turn_id"] = turn_id
         try:

@@ -1,7 +1,7 @@
 """API settings: every variable the API reads, validated once at start-up."""
 
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, computed_field, field_validator, model_validator
 from pydantic_settings import NoDecode
@@ -102,6 +102,15 @@ class ApiSettings(CoreSettings):
     # A chat stream with no text for this long gets an SSE comment (`: ping`), so that proxies
     # with idle timeouts keep the connection while the model thinks.
     chat_stream_keepalive_seconds: float = Field(default=15.0, gt=0)
+    # How long a chat stream's events are kept after its last one, for a client that lost its
+    # connection to pick the stream up (Last-Event-ID): in Redis when REDIS_URL is set, else in
+    # this process. 0: not kept, and events carry no ids.
+    chat_stream_resume_seconds: float = Field(default=600.0, ge=0)
+    # At most this many events kept per stream (a typed reply is tens of events).
+    chat_stream_resume_max_events: int = Field(default=10_000, ge=1)
+    # What a stream's model call does when its client goes away, unless the request says
+    # (`on_disconnect`): `continue`, so the reply is stored and can be picked up, or `cancel`.
+    chat_stream_on_disconnect: Literal["continue", "cancel"] = "continue"
     system_prompt: str = (
         "You are Morgana, a helpful voice and chat assistant. Answer clearly and concisely; "
         "your replies may be read aloud, so avoid markdown and long lists."

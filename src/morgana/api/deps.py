@@ -4,9 +4,10 @@ import asyncio
 import hashlib
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, cast
 
-from fastapi import Depends, HTTPException, Request, params, status
+from fastapi import Depends, Header, HTTPException, Query, Request, params, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
@@ -21,6 +22,7 @@ from morgana.api.services.chat import ChatAgent
 from morgana.api.services.conversation import Conversation
 from morgana.api.services.history import SessionWithHistory
 from morgana.api.services.livekit import VoiceRooms
+from morgana.api.services.stream_log import EventId, InvalidEventId, StreamLog
 
 
 # `request.app.state` is untyped: each getter below names what create_app stores there. They are
@@ -235,6 +237,84 @@ async def get_conversation(
 
 
 ConversationDep = Annotated[Conversation, Depends(get_conversation)]
+
+
+async def get_stream_log(request: Request) -> StreamLog | None:
+    """Where chat streams' events are kept for resuming; None when CHAT_STREAM_RESUME_SECONDS is 0."""
+    return cast(StreamLog | None, request.app.state.stream_log)
+
+
+StreamLogDep = Annotated[StreamLog | None, Depends(get_stream_log)]
+
+
+@dataclass(frozen=True, slots=True)
+class ResumePoint:
+    """A chat stream to pick up: the session token's, after the last event its client has."""
+
+    session_id: uuid.UUID
+    last: EventId
+
+
+_LAST_EVENT_ID_DOC = (
+    "To pick a chat stream up again after a lost connection: the `id` of the last event received "
+    "(as EventSource sends it on reconnecting)."
+)
+LastEventIdHeader = Annotated[str | None, Header(alias="Last-Event-ID", description=_LAST_EVENT_ID_DOC)]
+
+
+async def resume_point(request: Request, claims: TokenClaims, last_event_id: str) -> ResumePoint:
+    """The stream a reconnecting client asks for: the event id must be one this API gave out, and
+    the token one its session's user holds. Limited as reading the history is (`messages`)."""
+    session_id = _check_session_token(claims, voice=True)
+    try:
+        last = EventId.parse(last_event_id)
+    except InvalidEventId:
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST,
+            "Last-Event-ID must be the id of an event of this API's chat stream (`<stream>:<n>`)",
+        ) from None
+    await _enforce(request, "messages", f"session:{session_id}")
+    await _owned_session(request, claims, session_id)
+    return ResumePoint(session_id, last)
+
+
+async def chat_stream_start(
+    request: Request,
+    claims: ClaimsDep,
+    settings: SettingsDep,
+    agent: AgentDep,
+    factory: SessionFactoryDep,
+    last_event_id: LastEventIdHeader = None,
+) -> Conversation | ResumePoint:
+    """A new turn's conversation, or, with a Last-Event-ID (a client reconnecting by sending its
+    request again, as fetch-based SSE clients do), the stream to pick up: no new turn, and no
+    `chat` rate limit spent."""
+    if last_event_id:
+        return await resume_point(request, claims, last_event_id)
+    session = await turn_session(request, claims, settings)
+    return await get_conversation(session, claims, agent, factory)
+
+
+ChatStreamStart = Annotated[Conversation | ResumePoint, Depends(chat_stream_start)]
+
+
+async def resume_request(
+    request: Request,
+    claims: ClaimsDep,
+    last_event_id_header: LastEventIdHeader = None,
+    last_event_id: Annotated[
+        str | None, Query(description="The same as the Last-Event-ID header, for clients that cannot set it.")
+    ] = None,
+) -> ResumePoint:
+    chosen = last_event_id_header or last_event_id
+    if not chosen:
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST, "Say which stream to pick up: a Last-Event-ID header or `last_event_id`"
+        )
+    return await resume_point(request, claims, chosen)
+
+
+ResumeRequest = Annotated[ResumePoint, Depends(resume_request)]
 
 
 def _store_down() -> HTTPException:

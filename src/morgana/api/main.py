@@ -21,6 +21,7 @@ from morgana.api.security import PasswordHasher
 from morgana.api.services.agentless import AgentlessRoomsTask
 from morgana.api.services.chat import ChatAgent
 from morgana.api.services.livekit import VoiceRooms
+from morgana.api.services.stream_log import create_stream_log
 from morgana.api.telemetry import configure_tracing
 from morgana.core.logging import configure_logging
 
@@ -61,6 +62,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         app.state.password_hasher = PasswordHasher(settings.password_hash_concurrency, settings.password_hash_queue)
         app.state.voice_rooms = VoiceRooms(settings)
         app.state.agent = ChatAgent(settings)
+        app.state.stream_log = create_stream_log(settings)
         agentless = start_agentless_rooms(settings)
         if tracer_provider is not None:
             from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
@@ -78,6 +80,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             await agentless.stop()
         await app.state.voice_rooms.aclose()
         await app.state.agent.aclose()
+        if app.state.stream_log is not None:
+            await app.state.stream_log.aclose()
         await engine.dispose()
         if tracer_provider is not None:
             tracer_provider.shutdown()

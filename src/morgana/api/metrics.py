@@ -26,6 +26,17 @@ CHAT_TURNS = Counter(
     ["outcome", "transport"],
     namespace=NAMESPACE,
 )
+CHAT_STREAM_RESUMES = Counter(
+    "chat_stream_resumes_total",
+    "Chat streams picked up again by Last-Event-ID, by outcome (resumed, gone, unavailable).",
+    ["outcome"],
+    namespace=NAMESPACE,
+)
+CHAT_STREAM_LOG_ERRORS = Counter(
+    "chat_stream_log_errors_total",
+    "Chat streams whose events could not be kept for resuming (the event log was unreachable).",
+    namespace=NAMESPACE,
+)
 LLM_TIME_TO_FIRST_TOKEN = Histogram(
     "llm_time_to_first_token_seconds",
     "Time from sending a turn to the model until its first content token.",

@@ -5,7 +5,6 @@ import time
 from dataclasses import dataclass
 from typing import cast
 
-import redis.asyncio
 from limits import RateLimitItem, parse_many
 from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
@@ -13,6 +12,7 @@ from limits.errors import StorageError
 from limits.storage import storage_from_string
 
 from morgana.api.config import ApiSettings
+from morgana.api.redis_pool import blocking_pool
 
 LIMIT_NAMES = ("register", "login", "login_account", "session", "chat", "messages", "livekit")
 
@@ -33,17 +33,7 @@ class RateLimiter:
         self.shared = settings.redis_url is not None
         self._storage: Storage
         if settings.redis_url:
-            # A blocking pool: past REDIS_MAX_CONNECTIONS a request waits (REDIS_POOL_TIMEOUT_SECONDS)
-            # for a free connection. redis-py's default pool refuses with "Too many connections"
-            # instead, which turned a burst of 200 logins into 100 false "Redis unavailable" 503s;
-            # a 2 s wait still refused some of 500 chat streams opened at once.
-            pool = redis.asyncio.BlockingConnectionPool.from_url(
-                settings.redis_url,
-                max_connections=settings.redis_max_connections,
-                timeout=settings.redis_pool_timeout_seconds,
-                socket_timeout=2,
-                socket_connect_timeout=2,
-            )
+            pool = blocking_pool(settings, settings.redis_url)
             # An "async+" scheme always gives an asyncio storage.
             self._storage = cast(
                 Storage,

@@ -202,6 +202,14 @@ class ChatRequest(BaseModel):
             "`DELETE /api/v1/chatbot/turns/{turn_id}` takes it back, even while its reply is running."
         ),
     )
+    on_disconnect: Literal["continue", "cancel"] | None = Field(
+        default=None,
+        description=(
+            "Streams only: when the client goes away mid-reply, `continue` the reply (it is stored, "
+            "and the stream can be picked up with Last-Event-ID) or `cancel` it (not stored; saves "
+            "the model's cost). Default: the server's CHAT_STREAM_ON_DISCONNECT (`continue`)."
+        ),
+    )
 
 
 class ChatResponse(BaseModel):
@@ -259,6 +267,11 @@ class DeletedResponse(BaseModel):
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable, for programs: llm_timeout, llm_unavailable, history_unavailable, ...")
     message: str = Field(description="For people.")
+
+
+class GoneResponse(BaseModel):
+    detail: str
+    history: str = Field(description="Where the turn is if it was completed: the session's history.")
 
 
 class StreamEvent(BaseModel):

@@ -89,6 +89,10 @@ class Conversation:
         # A spoken reply is not held to be sent in fewer events: its speech waits for each sentence.
         self._coalesce = channel is Channel.CHAT and not spoken
 
+    @property
+    def session_id(self) -> uuid.UUID:
+        return self._session_id
+
     def begin(self, said: Sequence[Utterance], turn_id: uuid.UUID | None = None) -> "Turn":
         """Start a turn on the session's recent history (read with the session itself, before any
         reply begins, so a database outage is an error the caller can report). A turn with the
