@@ -85,7 +85,11 @@ class StreamLog(Protocol):
 
 
 class RedisStreamLog:
-    """Each stream is a Redis Stream whose entry ids are the events' places (`<n>-0`)."""
+    """Each stream is a Redis Stream whose entry ids are the events' places (`<n>-0`).
+
+    Appends from all streams go out together: one task writes whatever has come meanwhile in
+    one pipeline, so that many open streams cost a round trip per batch, not per event.
+    """
 
     def __init__(
         self, client: "redis.asyncio.Redis", ttl_seconds: float, max_events: int, command_timeout: float = 2.0
@@ -97,31 +101,59 @@ class RedisStreamLog:
         self._ttl_ms = int(ttl_seconds * 1000)
         self._max_events = max_events
         self._command_timeout = command_timeout
+        self._batch: list[tuple[str, Entry, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     async def append(self, key: str, entry: Entry) -> None:
-        fields: dict[FieldT, EncodableT] = {b"f": entry.frame}
-        if entry.last:
-            fields[b"end"] = b"1"
-        try:
-            async with asyncio.timeout(self._command_timeout):
-                await self._append(key, entry, fields)
-        except ResponseError as exc:
-            if "equal or smaller" not in str(exc):
-                raise StreamLogDown(str(exc)) from exc
-        except (RedisError, TimeoutError) as exc:
-            raise StreamLogDown(str(exc)) from exc
+        loop = asyncio.get_running_loop()
+        stored = loop.create_future()
+        self._batch.append((key, entry, stored))
+        if self._writer is None or self._writer.done():
+            self._writer = loop.create_task(self._write_batches())
+        # A cancelled append may still be written: appending it again is then a no-op.
+        await stored
 
-    async def _append(self, key: str, entry: Entry, fields: dict[FieldT, EncodableT]) -> None:
-        entry_id, most = f"{entry.seq}-0", self._max_events
-        # The time to live starts again with the first and the last event (and every 100th
-        # between): a stream is kept that long after it ended.
-        if entry.seq == 1 or entry.last or entry.seq % 100 == 0:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(key, fields, id=entry_id, maxlen=most, approximate=True)
-                pipe.pexpire(key, self._ttl_ms)
-                await pipe.execute()
-        else:
-            await self._redis.xadd(key, fields, id=entry_id, maxlen=most, approximate=True)
+    async def _write_batches(self) -> None:
+        while self._batch:
+            batch, self._batch = self._batch, []
+            try:
+                async with asyncio.timeout(self._command_timeout):
+                    results = await self._write(batch)
+            except (RedisError, TimeoutError) as exc:
+                for *_, stored in batch:
+                    if not stored.done():
+                        stored.set_exception(StreamLogDown(str(exc)))
+                continue
+            for (*_, stored), result in zip(batch, results, strict=True):
+                if stored.done():
+                    continue  # its append was cancelled
+                # Already there (an append cut short by a cancellation, then made again) is fine.
+                if isinstance(result, ResponseError) and "equal or smaller" not in str(result):
+                    stored.set_exception(StreamLogDown(str(result)))
+                else:
+                    stored.set_result(None)
+
+    async def _write(self, batch: list[tuple[str, Entry, "asyncio.Future[None]"]]) -> list[object]:
+        """One pipeline for the batch; each entry's XADD result (or error), in order."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            expiring = []
+            for key, entry, _ in batch:
+                fields: dict[FieldT, EncodableT] = {b"f": entry.frame}
+                if entry.last:
+                    fields[b"end"] = b"1"
+                pipe.xadd(key, fields, id=f"{entry.seq}-0", maxlen=self._max_events, approximate=True)
+                # The time to live starts again with the first and the last event (and every
+                # 100th between): a stream is kept that long after it ended.
+                expiring.append(entry.seq == 1 or entry.last or entry.seq % 100 == 0)
+                if expiring[-1]:
+                    pipe.pexpire(key, self._ttl_ms)
+            replies = iter(await pipe.execute(raise_on_error=False))
+        results: list[object] = []
+        for expires in expiring:
+            results.append(next(replies))
+            if expires:
+                next(replies)
+        return results
 
     async def read(self, key: str, after: int, wait: float) -> list[Entry]:
         try:
@@ -143,6 +175,8 @@ class RedisStreamLog:
         return entries
 
     async def aclose(self) -> None:
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
         await self._redis.aclose()
 
 
