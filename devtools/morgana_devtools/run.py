@@ -70,6 +70,8 @@ def main() -> None:
             )
         if not _configured(env, "LIVEKIT_URL"):
             overrides.update(_start_livekit(stack))
+        if not _configured(env, "PLAYGROUND_ENABLED"):
+            overrides["PLAYGROUND_ENABLED"] = "true"
 
         os.environ.update(overrides)
         from morgana.api.cli import load_settings, migrate, serve
@@ -79,6 +81,8 @@ def main() -> None:
         if os.environ.get("LIVEKIT_URL"):
             _start_agent_worker(stack, settings.port)
         log.info("API: http://localhost:%s  (docs at /docs)", settings.port)
+        if settings.playground_enabled:
+            log.info("Playground: http://localhost:%s/playground", settings.port)
         try:
             serve(settings, workers=1, reload=False)
         except KeyboardInterrupt:

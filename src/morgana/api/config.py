@@ -56,6 +56,9 @@ class ApiSettings(CoreSettings):
     otel_exporter_otlp_endpoint: str | None = None
     otel_service_name: str = "morgana-api"
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # The playground (morgana.api.playground): a browser client of this API at /playground, for
+    # trying it out and as a reference frontend. Off by default; `make run` turns it on.
+    playground_enabled: bool = False
 
     # Postgres: DATABASE_URL wins; otherwise the POSTGRES_* parts.
     database_url: str | None = None

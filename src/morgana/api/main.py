@@ -15,6 +15,7 @@ from morgana.api.config import ApiSettings, get_settings
 from morgana.api.db import autocommit, create_engine, create_session_factory
 from morgana.api.errors import install_error_handlers
 from morgana.api.middleware import AccessLogMiddleware, BodySizeLimitMiddleware
+from morgana.api.playground import mount_playground
 from morgana.api.ratelimit import RateLimiter
 from morgana.api.routes import auth, chatbot, health, livekit
 from morgana.api.security import PasswordHasher
@@ -102,6 +103,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(health.router)
     for router in (auth.router, chatbot.router, livekit.router):
         app.include_router(router, prefix=API_PREFIX)
+    if settings.playground_enabled:
+        mount_playground(app, settings)
 
     instrumentator = (
         Instrumentator(
