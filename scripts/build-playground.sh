@@ -21,4 +21,4 @@ node_modules/.bin/esbuild src/main.ts --bundle --minify --format=esm --target=es
     --log-level=warning --outfile="$OUT/playground.js"
 cp index.html "$OUT/index.html"
 cp style.css "$OUT/playground.css"
-echo "build-playground: built $(cd "$OUT" && ls | tr '\n' ' ')in $OUT"
+echo "build-playground: built index.html, playground.js and playground.css in $OUT"

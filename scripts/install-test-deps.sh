@@ -3,6 +3,8 @@
 #
 #   espeak-ng   real speech for the fake OpenAI server's POST /v1/audio/speech
 #               (devtools/morgana_devtools/openai_server/)
+#   chromium    the browser the playground's tests drive with Playwright (tests/playground);
+#               Playwright itself never downloads one
 #   the shellcheck linter, run on every shell script of the repo (tests/deploy)
 #   podman, buildah and runc to build the images from their Dockerfiles and run them as
 #   containers, and mmdebstrap to make the local stand-in for their Debian base image
@@ -16,7 +18,7 @@
 # that, through sudo. Says what it did on stdout; exits non-zero if it could not install.
 set -euo pipefail
 
-PACKAGES=(espeak-ng shellcheck podman buildah runc mmdebstrap containerd containernetworking-plugins iptables gcc libc6-dev)
+PACKAGES=(espeak-ng chromium shellcheck podman buildah runc mmdebstrap containerd containernetworking-plugins iptables gcc libc6-dev)
 
 log() { echo "install-test-deps: $*"; }
 

@@ -79,8 +79,7 @@ def mount_playground(app: FastAPI, settings: ApiSettings) -> None:
     """Serve the built playground at /playground/ (/playground redirects there)."""
     if not (STATIC_DIR / "index.html").is_file():
         raise ConfigurationError(
-            f"PLAYGROUND_ENABLED is set but the playground is not built ({STATIC_DIR}): "
-            "run scripts/build-playground.sh"
+            f"PLAYGROUND_ENABLED is set but the playground is not built ({STATIC_DIR}): run scripts/build-playground.sh"
         )
     files = StaticFiles(directory=STATIC_DIR, html=True)
     app.mount(PLAYGROUND_PATH, _WithHeaders(files, security_headers(settings)), name="playground")

@@ -106,7 +106,8 @@ export async function streamChat(sessionToken: string, text: string, onText: (pi
     onEvent(event: EventSourceMessage) {
       const data = JSON.parse(event.data) as { content: string; done: boolean; error?: { code: string; message: string } };
       if (event.event === "error" || data.error) {
-        failure = new ApiError(200, data.error?.message ?? "the reply failed", data.error?.code);
+        const { code = "error", message = "the reply failed" } = data.error ?? {};
+        failure = new ApiError(200, `${code}: ${message}`, code);
       } else if (data.content) {
         onText(data.content);
       }

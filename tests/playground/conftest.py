@@ -1,0 +1,104 @@
+"""A real browser (Debian's chromium, driven by the Python playwright package) on the playground
+served by a real API process.
+
+Chromium comes from the system (scripts/install-test-deps.sh); Playwright never downloads a
+browser. Without chromium the browser tests skip, except under CI=true, where they fail: a green
+CI run always means a browser drove the page.
+"""
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
+
+from morgana_devtools.processes import ApiProcess
+
+ROOT = Path(__file__).resolve().parents[2]
+# Screenshots of each step, per test (git-ignored): kept after the run for people to look at.
+ARTIFACTS = ROOT / "test-artifacts" / "playground"
+# Debian's wrapper script (/usr/bin/chromium) sources flag files that Playwright does not need.
+CHROMIUM_CANDIDATES = ("/usr/lib/chromium/chromium", "chromium", "chromium-browser")
+
+
+def find_chromium() -> str | None:
+    if os.environ.get("CHROMIUM_BIN"):
+        return os.environ["CHROMIUM_BIN"]
+    for candidate in CHROMIUM_CANDIDATES:
+        found = shutil.which(candidate)
+        if found:
+            return found
+    return None
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    path = find_chromium()
+    if path is None:
+        message = "no chromium (apt-get install chromium, or scripts/install-test-deps.sh; or set CHROMIUM_BIN)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def browser(chromium_path: str) -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="session")
+def playground_api(api_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiProcess]:
+    env = {**api_env, "PLAYGROUND_ENABLED": "true"}
+    with ApiProcess(env, tmp_path_factory.mktemp("playground-api") / "api.log") as process:
+        yield process
+
+
+class Steps:
+    """Numbered screenshots of one test's steps, in test-artifacts/playground/<test>/."""
+
+    def __init__(self, page: Page, directory: Path) -> None:
+        self.page = page
+        self.directory = directory
+        self.count = 0
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+
+    def shot(self, name: str) -> Path:
+        self.count += 1
+        path = self.directory / f"{self.count:02d}-{name}.png"
+        self.page.screenshot(path=path, full_page=True)
+        return path
+
+
+@pytest.fixture
+def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1200, "height": 800})
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"uncaught: {error}"))
+
+    def console(message: ConsoleMessage) -> None:
+        # A refused request is the API's answer and is shown on the page; anything else the
+        # browser logs as an error (a CSP violation, a script failure) is the page's fault.
+        if message.type == "error" and "Failed to load resource" not in message.text:
+            problems.append(f"console: {message.text}")
+
+    page.on("console", console)
+    page.set_default_timeout(15_000)
+    yield page
+    context.close()
+    assert not problems, "the page reported errors:\n" + "\n".join(problems)
+
+
+@pytest.fixture
+def steps(page: Page, request: pytest.FixtureRequest) -> Iterator[Steps]:
+    recorder = Steps(page, ARTIFACTS / re.sub(r"[^\w.-]", "_", request.node.name))
+    yield recorder
+    recorder.shot("last")  # where the test ended, passed or not

@@ -1,0 +1,133 @@
+"""The playground in a real browser, against a real API: sign up, sessions, a streamed chat."""
+
+import re
+import uuid
+
+import httpx
+from playwright.sync_api import Page, expect
+
+from morgana_devtools.openai_server import FakeOpenAIProcess
+from morgana_devtools.processes import ApiProcess
+from tests.conftest import STRONG_PASSWORD
+from tests.playground.conftest import Steps
+
+# Collects every text the newest assistant bubble shows while it is still streaming.
+RECORD_PARTIAL_REPLIES = """
+() => {
+  window.partialReplies = [];
+  new MutationObserver(() => {
+    const replies = document.querySelectorAll('[data-testid="message-assistant"]');
+    const last = replies[replies.length - 1];
+    if (last && last.classList.contains("streaming")) window.partialReplies.push(last.textContent);
+  }).observe(document.getElementById("messages"), { subtree: true, childList: true, characterData: true });
+}
+"""
+
+
+def test_register_chat_and_manage_sessions(
+    page: Page, steps: Steps, playground_api: ApiProcess, fake_openai: FakeOpenAIProcess
+) -> None:
+    email = f"playground-{uuid.uuid4().hex[:10]}@example.com"
+    page.goto(f"{playground_api.url}/playground")
+    assert page.url == f"{playground_api.url}/playground/"
+    expect(page).to_have_title("Morgana playground")
+    expect(page.locator("#workspace")).to_be_hidden()  # nothing but the sign-in form yet
+    steps.shot("opened")
+
+    # Register.
+    page.fill("#email", email)
+    page.fill("#password", STRONG_PASSWORD)
+    page.click("#register")
+    expect(page.locator("#status")).to_have_text(f"Registered {email}")
+    expect(page.locator("#workspace")).to_be_visible()
+    expect(page.locator("#auth")).to_be_hidden()
+    expect(page.locator("#who")).to_have_text(email)
+    steps.shot("registered")
+
+    # A session: created, listed, opened.
+    page.click("#new-session")
+    sessions = page.locator('[data-testid="session"]')
+    expect(sessions).to_have_count(1)
+    first_name = sessions.first.locator('[data-testid="session-name"]').inner_text()
+    expect(page.locator("#session-title")).to_have_text(first_name)
+    expect(page.locator("#chat")).to_be_visible()
+    steps.shot("session-created")
+
+    # A message, its reply rendered piece by piece as the stream arrives.
+    fake_openai.set_scenario(delay_ms=120)  # one token at a time, seen apart
+    page.evaluate(RECORD_PARTIAL_REPLIES)
+    page.fill("#message", "hello from the playground")
+    page.press("#message", "Enter")
+    reply = page.locator('[data-testid="message-assistant"]').last
+    expect(reply).to_have_class(re.compile(r"\bstreaming\b"))
+    steps.shot("reply-streaming")
+    expect(reply).to_have_text("You said: hello from the playground")
+    expect(reply).not_to_have_class(re.compile(r"\bstreaming\b"))
+    expect(page.locator("#status")).to_have_text("Reply complete")
+    steps.shot("reply-complete")
+    partial = [text for text in page.evaluate("window.partialReplies") if text]
+    assert len(set(partial)) >= 3, partial  # shown as it came, not all at the end
+    assert all("You said: hello from the playground".startswith(text) for text in partial), partial
+
+    # The history, as the API stored it, after a reload of the page (tokens kept by the browser).
+    page.reload()
+    page.locator('[data-testid="session-name"]', has_text=first_name).click()
+    messages = page.locator("#messages .message .text")
+    expect(messages).to_have_text(["hello from the playground", "You said: hello from the playground"])
+    expect(page.locator("#history-count")).to_have_text("2 stored")
+    steps.shot("history")
+
+    # Rename: shown in the list and the title, and stored.
+    page.click('[data-testid="session"] [data-testid="rename"]')
+    page.fill('[data-testid="rename-input"]', "Trip planning")
+    page.press('[data-testid="rename-input"]', "Enter")
+    expect(page.locator('[data-testid="session-name"]')).to_have_text(["Trip planning"])
+    expect(page.locator("#session-title")).to_have_text("Trip planning")
+    steps.shot("renamed")
+
+    # A second session, then the first deleted: the list keeps only the second.
+    page.click("#new-session")
+    expect(sessions).to_have_count(2)
+    second_name = page.locator("#session-title").inner_text()
+    expect(page.locator("#messages .message")).to_have_count(0)
+    steps.shot("second-session")
+    page.locator('[data-testid="session"]', has_text="Trip planning").locator('[data-testid="delete"]').click()
+    expect(page.locator("#status")).to_have_text("Deleted session Trip planning")
+    expect(page.locator('[data-testid="session-name"]')).to_have_text([second_name])
+    steps.shot("deleted")
+
+    # What the API holds, through the public API: the page did what it showed.
+    with httpx.Client(base_url=playground_api.url) as http:
+        token = http.post("/api/v1/auth/login", data={"username": email, "password": STRONG_PASSWORD}).json()
+        listed = http.get("/api/v1/auth/sessions", headers={"Authorization": f"Bearer {token['access_token']}"})
+    assert [s["name"] for s in listed.json()] == [second_name]
+
+
+def test_a_failed_reply_is_shown(
+    page: Page, steps: Steps, playground_api: ApiProcess, fake_openai: FakeOpenAIProcess
+) -> None:
+    page.goto(f"{playground_api.url}/playground/")
+    page.fill("#email", f"playground-{uuid.uuid4().hex[:10]}@example.com")
+    page.fill("#password", STRONG_PASSWORD)
+    page.click("#register")
+    expect(page.locator("#auth")).to_be_hidden()
+    page.click("#new-session")
+    expect(page.locator('[data-testid="session"]')).to_have_count(1)
+    fake_openai.set_scenario(fail_after=2, fail_mode="error_event")
+    page.fill("#message", "this one breaks")
+    page.press("#message", "Enter")
+    expect(page.locator("#status")).to_have_class(re.compile(r"\berror\b"))
+    # The stream's `event: error`, as the API sent it: its code and message.
+    expect(page.locator("#status")).to_have_text(re.compile(r"^[a-z_]+: .+"))
+    expect(page.locator('[data-testid="message-assistant"]').last).to_have_class(re.compile(r"\bfailed\b"))
+    steps.shot("reply-failed")
+
+
+def test_a_wrong_password_is_refused_on_the_page(page: Page, steps: Steps, playground_api: ApiProcess) -> None:
+    page.goto(f"{playground_api.url}/playground/")
+    page.fill("#email", f"nobody-{uuid.uuid4().hex[:10]}@example.com")
+    page.fill("#password", STRONG_PASSWORD)
+    page.click("#login")
+    expect(page.locator("#status")).to_have_text("401: Incorrect email or password")
+    expect(page.locator("#workspace")).to_be_hidden()
+    steps.shot("refused")
