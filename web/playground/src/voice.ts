@@ -1,6 +1,7 @@
 // A voice call in the session's LiveKit room: the mic published, the agent's audio played, its
 // transcriptions (livekit-agents 1.x text streams on `lk.transcription`) and state shown.
 import {
+  DisconnectReason,
   type Participant,
   type RemoteParticipant,
   type RemoteTrack,
@@ -61,7 +62,9 @@ export class Call {
       // The API tells a caller left alone that no agent came (morgana.api.services.agentless).
       if (topic === "morgana.status") this.events.notice(new TextDecoder().decode(payload));
     });
-    room.on(RoomEvent.Disconnected, (reason) => this.events.ended(reason === undefined ? "disconnected" : String(reason)));
+    room.on(RoomEvent.Disconnected, (reason?: DisconnectReason) =>
+      this.events.ended(reason === undefined ? "disconnected" : (DisconnectReason[reason] ?? String(reason)).toLowerCase()),
+    );
     room.registerTextStreamHandler("lk.transcription", (reader, from) => void this.readTranscript(reader, from.identity));
   }
 
