@@ -5,6 +5,7 @@
 #               (devtools/morgana_devtools/openai_server/)
 #   chromium    the browser the playground's tests drive with Playwright (tests/playground);
 #               Playwright itself never downloads one
+#   npm         (when no npm is on PATH) to rebuild the playground from its lock file
 #   the shellcheck linter, run on every shell script of the repo (tests/deploy)
 #   podman, buildah and runc to build the images from their Dockerfiles and run them as
 #   containers, and mmdebstrap to make the local stand-in for their Debian base image
@@ -19,6 +20,11 @@
 set -euo pipefail
 
 PACKAGES=(espeak-ng chromium shellcheck podman buildah runc mmdebstrap containerd containernetworking-plugins iptables gcc libc6-dev)
+# npm rebuilds the playground (scripts/build-playground.sh; tests/playground/test_build.py): Debian's,
+# with its nodejs, unless a Node.js installed otherwise (NodeSource, nvm) already brings an npm.
+if ! command -v npm >/dev/null 2>&1; then
+    PACKAGES+=(npm)
+fi
 
 log() { echo "install-test-deps: $*"; }
 
