@@ -77,7 +77,11 @@ def test_register_chat_and_manage_sessions(
     expect(page.locator("#history-count")).to_have_text("2 stored")
     steps.shot("history")
 
-    # Rename: shown in the list and the title, and stored.
+    # Rename: Escape cancels; Enter saves, shown in the list and the title, and stored.
+    page.click('[data-testid="session"] [data-testid="rename"]')
+    page.fill('[data-testid="rename-input"]', "Not this one")
+    page.press('[data-testid="rename-input"]', "Escape")
+    expect(page.locator('[data-testid="session-name"]')).to_have_text([first_name])
     page.click('[data-testid="session"] [data-testid="rename"]')
     page.fill('[data-testid="rename-input"]', "Trip planning")
     page.press('[data-testid="rename-input"]', "Enter")

@@ -162,6 +162,9 @@ function sessionRow(session: api.SessionInfo): HTMLLIElement {
       event.preventDefault();
       action(() => rename(session, input.value))();
     };
+    input.onkeydown = (event) => {
+      if (event.key === "Escape") render(); // cancel: the row as it was
+    };
     row.replaceChildren(form);
     input.select();
   };
