@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 from jose import jwt
 
+from tests.api.sse import stream_chat
 from tests.conftest import JWT_SECRET, STRONG_PASSWORD, bearer, new_session, register, unique_email
 
 
@@ -173,12 +174,31 @@ def test_sessions_can_be_listed_renamed_and_deleted(client: httpx.Client, user: 
     assert client.delete(f"/api/v1/auth/sessions/{first['session_id']}", headers=bearer(token)).status_code == 404
 
 
+def test_a_new_token_for_an_existing_session_continues_its_conversation(client: httpx.Client, user: dict) -> None:
+    """A client with the user's token but not the session's (another device, a reloaded page)."""
+    token = user["token"]["access_token"]
+    session = new_session(client, token)
+    said = stream_chat(client, session["token"]["access_token"], "remember this")
+    assert said.status_code == 200
+    again = client.post(f"/api/v1/auth/sessions/{session['session_id']}/token", headers=bearer(token))
+    assert again.status_code == 200, again.text
+    assert (again.json()["session_id"], again.json()["name"]) == (session["session_id"], session["name"])
+    fresh = again.json()["token"]["access_token"]
+    assert fresh != session["token"]["access_token"]
+    history = client.get("/api/v1/chatbot/messages", headers=bearer(fresh)).json()["messages"]
+    assert [m["content"] for m in history] == ["remember this", "You said: remember this"]
+    # A session token cannot ask for one; nor can anybody for a session that is not theirs.
+    assert client.post(f"/api/v1/auth/sessions/{session['session_id']}/token", headers=bearer(fresh)).status_code == 403
+    assert client.post(f"/api/v1/auth/sessions/{uuid.uuid4()}/token", headers=bearer(token)).status_code == 404
+
+
 def test_users_cannot_touch_each_others_sessions(client: httpx.Client, user: dict) -> None:
     mine = new_session(client, user["token"]["access_token"])
     stranger = register(client)["token"]["access_token"]
     path = f"/api/v1/auth/sessions/{mine['session_id']}"
     assert client.patch(path, headers=bearer(stranger), json={"name": "mine now"}).status_code == 404
     assert client.delete(path, headers=bearer(stranger)).status_code == 404
+    assert client.post(f"{path}/token", headers=bearer(stranger)).status_code == 404
     assert client.get("/api/v1/auth/sessions", headers=bearer(stranger)).json() == []
     assert (
         client.patch("/api/v1/auth/sessions/not-a-uuid", headers=bearer(stranger), json={"name": "x"}).status_code

@@ -46,6 +46,7 @@ def test_openapi_documents_every_endpoint_with_examples(client: httpx.Client) ->
         ("/api/v1/auth/sessions", "get"),
         ("/api/v1/auth/sessions/{session_id}", "patch"),
         ("/api/v1/auth/sessions/{session_id}", "delete"),
+        ("/api/v1/auth/sessions/{session_id}/token", "post"),
         ("/api/v1/chatbot/chat/stream", "post"),
         ("/api/v1/chatbot/chat/stream", "get"),
         ("/api/v1/chatbot/chat", "post"),

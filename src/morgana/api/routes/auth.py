@@ -188,6 +188,30 @@ async def rename_session(session_id: uuid.UUID, body: SessionRename, user: Curre
     return SessionInfo(session_id=session.id, name=session.name, created_at=session.created_at)
 
 
+@router.post(
+    "/sessions/{session_id}/token",
+    response_model=SessionResponse,
+    summary="Get a new session token for one of the user's sessions (needs a user token)",
+    description=(
+        "For a client that has the user's token but not the session's (another device, a page "
+        "reloaded): the same conversation, its history and its voice room. Limited as creating a "
+        "session is."
+    ),
+    responses={**_UNAUTHORIZED, **_WRONG_TOKEN, **_NOT_FOUND, **_LIMITED},
+    dependencies=[limit_by_user("session")],
+)
+async def session_token(session_id: uuid.UUID, user: CurrentUser, db: DbDep, settings: SettingsDep) -> SessionResponse:
+    session = await sessions.owned(db, user.id, session_id)
+    if session is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "Session not found")
+    token = issue_session_token(settings, user.id, session.id, user.token_version)
+    return SessionResponse(
+        session_id=session.id,
+        name=session.name,
+        token=TokenResponse(access_token=token.access_token, expires_at=token.expires_at),
+    )
+
+
 @router.delete(
     "/sessions/{session_id}",
     status_code=status.HTTP_204_NO_CONTENT,

@@ -48,9 +48,15 @@ async def list_for_user(db: AsyncSession, user_id: int) -> list[ChatSession]:
     return list(rows)
 
 
-async def rename(db: AsyncSession, user_id: int, session_id: uuid.UUID, name: str) -> ChatSession | None:
+async def owned(db: AsyncSession, user_id: int, session_id: uuid.UUID) -> ChatSession | None:
+    """The user's session of that id; None if the user has no such session."""
     session = await db.get(ChatSession, session_id)
-    if session is None or session.user_id != user_id:
+    return session if session is not None and session.user_id == user_id else None
+
+
+async def rename(db: AsyncSession, user_id: int, session_id: uuid.UUID, name: str) -> ChatSession | None:
+    session = await owned(db, user_id, session_id)
+    if session is None:
         return None
     session.name = name
     await db.commit()
