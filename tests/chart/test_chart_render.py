@@ -304,6 +304,35 @@ def test_rendered_api_environment_is_accepted_in_production(values: Path, tmp_pa
     assert (agent_account <= set(job_env)) == (values == DEFAULT_VALUES)
 
 
+def api_environment(sets: list[str]) -> dict[str, str]:
+    objects = render(sets=sets)
+    return resolve_env(find(objects, "Deployment", "-api")["spec"]["template"]["spec"]["containers"][0], objects)
+
+
+def test_the_playground_and_resumable_streams_follow_their_values(tmp_path: Path) -> None:
+    """The playground is off unless its value turns it on (and the API then starts with it);
+    chat streams are kept for resuming, and go on when their client leaves, unless told otherwise."""
+    default = api_environment([])
+    assert default["PLAYGROUND_ENABLED"] == "false"
+    assert (default["CHAT_STREAM_RESUME_SECONDS"], default["CHAT_STREAM_ON_DISCONNECT"]) == ("600", "continue")
+    chosen = api_environment(
+        ["api.playground.enabled=true", "api.chatStreams.resumeSeconds=0", "api.chatStreams.onDisconnect=cancel"]
+    )
+    assert chosen["PLAYGROUND_ENABLED"] == "true"
+    assert (chosen["CHAT_STREAM_RESUME_SECONDS"], chosen["CHAT_STREAM_ON_DISCONNECT"]) == ("0", "cancel")
+    result = subprocess.run(
+        [sys.executable, "-m", "morgana.api.cli", "check-config"],
+        env={"PATH": os.environ["PATH"], **chosen},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    refused = template(sets=["api.chatStreams.onDisconnect=later"], check=False)
+    assert refused.returncode != 0 and "onDisconnect" in refused.stderr
+
+
 def test_the_agents_account_goes_only_where_it_is_used() -> None:
     """With the agent: the migration Job (which creates the account) and the workers (which log in
     with it). Without it: nowhere, and no password is stored, unless one is given for workers

@@ -221,6 +221,7 @@ LIVEKIT_PUBLIC_URL: {{ . | quote }}
 PORT: "8000"
 API_METRICS_PORT: "9101"
 DOCS_ENABLED: {{ $v.api.docs.enabled | quote }}
+PLAYGROUND_ENABLED: {{ $v.api.playground.enabled | quote }}
 WEB_CONCURRENCY: {{ $v.api.workers | quote }}
 {{- /* Open chat streams finish inside the pod's grace period. */}}
 GUNICORN_GRACEFUL_TIMEOUT: {{ sub $v.api.terminationGracePeriodSeconds 10 | max 1 | quote }}
