@@ -271,6 +271,18 @@ def test_every_env_variable_the_chart_sets_is_read_by_its_process() -> None:
                 assert not unknown, f"{values.name}: {obj['metadata']['name']} sets unread {unknown}"
 
 
+def check_config(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`morgana-api check-config` with exactly `env` (and PATH)."""
+    return subprocess.run(
+        [sys.executable, "-m", "morgana.api.cli", "check-config"],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=60,
+    )
+
+
 @pytest.mark.parametrize("values", [DEFAULT_VALUES, CHART / "ci" / "minimal-values.yaml"], ids=["default", "minimal"])
 def test_rendered_api_environment_is_accepted_in_production(values: Path, tmp_path: Path) -> None:
     """`morgana-api check-config` with exactly the env the chart gives the API and its Job (the
@@ -282,14 +294,7 @@ def test_rendered_api_environment_is_accepted_in_production(values: Path, tmp_pa
         env = resolve_env(obj["spec"]["template"]["spec"]["containers"][0], objects)
         environments.append(env)
         assert env["ENVIRONMENT"] == "production"
-        result = subprocess.run(
-            [sys.executable, "-m", "morgana.api.cli", "check-config"],
-            env={"PATH": os.environ["PATH"], **env},
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            timeout=60,
-        )
+        result = check_config(env, tmp_path)
         assert result.returncode == 0, result.stderr
         assert "configuration ok" in result.stdout
         assert "warning" not in result.stderr, result.stderr
@@ -320,14 +325,7 @@ def test_the_playground_and_resumable_streams_follow_their_values(tmp_path: Path
     )
     assert chosen["PLAYGROUND_ENABLED"] == "true"
     assert (chosen["CHAT_STREAM_RESUME_SECONDS"], chosen["CHAT_STREAM_ON_DISCONNECT"]) == ("0", "cancel")
-    result = subprocess.run(
-        [sys.executable, "-m", "morgana.api.cli", "check-config"],
-        env={"PATH": os.environ["PATH"], **chosen},
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=60,
-    )
+    result = check_config(chosen, tmp_path)
     assert result.returncode == 0, result.stderr
     refused = template(sets=["api.chatStreams.onDisconnect=later"], check=False)
     assert refused.returncode != 0 and "onDisconnect" in refused.stderr
