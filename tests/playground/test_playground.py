@@ -1,14 +1,17 @@
 """The playground in a real browser, against a real API: sign up, sessions, a streamed chat."""
 
 import re
+import time
 import uuid
 
 import httpx
-from playwright.sync_api import Page, expect
+from jose import jwt
+from playwright.sync_api import Page, Request, expect
 
 from morgana_devtools.openai_server import FakeOpenAIProcess
 from morgana_devtools.processes import ApiProcess
-from tests.conftest import STRONG_PASSWORD
+from tests.api.sse import stream_chat
+from tests.conftest import JWT_SECRET, STRONG_PASSWORD, bearer, new_session, register
 from tests.playground.conftest import Steps
 
 # Collects every text the newest assistant bubble shows while it is still streaming.
@@ -105,6 +108,90 @@ def test_register_chat_and_manage_sessions(
         token = http.post("/api/v1/auth/login", data={"username": email, "password": STRONG_PASSWORD}).json()
         listed = http.get("/api/v1/auth/sessions", headers={"Authorization": f"Bearer {token['access_token']}"})
     assert [s["name"] for s in listed.json()] == [second_name]
+
+
+# Puts a token in place of the one the page cached for a session, its expiry left as it was.
+REPLACE_CACHED_TOKEN = """
+([id, token]) => {
+  const tokens = JSON.parse(localStorage.getItem("morgana.sessionTokens"));
+  tokens[id].access_token = token;
+  localStorage.setItem("morgana.sessionTokens", JSON.stringify(tokens));
+}
+"""
+
+
+def test_a_session_created_elsewhere_is_opened_with_a_new_token(
+    page: Page, steps: Steps, playground_api: ApiProcess, fake_openai: FakeOpenAIProcess
+) -> None:
+    # Another client (httpx here) signs up, creates a session and chats in it.
+    email = f"playground-{uuid.uuid4().hex[:10]}@example.com"
+    with httpx.Client(base_url=playground_api.url, timeout=30) as http:
+        user_token = register(http, email)["token"]["access_token"]
+        session = new_session(http, user_token)
+        said = stream_chat(http, session["token"]["access_token"], "hello from elsewhere")
+        assert said.status_code == 200 and said.last["done"], said.events
+    session_id, elsewhere_token = session["session_id"], session["token"]["access_token"]
+    token_path = f"/api/v1/auth/sessions/{session_id}/token"
+    asked: list[str] = []  # every request of the page for a session's new token
+
+    def watch(request: Request) -> None:
+        if request.method == "POST" and request.url.endswith(token_path):
+            asked.append(request.url)
+
+    page.on("request", watch)
+
+    # The page, logged in as that user: the session is listed.
+    page.goto(f"{playground_api.url}/playground/")
+    page.fill("#email", email)
+    page.fill("#password", STRONG_PASSWORD)
+    page.click("#login")
+    expect(page.locator("#status")).to_have_text(f"Logged in as {email}")
+    expect(page.locator('[data-testid="session-name"]')).to_have_text([session["name"]])
+    assert asked == []  # listing needs no session token
+    steps.shot("listed")
+
+    # Opened: the page gets a session token for it, and shows what was said elsewhere.
+    page.locator('[data-testid="session-name"]').click()
+    expect(page.locator("#session-title")).to_have_text(session["name"])
+    messages = page.locator("#messages .message .text")
+    expect(messages).to_have_text(["hello from elsewhere", "You said: hello from elsewhere"])
+    expect(page.locator("#history-count")).to_have_text("2 stored")
+    assert len(asked) == 1
+    steps.shot("history")
+
+    # Chatted in from the page, in the same conversation as the other client's.
+    page.fill("#message", "and now from the page")
+    page.press("#message", "Enter")
+    expect(page.locator('[data-testid="message-assistant"]').last).to_have_text("You said: and now from the page")
+    expect(page.locator("#status")).to_have_text("Reply complete")
+    expect(page.locator("#call")).to_be_enabled()
+    assert len(asked) == 1  # the token fetched on opening, cached
+    steps.shot("chatted")
+    with httpx.Client(base_url=playground_api.url, timeout=30) as http:
+        stored = http.get("/api/v1/chatbot/messages", headers=bearer(elsewhere_token)).json()["messages"]
+    assert [m["content"] for m in stored] == [
+        "hello from elsewhere",
+        "You said: hello from elsewhere",
+        "and now from the page",
+        "You said: and now from the page",
+    ]
+
+    # The cached token refused (expired early, as the page sees it: a 401 although its expiry is
+    # ahead): one new token, and the history and a chat turn go through.
+    claims = jwt.get_unverified_claims(elsewhere_token)
+    expired = jwt.encode({**claims, "iat": int(time.time()) - 7200, "exp": int(time.time()) - 3600}, JWT_SECRET)
+    page.evaluate(REPLACE_CACHED_TOKEN, [session_id, expired])
+    page.reload()
+    page.locator('[data-testid="session-name"]').click()
+    expect(messages).to_have_count(4)
+    expect(page.locator("#history-count")).to_have_text("4 stored")
+    assert len(asked) == 2
+    page.fill("#message", "after a new token")
+    page.press("#message", "Enter")
+    expect(page.locator('[data-testid="message-assistant"]').last).to_have_text("You said: after a new token")
+    expect(page.locator("#status")).to_have_text("Reply complete")
+    assert len(asked) == 2
+    steps.shot("recovered-from-401")
 
 
 def test_a_failed_reply_is_shown(

@@ -71,6 +71,9 @@ export const login = (email: string, password: string) =>
 
 export const listSessions = (userToken: string) => request<SessionInfo[]>("GET", "/auth/sessions", userToken);
 export const createSession = (userToken: string) => request<NewSession>("POST", "/auth/session", userToken);
+/** A new session token for one of the user's sessions (made elsewhere, or its token expired). */
+export const newSessionToken = (userToken: string, id: string) =>
+  request<NewSession>("POST", `/auth/sessions/${id}/token`, userToken);
 export const renameSession = (userToken: string, id: string, name: string) =>
   request<SessionInfo>("PATCH", `/auth/sessions/${id}`, userToken, JSON.stringify({ name }));
 export const deleteSession = (userToken: string, id: string) =>

@@ -2,9 +2,10 @@
 import * as api from "./api";
 import { Call } from "./voice";
 
-// --- state: the user token, and the session tokens this browser was given ----------------------
-// A session token is only handed out when the session is created (POST /auth/session), so
-// sessions created elsewhere are listed, renamed and deleted, but cannot be chatted in here.
+// --- state: the user token, and the session tokens this browser holds --------------------------
+// A session's token comes with it when the page creates it (POST /auth/session); for any other of
+// the user's sessions (created elsewhere, or its token expired) the page asks for a new one
+// (POST /auth/sessions/{id}/token) when it is opened. Both are kept here until they expire.
 const store = {
   get userToken(): string | null {
     return localStorage.getItem("morgana.userToken");
@@ -27,6 +28,12 @@ const store = {
     if (token) tokens[id] = token;
     else delete tokens[id];
     localStorage.setItem("morgana.sessionTokens", JSON.stringify(tokens));
+  },
+  /** Forget the tokens of sessions no longer listed (deleted, or another user's). */
+  keepSessionTokens(ids: string[]) {
+    const tokens = this.sessionTokens();
+    const kept = Object.fromEntries(ids.filter((id) => id in tokens).map((id) => [id, tokens[id]]));
+    localStorage.setItem("morgana.sessionTokens", JSON.stringify(kept));
   },
   clear() {
     for (const key of ["morgana.userToken", "morgana.sessionTokens"]) localStorage.removeItem(key);
@@ -65,7 +72,55 @@ function action(fn: () => Promise<void>): () => void {
   };
 }
 
-const sessionToken = () => (current ? store.sessionTokens()[current.session_id]?.access_token : undefined);
+// --- session tokens ---------------------------------------------------------------------------------
+const fetching = new Map<string, Promise<string>>();
+
+/** The cached token of a session, unless it is missing or about to expire. */
+function cachedSessionToken(id: string): string | undefined {
+  const token = store.sessionTokens()[id];
+  if (!token || Date.parse(token.expires_at) - Date.now() < 30_000) return undefined;
+  return token.access_token;
+}
+
+/** A session's token: the cached one, else (or if `fresh`) a new one from the API. */
+function sessionToken(id: string, fresh = false): Promise<string> {
+  const cached = fresh ? undefined : cachedSessionToken(id);
+  if (cached) return Promise.resolve(cached);
+  let pending = fetching.get(id); // one request, however many callers ask at once
+  if (!pending) {
+    pending = fetchSessionToken(id).finally(() => fetching.delete(id));
+    fetching.set(id, pending);
+  }
+  return pending;
+}
+
+async function fetchSessionToken(id: string): Promise<string> {
+  try {
+    const issued = await api.newSessionToken(store.userToken ?? "", id);
+    store.setSessionToken(id, issued.token);
+    return issued.token.access_token;
+  } catch (error) {
+    if (error instanceof api.ApiError && error.status === 401) userTokenRefused();
+    else if (error instanceof api.ApiError && error.status === 404) action(showSignedIn)(); // gone: list again
+    throw error;
+  }
+}
+
+/**
+ * Run `use` with the open session's token. A 401 means the cached token expired or was revoked:
+ * it is dropped and `use` runs once more with a new one.
+ */
+async function withSessionToken<T>(use: (token: string) => Promise<T>): Promise<T> {
+  if (!current) throw new Error("Open a session first");
+  const id = current.session_id;
+  try {
+    return await use(await sessionToken(id));
+  } catch (error) {
+    if (!(error instanceof api.ApiError && error.status === 401)) throw error;
+    store.setSessionToken(id, null);
+    return await use(await sessionToken(id, true));
+  }
+}
 
 // --- auth -------------------------------------------------------------------------------------------
 async function authenticate(kind: "register" | "login") {
@@ -99,13 +154,17 @@ async function refreshSessions() {
   try {
     sessions = await api.listSessions(token);
   } catch (error) {
-    if (error instanceof api.ApiError && error.status === 401) {
-      store.userToken = null; // expired or revoked: back to the sign-in form
-      render();
-    }
+    if (error instanceof api.ApiError && error.status === 401) userTokenRefused();
     throw error;
   }
+  store.keepSessionTokens(sessions.map((s) => s.session_id));
   if (current && !sessions.some((s) => s.session_id === current?.session_id)) current = null;
+}
+
+/** The user token expired or was revoked: back to the sign-in form. */
+function userTokenRefused() {
+  store.userToken = null;
+  render();
 }
 
 async function newSession() {
@@ -141,18 +200,16 @@ async function remove(session: api.SessionInfo) {
 }
 
 function sessionRow(session: api.SessionInfo): HTMLLIElement {
-  const hasToken = session.session_id in store.sessionTokens();
   const name = h("button", {
     className: "link",
     textContent: session.name,
-    title: hasToken ? "Open" : "Created elsewhere: no session token in this browser",
+    title: "Open",
     testid: "session-name",
     onclick: action(() => select(session.session_id)),
   });
   const row = h("li", { testid: "session" }, name);
   row.dataset.sessionId = session.session_id;
   row.classList.toggle("current", current?.session_id === session.session_id);
-  row.classList.toggle("foreign", !hasToken);
 
   const renameButton = h("button", { textContent: "Rename", testid: "rename" });
   renameButton.onclick = () => {
@@ -185,20 +242,18 @@ function bubble(role: string, text: string, note = ""): HTMLElement {
 
 async function loadHistory() {
   $("messages").replaceChildren();
-  const token = sessionToken();
+  $("history-count").textContent = "";
   if (!current) return;
-  if (!token) {
-    bubble("system", "This session was created outside this browser: its session token is not here, so its history and chat are not either.");
-    return;
-  }
-  const { messages } = await api.history(token);
+  const shown = current.session_id;
+  const { messages } = await withSessionToken(api.history);
+  if (current?.session_id !== shown) return; // another session was opened meanwhile
+  $("messages").replaceChildren();
   for (const message of messages) bubble(message.role, message.content, message.channel === "voice" ? "voice" : "");
   $("history-count").textContent = `${messages.length} stored`;
 }
 
 async function send(text: string) {
-  const token = sessionToken();
-  if (!token) throw new Error("Create or open a session of this browser first");
+  if (!current) throw new Error("Create or open a session first");
   bubble("user", text);
   const reply = bubble("assistant", "");
   reply.classList.add("streaming");
@@ -206,10 +261,13 @@ async function send(text: string) {
   const input = $<HTMLInputElement>("message");
   input.disabled = true;
   try {
-    await api.streamChat(token, text, (piece) => {
-      span.textContent += piece;
-      reply.scrollIntoView({ block: "end" });
-    });
+    // A refused token (401) is answered before any of the reply: the retry starts it afresh.
+    await withSessionToken((token) =>
+      api.streamChat(token, text, (piece) => {
+        span.textContent += piece;
+        reply.scrollIntoView({ block: "end" });
+      }),
+    );
     status("Reply complete");
   } catch (error) {
     reply.classList.add("failed");
@@ -223,9 +281,7 @@ async function send(text: string) {
 
 // --- voice ------------------------------------------------------------------------------------------
 async function startCall() {
-  const token = sessionToken();
-  if (!token || !current) throw new Error("Open a session of this browser first");
-  const grant = await api.livekitToken(token);
+  const grant = await withSessionToken(api.livekitToken);
   $("transcript").replaceChildren();
   const lines = new Map<string, HTMLElement>();
   call = new Call(
@@ -299,9 +355,6 @@ function render() {
   $("chat").hidden = current === null;
   if (current) {
     $("session-title").textContent = current.name;
-    const usable = sessionToken() !== undefined;
-    $<HTMLButtonElement>("send").disabled = !usable;
-    $<HTMLButtonElement>("call").disabled = !usable;
   }
   renderCall();
 }
@@ -320,7 +373,7 @@ $("refresh").onclick = action(async () => {
 });
 $("reload-history").onclick = action(loadHistory);
 $("clear-history").onclick = action(async () => {
-  await api.clearHistory(sessionToken() ?? "");
+  await withSessionToken(api.clearHistory);
   await loadHistory();
   status("History cleared");
 });
