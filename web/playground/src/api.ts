@@ -84,29 +84,71 @@ export const history = (sessionToken: string) =>
 export const clearHistory = (sessionToken: string) => request<unknown>("DELETE", "/chatbot/messages", sessionToken);
 export const livekitToken = (sessionToken: string) => request<LiveKitGrant>("POST", "/livekit/token", sessionToken);
 
+export interface StreamOptions {
+  /** Makes a retried turn count once (the history stores it at most once). */
+  turnId?: string;
+  /** Called before each attempt to pick a dropped stream up again (1, 2, ...). */
+  onReconnecting?: (attempt: number) => void;
+  signal?: AbortSignal;
+}
+
+// Waits before each attempt to pick a dropped stream up again; a failure after new events starts over.
+const RECONNECT_DELAYS_MS = [250, 1000, 2500];
+
+/** The connection went away (a network error, a body cut short, a gateway's 5xx), not a refusal. */
+const dropped = (error: unknown) =>
+  error instanceof TypeError || (error instanceof ApiError && (error.status === 0 || error.status >= 502));
+
 /**
  * POST /chatbot/chat/stream and hand each piece of the reply to `onText` as it arrives.
  * EventSource cannot POST or send a bearer token, so the body is read with fetch and parsed
- * with eventsource-parser (which also skips `: ping` comments and `id:` lines).
- * Resolves at the `done` event; rejects with an ApiError on a refusal or an `error` event.
+ * with eventsource-parser (which also skips `: ping` comments).
+ * A connection lost before the `done` event is picked up again: GET /chatbot/chat/stream with
+ * the id of the last event received (`Last-Event-ID`) sends the events after it, each once,
+ * and the reply is not generated again. A 410 there (the stream is no longer kept) is thrown
+ * as an ApiError: the history holds the turn if it was completed.
+ * Resolves at the `done` event with the number of reconnections; rejects with an ApiError on
+ * a refusal or an `error` event (a resumed stream can end with `reply_cancelled` or `stream_lost`).
  */
-export async function streamChat(sessionToken: string, text: string, onText: (piece: string) => void, signal?: AbortSignal): Promise<void> {
-  const response = await fetch(`${API}/chatbot/chat/stream`, {
-    method: "POST",
-    headers: { Authorization: `Bearer ${sessionToken}`, "Content-Type": "application/json", Accept: "text/event-stream" },
-    // A turn id makes a retried turn count once; randomUUID exists in secure contexts only.
-    body: JSON.stringify({
-      messages: [{ role: "user", content: text }],
-      turn_id: typeof crypto.randomUUID === "function" ? crypto.randomUUID() : undefined,
-    }),
-    signal,
-  });
-  if (!response.ok || !response.body) throw await refusal(response);
+export async function streamChat(sessionToken: string, text: string, onText: (piece: string) => void, options: StreamOptions = {}): Promise<number> {
+  const { turnId, onReconnecting, signal } = options;
+  const headers = { Authorization: `Bearer ${sessionToken}`, Accept: "text/event-stream" };
+  const seen: { lastEventId?: string } = {};
+  try {
+    const response = await fetch(`${API}/chatbot/chat/stream`, {
+      method: "POST",
+      headers: { ...headers, "Content-Type": "application/json" },
+      body: JSON.stringify({ messages: [{ role: "user", content: text }], turn_id: turnId }),
+      signal,
+    });
+    await readStream(response, onText, seen);
+    return 0;
+  } catch (error) {
+    if (!dropped(error) || seen.lastEventId === undefined || signal?.aborted) throw error;
+  }
+  for (let attempt = 1, failures = 0; ; attempt++) {
+    onReconnecting?.(attempt);
+    await new Promise((resolve) => setTimeout(resolve, RECONNECT_DELAYS_MS[failures]));
+    const from = seen.lastEventId as string;
+    try {
+      const response = await fetch(`${API}/chatbot/chat/stream`, { headers: { ...headers, "Last-Event-ID": from }, signal });
+      await readStream(response, onText, seen);
+      return attempt;
+    } catch (error) {
+      failures = seen.lastEventId === from ? failures + 1 : 0;
+      if (!dropped(error) || failures >= RECONNECT_DELAYS_MS.length || signal?.aborted) throw error;
+    }
+  }
+}
 
+/** Read one SSE response to its `done` event, noting the id of each event in `seen`. */
+async function readStream(response: Response, onText: (piece: string) => void, seen: { lastEventId?: string }): Promise<void> {
+  if (!response.ok || !response.body) throw await refusal(response);
   let done = false;
   let failure: ApiError | null = null;
   const parser = createParser({
     onEvent(event: EventSourceMessage) {
+      if (event.id) seen.lastEventId = event.id;
       const data = JSON.parse(event.data) as { content: string; done: boolean; error?: { code: string; message: string } };
       if (event.event === "error" || data.error) {
         const { code = "error", message = "the reply failed" } = data.error ?? {};

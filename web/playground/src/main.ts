@@ -260,16 +260,29 @@ async function send(text: string) {
   const span = reply.querySelector(".text") as HTMLElement;
   const input = $<HTMLInputElement>("message");
   input.disabled = true;
+  // One id for the turn: if a refused token (401) makes it start afresh, it is stored once.
+  const turnId = typeof crypto.randomUUID === "function" ? crypto.randomUUID() : undefined; // secure contexts only
   try {
-    // A refused token (401) is answered before any of the reply: the retry starts it afresh.
-    await withSessionToken((token) =>
-      api.streamChat(token, text, (piece) => {
-        span.textContent += piece;
-        reply.scrollIntoView({ block: "end" });
-      }),
-    );
-    status("Reply complete");
+    const reconnections = await withSessionToken((token) => {
+      span.textContent = "";
+      return api.streamChat(
+        token,
+        text,
+        (piece) => {
+          span.textContent += piece;
+          reply.scrollIntoView({ block: "end" });
+        },
+        { turnId, onReconnecting: (attempt) => status(`Connection lost: reconnecting… (attempt ${attempt})`) },
+      );
+    });
+    status(reconnections ? "Reply complete (reconnected after the connection dropped)" : "Reply complete");
   } catch (error) {
+    if (error instanceof api.ApiError && error.status === 410) {
+      // The stream is no longer kept: the history has the turn if it was completed.
+      await loadHistory();
+      status("The connection dropped and the reply's stream is gone: reloaded the history");
+      return;
+    }
     reply.classList.add("failed");
     throw error;
   } finally {
