@@ -222,3 +222,40 @@ def test_a_wrong_password_is_refused_on_the_page(page: Page, steps: Steps, playg
     expect(page.locator("#status")).to_have_text("401: Incorrect email or password")
     expect(page.locator("#workspace")).to_be_hidden()
     steps.shot("refused")
+
+
+# The answers to the page's requests for a session's history reach it a second late.
+SLOW_HISTORY = """
+() => {
+  const fetchNow = window.fetch;
+  window.fetch = (input, init) => {
+    const slow = String(input).endsWith("/chatbot/messages") && (init?.method ?? "GET") === "GET";
+    const answer = fetchNow(input, init);
+    return slow ? answer.then((r) => new Promise((late) => setTimeout(() => late(r), 1000))) : answer;
+  };
+}
+"""
+
+
+def test_a_message_sent_while_the_history_loads_is_kept_after_it(
+    page: Page, steps: Steps, playground_api: ApiProcess, fake_openai: FakeOpenAIProcess
+) -> None:
+    email = f"playground-{uuid.uuid4().hex[:10]}@example.com"
+    with httpx.Client(base_url=playground_api.url, timeout=30) as http:
+        session = new_session(http, register(http, email)["token"]["access_token"])
+        assert stream_chat(http, session["token"]["access_token"], "said before").status_code == 200
+    page.goto(f"{playground_api.url}/playground/")
+    page.fill("#email", email)
+    page.fill("#password", STRONG_PASSWORD)
+    page.click("#login")
+    expect(page.locator('[data-testid="session-name"]')).to_have_text([session["name"]])
+    page.evaluate(SLOW_HISTORY)
+    page.locator('[data-testid="session-name"]').click()
+    page.fill("#message", "said at once")  # before the history has come
+    page.press("#message", "Enter")
+    expect(page.locator("#history-count")).to_have_text("2 stored")
+    expect(page.locator('[data-testid="message-assistant"]').last).to_have_text("You said: said at once")
+    expect(page.locator("#messages .message .text")).to_have_text(
+        ["said before", "You said: said before", "said at once", "You said: said at once"]
+    )
+    steps.shot("history-then-new-turn")

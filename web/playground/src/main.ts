@@ -240,15 +240,20 @@ function bubble(role: string, text: string, note = ""): HTMLElement {
   return element;
 }
 
+let historyLoads = 0;
+
 async function loadHistory() {
+  const load = ++historyLoads;
   $("messages").replaceChildren();
   $("history-count").textContent = "";
   if (!current) return;
-  const shown = current.session_id;
   const { messages } = await withSessionToken(api.history);
-  if (current?.session_id !== shown) return; // another session was opened meanwhile
+  if (load !== historyLoads) return; // another session (or the same one again) was loaded meanwhile
+  // A message sent while the history was on its way stays, after it.
+  const sentMeanwhile = [...$("messages").children];
   $("messages").replaceChildren();
   for (const message of messages) bubble(message.role, message.content, message.channel === "voice" ? "voice" : "");
+  $("messages").append(...sentMeanwhile);
   $("history-count").textContent = `${messages.length} stored`;
 }
 
