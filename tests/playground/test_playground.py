@@ -141,10 +141,7 @@ def test_a_session_created_elsewhere_is_opened_with_a_new_token(
     page.on("request", watch)
 
     # The page, logged in as that user: the session is listed.
-    page.goto(f"{playground_api.url}/playground/")
-    page.fill("#email", email)
-    page.fill("#password", STRONG_PASSWORD)
-    page.click("#login")
+    log_in(page, playground_api, email)
     expect(page.locator("#status")).to_have_text(f"Logged in as {email}")
     expect(page.locator('[data-testid="session-name"]')).to_have_text([session["name"]])
     assert asked == []  # listing needs no session token
@@ -214,11 +211,16 @@ def test_a_failed_reply_is_shown(
     steps.shot("reply-failed")
 
 
-def test_a_wrong_password_is_refused_on_the_page(page: Page, steps: Steps, playground_api: ApiProcess) -> None:
-    page.goto(f"{playground_api.url}/playground/")
-    page.fill("#email", f"nobody-{uuid.uuid4().hex[:10]}@example.com")
+def log_in(page: Page, api: ApiProcess, email: str) -> None:
+    """Open the playground and log in with the tests' password."""
+    page.goto(f"{api.url}/playground/")
+    page.fill("#email", email)
     page.fill("#password", STRONG_PASSWORD)
     page.click("#login")
+
+
+def test_a_wrong_password_is_refused_on_the_page(page: Page, steps: Steps, playground_api: ApiProcess) -> None:
+    log_in(page, playground_api, f"nobody-{uuid.uuid4().hex[:10]}@example.com")
     expect(page.locator("#status")).to_have_text("401: Incorrect email or password")
     expect(page.locator("#workspace")).to_be_hidden()
     steps.shot("refused")
@@ -244,10 +246,7 @@ def test_a_message_sent_while_the_history_loads_is_kept_after_it(
     with httpx.Client(base_url=playground_api.url, timeout=30) as http:
         session = new_session(http, register(http, email)["token"]["access_token"])
         assert stream_chat(http, session["token"]["access_token"], "said before").status_code == 200
-    page.goto(f"{playground_api.url}/playground/")
-    page.fill("#email", email)
-    page.fill("#password", STRONG_PASSWORD)
-    page.click("#login")
+    log_in(page, playground_api, email)
     expect(page.locator('[data-testid="session-name"]')).to_have_text([session["name"]])
     page.evaluate(SLOW_HISTORY)
     page.locator('[data-testid="session-name"]').click()
