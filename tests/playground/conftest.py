@@ -9,13 +9,15 @@ CI run always means a browser drove the page.
 import os
 import re
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, expect, sync_playwright
 
 from morgana_devtools.processes import ApiProcess
+from tests.conftest import STRONG_PASSWORD
 
 ROOT = Path(__file__).resolve().parents[2]
 # Screenshots of each step, per test (git-ignored): kept after the run for people to look at.
@@ -45,14 +47,15 @@ def chromium_path() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def playwright() -> Iterator[Playwright]:
-    # One per session: Playwright's sync API cannot run twice at once in a process.
+    # One at a time (Playwright's sync API cannot run twice at once in a process), and gone after
+    # its module: while it runs, its event loop is the thread's, and asyncio.run() elsewhere fails.
     with sync_playwright() as running:
         yield running
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(playwright: Playwright, chromium_path: str) -> Iterator[Browser]:
     browser = playwright.chromium.launch(executable_path=chromium_path, headless=True)
     yield browser
@@ -108,3 +111,22 @@ def steps(page: Page, request: pytest.FixtureRequest) -> Iterator[Steps]:
     recorder = Steps(page, ARTIFACTS / re.sub(r"[^\w.-]", "_", request.node.name))
     yield recorder
     recorder.shot("last")  # where the test ended, passed or not
+
+
+def log_in(page: Page, api_url: str, email: str, *, button: str = "#login") -> None:
+    """Open the playground and sign in (`#register` to sign up) with the tests' password."""
+    page.goto(f"{api_url}/playground/")
+    page.fill("#email", email)
+    page.fill("#password", STRONG_PASSWORD)
+    page.click(button)
+
+
+def sign_up_with_a_session(page: Page, api_url: str) -> str:
+    """A new user, signed up on the page, with one session open and its (empty) history shown."""
+    email = f"playground-{uuid.uuid4().hex[:10]}@example.com"
+    log_in(page, api_url, email, button="#register")
+    expect(page.locator("#auth")).to_be_hidden()
+    page.click("#new-session")
+    expect(page.locator('[data-testid="session"]')).to_have_count(1)
+    expect(page.locator("#history-count")).to_have_text("0 stored")
+    return email

@@ -12,7 +12,7 @@ from morgana_devtools.openai_server import FakeOpenAIProcess
 from morgana_devtools.processes import ApiProcess
 from tests.api.sse import stream_chat
 from tests.conftest import JWT_SECRET, STRONG_PASSWORD, bearer, new_session, register
-from tests.playground.conftest import Steps
+from tests.playground.conftest import Steps, log_in, sign_up_with_a_session
 
 # Collects every text the newest assistant bubble shows while it is still streaming.
 RECORD_PARTIAL_REPLIES = """
@@ -141,7 +141,7 @@ def test_a_session_created_elsewhere_is_opened_with_a_new_token(
     page.on("request", watch)
 
     # The page, logged in as that user: the session is listed.
-    log_in(page, playground_api, email)
+    log_in(page, playground_api.url, email)
     expect(page.locator("#status")).to_have_text(f"Logged in as {email}")
     expect(page.locator('[data-testid="session-name"]')).to_have_text([session["name"]])
     assert asked == []  # listing needs no session token
@@ -194,13 +194,7 @@ def test_a_session_created_elsewhere_is_opened_with_a_new_token(
 def test_a_failed_reply_is_shown(
     page: Page, steps: Steps, playground_api: ApiProcess, fake_openai: FakeOpenAIProcess
 ) -> None:
-    page.goto(f"{playground_api.url}/playground/")
-    page.fill("#email", f"playground-{uuid.uuid4().hex[:10]}@example.com")
-    page.fill("#password", STRONG_PASSWORD)
-    page.click("#register")
-    expect(page.locator("#auth")).to_be_hidden()
-    page.click("#new-session")
-    expect(page.locator('[data-testid="session"]')).to_have_count(1)
+    sign_up_with_a_session(page, playground_api.url)
     fake_openai.set_scenario(fail_after=2, fail_mode="error_event")
     page.fill("#message", "this one breaks")
     page.press("#message", "Enter")
@@ -211,16 +205,8 @@ def test_a_failed_reply_is_shown(
     steps.shot("reply-failed")
 
 
-def log_in(page: Page, api: ApiProcess, email: str) -> None:
-    """Open the playground and log in with the tests' password."""
-    page.goto(f"{api.url}/playground/")
-    page.fill("#email", email)
-    page.fill("#password", STRONG_PASSWORD)
-    page.click("#login")
-
-
 def test_a_wrong_password_is_refused_on_the_page(page: Page, steps: Steps, playground_api: ApiProcess) -> None:
-    log_in(page, playground_api, f"nobody-{uuid.uuid4().hex[:10]}@example.com")
+    log_in(page, playground_api.url, f"nobody-{uuid.uuid4().hex[:10]}@example.com")
     expect(page.locator("#status")).to_have_text("401: Incorrect email or password")
     expect(page.locator("#workspace")).to_be_hidden()
     steps.shot("refused")
@@ -246,7 +232,7 @@ def test_a_message_sent_while_the_history_loads_is_kept_after_it(
     with httpx.Client(base_url=playground_api.url, timeout=30) as http:
         session = new_session(http, register(http, email)["token"]["access_token"])
         assert stream_chat(http, session["token"]["access_token"], "said before").status_code == 200
-    log_in(page, playground_api, email)
+    log_in(page, playground_api.url, email)
     expect(page.locator('[data-testid="session-name"]')).to_have_text([session["name"]])
     page.evaluate(SLOW_HISTORY)
     page.locator('[data-testid="session-name"]').click()

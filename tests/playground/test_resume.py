@@ -9,7 +9,6 @@ import re
 import socket
 import struct
 import threading
-import uuid
 from collections.abc import Iterator
 
 import httpx
@@ -18,8 +17,8 @@ from playwright.sync_api import Page, Request, Route, expect
 
 from morgana_devtools.openai_server import FakeOpenAIProcess
 from morgana_devtools.processes import ApiProcess
-from tests.conftest import STRONG_PASSWORD, bearer
-from tests.playground.conftest import Steps
+from tests.conftest import bearer
+from tests.playground.conftest import Steps, sign_up_with_a_session
 
 STREAM_PATH = "/api/v1/chatbot/chat/stream"
 
@@ -82,19 +81,6 @@ def proxy(playground_api: ApiProcess) -> Iterator[CuttableProxy]:
     running.close()
 
 
-def open_new_session(page: Page, url: str) -> str:
-    email = f"playground-{uuid.uuid4().hex[:10]}@example.com"
-    page.goto(f"{url}/playground/")
-    page.fill("#email", email)
-    page.fill("#password", STRONG_PASSWORD)
-    page.click("#register")
-    expect(page.locator("#auth")).to_be_hidden()
-    page.click("#new-session")
-    expect(page.locator('[data-testid="session"]')).to_have_count(1)
-    expect(page.locator("#history-count")).to_have_text("0 stored")  # its history loaded: sending now is safe
-    return email
-
-
 def session_token(page: Page) -> str:
     tokens: dict[str, dict[str, str]] = page.evaluate('JSON.parse(localStorage.getItem("morgana.sessionTokens"))')
     (token,) = tokens.values()
@@ -104,7 +90,7 @@ def session_token(page: Page) -> str:
 def test_a_dropped_reply_is_picked_up_again(
     page: Page, steps: Steps, proxy: CuttableProxy, playground_api: ApiProcess, fake_openai: FakeOpenAIProcess
 ) -> None:
-    open_new_session(page, proxy.url)
+    sign_up_with_a_session(page, proxy.url)
     resumes: list[str | None] = []  # the Last-Event-ID of each GET of the stream
 
     def watch(request: Request) -> None:
@@ -153,7 +139,7 @@ def test_a_dropped_reply_is_picked_up_again(
 def test_a_stream_no_longer_kept_falls_back_to_the_history(
     page: Page, steps: Steps, proxy: CuttableProxy, playground_api: ApiProcess, fake_openai: FakeOpenAIProcess
 ) -> None:
-    open_new_session(page, proxy.url)
+    sign_up_with_a_session(page, proxy.url)
     message = "gone " + " ".join(f"w{i:02d}" for i in range(20))
 
     def gone(route: Route) -> None:

@@ -3,7 +3,6 @@ a real LiveKit room, the real agent worker answers aloud, and the page shows its
 state, then the call's turns in the session's history."""
 
 import re
-import uuid
 import wave
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +14,8 @@ from playwright.sync_api import Browser, Playwright, expect
 from morgana_devtools.openai_server import FakeOpenAIProcess
 from morgana_devtools.processes import AgentWorker, ApiProcess
 from morgana_devtools.voice_client import SAMPLE_RATE, speech_pcm
-from tests.conftest import OPENAI_KEY, STRONG_PASSWORD
-from tests.playground.conftest import ARTIFACTS, Steps
+from tests.conftest import OPENAI_KEY
+from tests.playground.conftest import ARTIFACTS, Steps, sign_up_with_a_session
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -90,13 +89,7 @@ def test_a_call_from_the_page_is_heard_answered_and_transcribed(
     page.set_default_timeout(30_000)
     steps = Steps(page, ARTIFACTS / re.sub(r"[^\w.-]", "_", request.node.name))
     try:
-        page.goto(f"{voice_playground_api.url}/playground/")
-        page.fill("#email", f"caller-{uuid.uuid4().hex[:10]}@example.com")
-        page.fill("#password", STRONG_PASSWORD)
-        page.click("#register")
-        expect(page.locator("#auth")).to_be_hidden()
-        page.click("#new-session")
-        expect(page.locator('[data-testid="session"]')).to_have_count(1)
+        sign_up_with_a_session(page, voice_playground_api.url)
         page.evaluate(RECORD_AGENT_STATES)
 
         page.click("#call")

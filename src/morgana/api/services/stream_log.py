@@ -229,7 +229,9 @@ class MemoryStreamLog:
             if stream.waiter is None or stream.waiter.done():
                 stream.waiter = asyncio.get_running_loop().create_future()
             try:
-                await asyncio.wait_for(asyncio.shield(stream.waiter), wait)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can lose a cancellation.
+                async with asyncio.timeout(wait):
+                    await asyncio.shield(stream.waiter)
             except TimeoutError:
                 return []
         if not stream.entries:
@@ -262,7 +264,7 @@ class StreamRecorder:
         self.broken = False
 
     def event_id(self, seq: int) -> str:
-        return f"{self.stream}:{seq}"
+        return str(EventId(self.stream, seq))
 
     async def record(self, seq: int, frame: bytes, *, last: bool) -> None:
         if self.broken:
