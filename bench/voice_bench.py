@@ -18,6 +18,8 @@ The configurations (bench/voice_settings.py; `--only` picks some, in this order)
   default               the worker's shipped defaults (Smart Turn, VAD 0.15 s, endpointing 0.2 s), no provider
                         delay. Also the capacity levels and the API alone. Targets: p50 <= 650 ms,
                         p95 <= 800 ms.
+  onnx_vad              the shipped defaults with VAD_RUNTIME=onnx (livekit-plugins-silero on
+                        onnxruntime, as before 2026-12-01): one call's CPU beside `default`'s.
   realistic             the shipped defaults with the fake server's first chat token 350 ms, first
                         TTS byte 150 ms and transcription 100 ms late. Target: p50 <= 1000 ms.
   realistic_no_preemptive  as realistic, with PREEMPTIVE_GENERATION=false.
@@ -47,10 +49,10 @@ Per configuration:
                answered before the caller speaks again and no reply heard with gaps (heard
                for more than 60 ms longer than its audio lasts: an underrun).
 
-Across configurations (bench/voice_compare.py): `default` beside `today` (and
-`realistic_no_preemptive` beside `realistic`), the targets with pass/fail, and for the realistic
-configurations how much of the injected 600 ms reached the caller (p50 over `default`'s) and in
-which stage (means over `default`'s).
+Across configurations (bench/voice_compare.py): `default` beside `today`, `onnx_vad` beside
+`default` (and `realistic_no_preemptive` beside `realistic`), latency and one call's worker CPU;
+the targets with pass/fail; and for the realistic configurations how much of the injected 600 ms
+reached the caller (p50 over `default`'s) and in which stage (means over `default`'s).
 
 Results: one JSON object per line on stdout and in bench-results/voice.jsonl (the first line is
 the command and machine info; every line measured for a configuration has `"config"`), then the

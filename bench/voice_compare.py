@@ -41,7 +41,17 @@ def difference(value: float | None, base: float | None) -> float | None:
 
 
 def versus(res: Results, name: str, other: str) -> None:
-    """`name`'s one-call latency beside `other`'s, measured in the same run."""
+    """`name`'s one-call latency and worker CPU beside `other`'s, measured in the same run."""
+    cpu, base_cpu = (res.value(config, "voice_turn", "worker_cpu") for config in (name, other))
+    if cpu is not None and base_cpu is not None:
+        res.add(
+            "compare",
+            f"worker_cpu_vs_{other}",
+            cpu,
+            base_cpu,
+            "% of core",
+            note=f"one call, {name} / {other}, same run",
+        )
     for q in ("p50", "p95"):
         value, base = latency(res, name, q), latency(res, other, q)
         if value is None or base is None:

@@ -78,6 +78,7 @@ class WorkerConfig:
     stt_vad_min_silence: float = _DEFAULTS.stt_vad_min_silence_seconds  # STT_VAD_MIN_SILENCE_SECONDS
     preemptive: bool = False
     preemptive_tts: bool = _DEFAULTS.preemptive_tts  # PREEMPTIVE_TTS
+    vad_runtime: str = _DEFAULTS.vad_runtime  # VAD_RUNTIME
     provider_delays_ms: dict[str, float] = field(default_factory=dict)  # fake server endpoint -> ms
     capacity: bool = False  # also the idle API (api_chat) and the capacity levels
     targets: Targets = Targets()
@@ -100,6 +101,7 @@ class WorkerConfig:
             "STT_VAD_MIN_SILENCE_SECONDS": str(self.stt_vad_min_silence),
             "PREEMPTIVE_GENERATION": "true" if self.preemptive else "false",
             "PREEMPTIVE_TTS": "true" if self.preemptive_tts else "false",
+            "VAD_RUNTIME": self.vad_runtime,
             "TTS_VOICE": REPLY_VOICE,
         }
 
@@ -138,6 +140,15 @@ CONFIGS = (
         max_endpointing_delay=SHIPPED.max_endpointing_delay,
     ),
     SHIPPED,
+    replace(
+        SHIPPED,
+        name="onnx_vad",
+        summary="the shipped defaults with VAD_RUNTIME=onnx (livekit-plugins-silero), no provider delay",
+        vad_runtime="onnx",
+        capacity=False,
+        targets=Targets(),
+        compare_with="default",
+    ),
     replace(
         SHIPPED,
         name="realistic",

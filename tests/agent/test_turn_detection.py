@@ -28,7 +28,6 @@ from morgana.agent.turn import (
     SmartTurnModel,
     predict_after_silence,
 )
-from morgana.agent.worker import with_silence_window
 from morgana_devtools.openai_server import FakeOpenAIProcess
 from morgana_devtools.processes import AgentWorker
 from morgana_devtools.services import eventually_async
@@ -228,14 +227,6 @@ def test_silence_alone_cuts_the_same_caller_off(
     # A room opened with a token minted elsewhere carries no call credential: its turns go to a
     # session of the agent's own account.
     assert len(agent_sessions(voice_env)) == agents_own + 1
-
-
-def test_speech_to_text_gets_its_own_shorter_window_on_the_same_model() -> None:
-    turn_vad = silero.VAD.load(min_silence_duration=0.6)
-    stt_vad = with_silence_window(turn_vad, 0.05)
-    assert stt_vad.min_silence_duration == 0.05
-    assert turn_vad.min_silence_duration == 0.6  # the turn's window is its own
-    assert stt_vad._onnx_session is turn_vad._onnx_session  # not the model loaded twice (9 MiB)
 
 
 @pytest.fixture(scope="module")

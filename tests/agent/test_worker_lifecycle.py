@@ -1,13 +1,14 @@
 """The worker as operations see it: health, metrics, capacity, drain, LiveKit restarts, a dead API."""
 
 import asyncio
+import json
 import re
 import signal
 
 import httpx
 import pytest
 
-from morgana.agent.worker import full_at, load_of
+from morgana.agent.worker import PRELOAD_MODULES, full_at, load_of
 from morgana_devtools.livekit_server import LiveKitServer
 from morgana_devtools.openai_server import FakeOpenAIProcess
 from morgana_devtools.processes import AgentWorker
@@ -88,6 +89,11 @@ def test_health_metrics_drain_and_reregistration(
         assert health.status_code == 200
         info = httpx.get(f"http://127.0.0.1:{worker.health_port}/worker", timeout=5).json()
         assert info["agent_name"] == "lifecycle-agent"
+        # Its forkserver imports what every call's process needs, once for all of them.
+        (preloading,) = [
+            json.loads(line) for line in worker.log_path.read_text().splitlines() if '"preloading plugins"' in line
+        ]
+        assert set(PRELOAD_MODULES) <= set(preloading["packages"]), preloading
 
         # LiveKit goes away and comes back: the worker registers again by itself.
         registrations = worker.log_path.read_text().count("registered worker")

@@ -32,7 +32,10 @@ def test_the_image_holds_the_worker_and_its_vad_model(images: BuiltImages) -> No
     ):
         leaked = run_in_image(ref, "python", "-c", f"import {module}")
         assert leaked.returncode != 0, f"{why} ({module}) leaked into the agent image"
-    # Silero's VAD model must come with the wheel: the image runs no download step.
+    # Silero's VAD models must come with the wheels: the image runs no download step. The native
+    # one (the default VAD_RUNTIME) loads from livekit-local-inference's library.
+    native = run_in_image(ref, "python", "-c", "from livekit.local_inference import init_vad; init_vad()")
+    assert native.returncode == 0, native.stderr
     size = run_in_image(
         ref,
         "python",

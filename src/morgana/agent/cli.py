@@ -22,6 +22,15 @@ def quieter_loop_monitor() -> None:
     os.environ.setdefault(LOOP_BLOCK_WARN_ENV, DEFAULT_LOOP_BLOCK_WARN_MS)
 
 
+# livekit-agents' forkserver otherwise loads its local models: the VAD, which morgana.agent.preload
+# loads instead, and its end-of-turn model (244 MB in every worker, never used beside Smart Turn).
+PRELOAD_LOCAL_INFERENCE_ENV = "LIVEKIT_AGENTS_PRELOAD_LOCAL_INFERENCE"
+
+
+def no_unused_models() -> None:
+    os.environ[PRELOAD_LOCAL_INFERENCE_ENV] = "0"
+
+
 def main() -> None:
     from morgana.agent.config import get_settings
 
@@ -33,6 +42,7 @@ def main() -> None:
     os.makedirs(metrics_dir, exist_ok=True)  # an emptyDir starts empty
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     quieter_loop_monitor()
+    no_unused_models()
     from livekit.agents import cli
 
     from morgana.agent.worker import build_server

@@ -66,6 +66,9 @@ class AgentSettings(CoreSettings):
     # transcript, and the reply started on it (preemptive generation), arrive before the turn ends.
     # A pause this long splits the speech into two requests; the turn still ends on the window above.
     stt_vad_min_silence_seconds: float = Field(default=0.05, gt=0)
+    # Where Silero runs: livekit-agents' native build, inline on the call's loop (a sixth of the
+    # CPU), or livekit-plugins-silero on onnxruntime (smoothed probabilities; morgana.agent.vad).
+    vad_runtime: Literal["native", "onnx"] = "native"
     # Below this speech probability the VAD counts silence (silero's default: 0.35).
     vad_deactivation_threshold: float | None = Field(default=None, gt=0, lt=1)
     min_endpointing_delay: float = Field(default=0.2, ge=0)

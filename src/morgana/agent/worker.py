@@ -5,7 +5,6 @@ Run with `morgana-agent start` (production: drains on SIGTERM) or `morgana-agent
 """
 
 import asyncio
-import dataclasses
 import json
 import logging
 import os
@@ -16,11 +15,9 @@ import httpx
 import openai as openai_sdk
 from livekit.agents import Agent, AgentServer, AgentSession, JobContext, JobProcess, room_io, stt
 from livekit.agents.llm import ChatMessage
-from livekit.agents.types import NOT_GIVEN
-from livekit.agents.vad import VAD
 from livekit.agents.voice import ConversationItemAddedEvent
 from livekit.agents.voice.turn import TurnDetectionMode
-from livekit.plugins import openai, silero
+from livekit.plugins import openai
 
 from morgana.agent import metrics
 from morgana.agent.api_client import ApiError, ChatSession, MorganaApi
@@ -30,6 +27,7 @@ from morgana.agent.pod_cost import PodDeletionCost
 from morgana.agent.readiness import Readiness
 from morgana.agent.transport import JitterBuffer
 from morgana.agent.turn import LastSound, SmartTurnDetector, SmartTurnModel, predict_after_silence
+from morgana.agent.vad import load_vads
 
 log = logging.getLogger("morgana.agent")
 
@@ -39,32 +37,24 @@ INPUT_SAMPLE_RATE = 16_000
 def prewarm(proc: JobProcess) -> None:
     """Once per process, before a call arrives: what a call would otherwise wait for."""
     settings = get_settings()
-    # Both models ship in wheels (silero's VAD, pipecat's Smart Turn): nothing is downloaded.
-    vad = silero.VAD.load(
-        min_silence_duration=settings.vad_min_silence_seconds,
-        deactivation_threshold=settings.vad_deactivation_threshold or NOT_GIVEN,
+    # Both models ship in wheels (Silero in livekit-agents' own, pipecat's Smart Turn): nothing
+    # is downloaded.
+    vads = load_vads(
+        settings.vad_runtime,
+        settings.vad_min_silence_seconds,
+        settings.stt_vad_min_silence_seconds,
+        settings.vad_deactivation_threshold,
     )
-    proc.userdata["vad"] = vad
-    proc.userdata["stt_vad"] = with_silence_window(vad, settings.stt_vad_min_silence_seconds)
+    proc.userdata["vad"], proc.userdata["stt_vad"] = vads.turn, vads.stt
     if settings.turn_detector == "smart-turn":
         proc.userdata["smart_turn"] = SmartTurnModel()
         predict_after_silence(settings.smart_turn_after_silence_seconds)
-    # Loading CA certificates and these modules blocks an event loop for 0.1-3 s under load;
-    # paid here, a caller's first turn does not wait for it.
-    import anyio._backends._asyncio  # noqa: F401
-    import httpcore  # noqa: F401
-    import openai.resources.audio  # noqa: F401
-
+    # Creating the TLS context (the CA bundle) blocks an event loop for 0.1-3 s under load: paid
+    # here, a caller's first turn does not wait for it. What this and a call import is imported
+    # once by the forkserver (PRELOAD_MODULES).
     proc.userdata["tls"] = ssl.create_default_context()
     # Exported as 0 while idle (metrics are created on first use: see morgana.agent.metrics).
     metrics.ACTIVE_CALLS.inc(0)
-
-
-def with_silence_window(vad: VAD, seconds: float) -> silero.VAD:
-    """The same silero VAD with another silence window, on the same ONNX session (each session
-    loads the model again: 9 MiB a process)."""
-    assert isinstance(vad, silero.VAD)  # silero.VAD.load is typed as returning the base class
-    return silero.VAD(session=vad._onnx_session, opts=dataclasses.replace(vad._opts, min_silence_duration=seconds))
 
 
 def speech_client(settings: AgentSettings, base_url: str | None, tls: ssl.SSLContext) -> openai_sdk.AsyncClient:
@@ -140,12 +130,33 @@ def full_at(max_calls: int) -> float:
     return (max_calls - 0.5) / max_calls
 
 
+# Imported once by the worker's forkserver, so that each new job process inherits them instead
+# of loading them itself (0.1-0.6 s of a core each, and more on a busy one): the VAD's model,
+# this module, which every job process loads for its entrypoint, and what a call's first
+# requests import.
+PRELOAD_MODULES = [
+    "morgana.agent.preload",
+    "morgana.agent.worker",
+    "anyio._backends._asyncio",
+    "httpcore",
+    "openai.resources.audio",
+]
+
+# How long a new job process may take to start (livekit-agents: 10 s). On a core the calls keep
+# busy, a starting process gets a small share of it and took longer: it was killed, and its
+# replacement likewise, so the pool burnt about a sixth of the core starting processes that
+# never served a call (4 calls on one core, bench.voice_bench), and the calls' audio fell behind.
+PROCESS_INIT_TIMEOUT_SECONDS = 60.0
+
+
 def build_server(settings: AgentSettings) -> AgentServer:
     server = AgentServer(
         ws_url=settings.livekit_url,
         api_key=settings.livekit_api_key,
         api_secret=settings.livekit_api_secret.get_secret_value() if settings.livekit_api_secret else None,
         setup_fnc=prewarm,
+        preload_modules=PRELOAD_MODULES,
+        initialize_process_timeout=PROCESS_INIT_TIMEOUT_SECONDS,
         load_fnc=load_of(settings.max_concurrent_calls),
         load_threshold=full_at(settings.max_concurrent_calls),
         drain_timeout=settings.drain_timeout_seconds,
@@ -278,6 +289,10 @@ async def entrypoint(ctx: JobContext) -> None:
             audio_input=room_io.AudioInputOptions(sample_rate=INPUT_SAMPLE_RATE),
         ),
         record=False,
+        # livekit-agents would otherwise publish every session event (transcripts, state changes,
+        # errors, debug messages, usage) to everyone in the room, and answer their requests for the
+        # agent's instructions and history or for new input: a console protocol, not a caller's.
+        session_host=False,
     )
 
 
