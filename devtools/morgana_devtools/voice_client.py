@@ -165,7 +165,10 @@ class Caller:
 
     def _on_transcription(self, reader: rtc.TextStreamReader, participant_identity: str) -> None:
         async def read() -> None:
-            text = await reader.read_all()
+            try:
+                text = await reader.read_all()
+            except rtc.StreamError:  # the room closed mid-transcript (hanging up during a reply)
+                return
             attributes = reader.info.attributes
             track = attributes.get("lk.transcribed_track_id", "")
             # The caller's words come as interim then final segments; the agent's as one
