@@ -5,6 +5,11 @@ livekit-agents' own preload would load it too, with its end-of-turn model: 244 M
 whose turn detector is Smart Turn, never uses. morgana.agent.cli turns that preload off.
 """
 
+import logging
+
 from livekit.local_inference import init_vad
 
-init_vad()
+try:
+    init_vad()
+except Exception:  # a failure here would stop the forkserver; each call's process reports it instead
+    logging.getLogger("morgana.agent").debug("could not preload the native VAD model", exc_info=True)
