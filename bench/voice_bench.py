@@ -49,6 +49,12 @@ Per configuration:
                answered before the caller speaks again and no reply heard with gaps (heard
                for more than 60 ms longer than its audio lasts: an underrun).
 
+After them (bench/voice_floor.py):
+
+4. media_floor  4 bare LiveKit calls (a process each on core 1, no agent code: the agent's track
+                published, the caller's audio read): their CPU per call, the most calls any
+                livekit-agents worker could carry on this core, and `default`'s call beside it.
+
 Across configurations (bench/voice_compare.py): `default` beside `today`, `onnx_vad` beside
 `default` (and `realistic_no_preemptive` beside `realistic`), latency and one call's worker CPU;
 the targets with pass/fail; and for the realistic configurations how much of the injected 600 ms
@@ -63,8 +69,9 @@ VOICE_BENCH_KEEP=1 keeps the logs (API, each configuration's agent, LiveKit).
 The parts: bench/voice_run.py (one configuration's run), bench/voice_callers.py (the callers and
 their rooms), bench/voice_measure.py (window counters and the API probe), bench/voice_system.py
 (CPU, memory, cores, the pinned worker), bench/voice_report.py (a configuration's result lines),
-bench/voice_compare.py (lines across configurations), bench/voice_results.py (result lines and
-tables), bench/voice_settings.py (settings and the configurations).
+bench/voice_compare.py (lines across configurations), bench/voice_floor.py (the media floor),
+bench/voice_results.py (result lines and tables), bench/voice_settings.py (settings and the
+configurations).
 """
 
 from __future__ import annotations
@@ -91,6 +98,7 @@ from bench.common import (
     start_services,
 )
 from bench.voice_compare import compare_configs
+from bench.voice_floor import measure_media_floor
 from bench.voice_results import RESULTS, Results, print_report
 from bench.voice_run import VoiceBench
 from bench.voice_settings import (
@@ -287,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             for config in configs:
                 failed = not measure(res, plan, config, services) or failed
             compare_configs(res, configs)
+            # The worker of the last configuration is gone: its core is free for the floor.
+            measure_media_floor(res, livekit, plan.level_seconds)
 
             problems = log_problems(api.log_path)
             res.emit({"bench": "meta", "log": "api", "log_error_lines": len(problems), "log_sample": problems[:5]})
