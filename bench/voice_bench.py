@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                 failed = not measure(res, plan, config, services) or failed
             compare_configs(res, configs)
             # The worker of the last configuration is gone: its core is free for the floor.
-            measure_media_floor(res, livekit, plan.level_seconds)
+            failed = not measure_media_floor(res, livekit, plan.level_seconds) or failed
 
             problems = log_problems(api.log_path)
             res.emit({"bench": "meta", "log": "api", "log_error_lines": len(problems), "log_sample": problems[:5]})

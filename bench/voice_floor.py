@@ -169,15 +169,16 @@ async def _floor(livekit: LiveKitServer, calls: int, seconds: float) -> dict:
             await agent.wait()
 
 
-def measure_media_floor(res: Results, livekit: LiveKitServer, seconds: float, calls: int = FLOOR_CALLS) -> None:
-    """The `media_floor` lines and, when the capacity levels ran, Morgana's call beside the floor."""
+def measure_media_floor(res: Results, livekit: LiveKitServer, seconds: float, calls: int = FLOOR_CALLS) -> bool:
+    """The `media_floor` lines and, when the capacity levels ran, Morgana's call beside the floor.
+    False (and a `failed` line) if it could not be measured."""
     log(f"media floor: {calls} bare LiveKit calls on core {WORKER_CORE} for {seconds:.0f} s")
     try:
         floor = asyncio.run(_floor(livekit, calls, seconds))
     except Exception as exc:
         log(f"media floor: FAILED: {type(exc).__name__}: {exc}")
         res.add("media_floor", "failed", None, None, "error", note=f"{type(exc).__name__}: {exc}"[:200])
-        return
+        return False
     per_call = floor["cpu_pct"] / calls
     res.add(
         "media_floor",
@@ -211,6 +212,7 @@ def measure_media_floor(res: Results, livekit: LiveKitServer, seconds: float, ca
             f"{TARGET_CALLS_PER_CORE} calls per core leave the agent's own work "
             f"{100 / TARGET_CALLS_PER_CORE - per_call:.1f} % of the core per call, it takes {morgana - per_call:.1f}",
         )
+    return True
 
 
 def main() -> None:
