@@ -14,12 +14,15 @@ espeak-ng speech as its microphone (48 kHz, in real time) and records what it he
 The configurations (bench/voice_settings.py; `--only` picks some, in this order):
 
   today                 TURN_DETECTOR=vad, VAD_MIN_SILENCE_SECONDS=0.55, MIN_ENDPOINTING_DELAY=0.5:
-                        silence alone ends a turn, as before Smart Turn. No provider delay.
+                        silence alone ends a turn, as before Smart Turn, on asyncio's loop. No
+                        provider delay.
   default               the worker's shipped defaults (Smart Turn, VAD 0.15 s, endpointing 0.2 s), no provider
                         delay. Also the capacity levels and the API alone. Targets: p50 <= 650 ms,
                         p95 <= 800 ms.
   onnx_vad              the shipped defaults with VAD_RUNTIME=onnx (livekit-plugins-silero on
                         onnxruntime, as before 2026-12-01): one call's CPU beside `default`'s.
+  asyncio_loop          the shipped defaults with EVENT_LOOP=asyncio (asyncio's own loop, as
+                        before 2026-12-01, rather than uvloop): one call's CPU beside `default`'s.
   realistic             the shipped defaults with the fake server's first chat token 350 ms, first
                         TTS byte 150 ms and transcription 100 ms late. Target: p50 <= 1000 ms.
   realistic_no_preemptive  as realistic, with PREEMPTIVE_GENERATION=false.
@@ -55,10 +58,11 @@ After them (bench/voice_floor.py):
                 published, the caller's audio read): their CPU per call, the most calls any
                 livekit-agents worker could carry on this core, and `default`'s call beside it.
 
-Across configurations (bench/voice_compare.py): `default` beside `today`, `onnx_vad` beside
-`default` (and `realistic_no_preemptive` beside `realistic`), latency and one call's worker CPU;
-the targets with pass/fail; and for the realistic configurations how much of the injected 600 ms
-reached the caller (p50 over `default`'s) and in which stage (means over `default`'s).
+Across configurations (bench/voice_compare.py): `default` beside `today`, `onnx_vad` and
+`asyncio_loop` beside `default` (and `realistic_no_preemptive` beside `realistic`), latency and
+one call's worker CPU; the targets with pass/fail; and for the realistic configurations how much
+of the injected 600 ms reached the caller (p50 over `default`'s) and in which stage (means over
+`default`'s).
 
 Results: one JSON object per line on stdout and in bench-results/voice.jsonl (the first line is
 the command and machine info; every line measured for a configuration has `"config"`), then the

@@ -79,6 +79,7 @@ class WorkerConfig:
     preemptive: bool = False
     preemptive_tts: bool = _DEFAULTS.preemptive_tts  # PREEMPTIVE_TTS
     vad_runtime: str = _DEFAULTS.vad_runtime  # VAD_RUNTIME
+    event_loop: str = _DEFAULTS.event_loop  # EVENT_LOOP
     provider_delays_ms: dict[str, float] = field(default_factory=dict)  # fake server endpoint -> ms
     capacity: bool = False  # also the idle API (api_chat) and the capacity levels
     targets: Targets = Targets()
@@ -102,6 +103,7 @@ class WorkerConfig:
             "PREEMPTIVE_GENERATION": "true" if self.preemptive else "false",
             "PREEMPTIVE_TTS": "true" if self.preemptive_tts else "false",
             "VAD_RUNTIME": self.vad_runtime,
+            "EVENT_LOOP": self.event_loop,
             "TTS_VOICE": REPLY_VOICE,
         }
 
@@ -132,8 +134,9 @@ SHIPPED = WorkerConfig(
 CONFIGS = (
     WorkerConfig(
         name="today",
-        summary="silence only, as before Smart Turn: VAD 0.55 s, endpointing 0.5 s, no provider delay",
+        summary="silence only, as before Smart Turn: VAD 0.55 s, endpointing 0.5 s, asyncio's loop, no provider delay",
         turn_detector="vad",
+        event_loop="asyncio",
         vad_min_silence=0.55,
         stt_vad_min_silence=0.55,
         endpointing_delay=0.5,
@@ -145,6 +148,15 @@ CONFIGS = (
         name="onnx_vad",
         summary="the shipped defaults with VAD_RUNTIME=onnx (livekit-plugins-silero), no provider delay",
         vad_runtime="onnx",
+        capacity=False,
+        targets=Targets(),
+        compare_with="default",
+    ),
+    replace(
+        SHIPPED,
+        name="asyncio_loop",
+        summary="the shipped defaults with EVENT_LOOP=asyncio (asyncio's own loop, not uvloop), no provider delay",
+        event_loop="asyncio",
         capacity=False,
         targets=Targets(),
         compare_with="default",

@@ -33,6 +33,7 @@ def no_unused_models() -> None:
 
 def main() -> None:
     from morgana.agent.config import get_settings
+    from morgana.agent.event_loop import use_event_loop
 
     settings = get_settings()
     metrics_dir = settings.prometheus_multiproc_dir
@@ -43,6 +44,7 @@ def main() -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     quieter_loop_monitor()
     no_unused_models()
+    use_event_loop(settings.event_loop)
     from livekit.agents import cli
 
     from morgana.agent.worker import build_server

@@ -5,6 +5,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 
+from morgana.agent.event_loop import EventLoop
 from morgana.core.settings import CoreSettings
 
 # How much longer the VAD's silence window must be than the silence before a prediction, as
@@ -69,6 +70,8 @@ class AgentSettings(CoreSettings):
     # Where Silero runs: livekit-agents' native build, inline on the call's loop (a sixth of the
     # CPU), or livekit-plugins-silero on onnxruntime (smoothed probabilities; morgana.agent.vad).
     vad_runtime: Literal["native", "onnx"] = "native"
+    # The event loop of the worker and of every call's process (morgana.agent.event_loop).
+    event_loop: EventLoop = "uvloop"
     # Below this speech probability the VAD counts silence (silero's default: 0.35).
     vad_deactivation_threshold: float | None = Field(default=None, gt=0, lt=1)
     min_endpointing_delay: float = Field(default=0.2, ge=0)
